@@ -1,0 +1,101 @@
+"""Command-line conventions shared by every stage script (DESIGN section 3).
+
+`UserError` is a problem with the user's input (a path, a checkpoint, a number): `run_script` turns it into one
+line on stderr and exit code 2, never a traceback.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2."""
+
+
+def set_seed(seed: int):
+    """Seed Python, NumPy and torch's global generators (models are initialised from torch's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda[:N] or mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _checked(convert, predicate, description):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        if not predicate(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {description}")
+        return value
+    parse.__name__ = description
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
+open_unit_float = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+quant_bits = _checked(int, lambda v: 2 <= v <= 8 or v in (16, 32), "a bit width in 2-8, 16 or 32")
+
+
+def make_parser(description: str, example: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, epilog=f"example:\n  {example}",
+                                   formatter_class=type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
+                                                                      argparse.RawDescriptionHelpFormatter), {}))
+
+
+def add_common_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("common")
+    group.add_argument("--seed", type=int, default=0, help="random seed")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps")
+    group.add_argument("--out", default="checkpoints", help="root of all pipeline outputs")
+    group.add_argument("--desc", default=None, help="suffix of the run directory name (default: from the settings)")
+    group.add_argument("--max-steps", type=positive_int, default=None,
+                       help="stop after this many optimiser steps or batches (quick runs and tests)")
+    group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def add_resume_arg(parser: argparse.ArgumentParser):
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
+                        help="continue a run from its last checkpoint (default: this stage's latest run)")
+
+
+def print_config(args):
+    print(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+
+
+def run_script(main, parse_args, argv=None) -> int:
+    """Run a stage script: UserError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last saved checkpoint is intact; continue with --resume", file=sys.stderr)
+        return 130
+    return 0

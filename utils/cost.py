@@ -1,0 +1,71 @@
+"""Device cost of a generator: parameters, MACs per image, CPU latency at batch 1 and throughput at batch 256.
+
+Timings are medians over repeats after a warm-up, in one process; compare models only within one run.
+"""
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _conv_macs(module, inputs, output) -> int:
+    if isinstance(module, nn.ConvTranspose2d):  # every input pixel scatters into kh*kw*out/groups outputs
+        x = inputs[0]
+        return x[0].numel() * (module.out_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    return output[0].numel() * per_output
+
+
+@torch.no_grad()
+def count_macs(generator_model: nn.Module) -> int:
+    """Multiply-accumulates of one image through every conv and linear layer."""
+    total, handles = [0], []
+
+    def hook(module, inputs, output):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            total[0] += _conv_macs(module, inputs, output)
+        elif isinstance(module, nn.Linear):
+            total[0] += module.in_features * module.out_features
+
+    for module in generator_model.modules():
+        handles.append(module.register_forward_hook(hook))
+    was_training = generator_model.training
+    generator_model.eval()
+    device = next(generator_model.parameters()).device
+    z, labels = generator_model.sample_inputs(1, device=device)
+    generator_model(z, labels)
+    generator_model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return total[0]
+
+
+@torch.inference_mode()
+def time_forward(run, z, labels, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `run(z, labels)` over `repeats` calls."""
+    for _ in range(warmup):
+        run(z, labels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(z, labels)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_speed(generator_model, run=None, latency_repeats: int = 50, throughput_repeats: int = 10,
+                  throughput_batch: int = 256) -> dict:
+    """CPU latency (ms, batch 1) and throughput (images/s, batch `throughput_batch`) of `run` (default: the
+    model in eval mode)."""
+    generator_model.eval()
+    run = run or generator_model
+    z1, y1 = generator_model.sample_inputs(1, generator=torch.Generator().manual_seed(0))
+    zb, yb = generator_model.sample_inputs(throughput_batch, generator=torch.Generator().manual_seed(0))
+    latency = time_forward(run, z1, y1, latency_repeats)
+    batch_time = time_forward(run, zb, yb, throughput_repeats)
+    return {"latency_ms": latency * 1e3, "images_per_s": throughput_batch / batch_time}

@@ -1,0 +1,211 @@
+"""Datasets and the public/private partition (DESIGN sections 1 and 4).
+
+Sources, in order: `--data-root` (raw IDX files, with or without .gz, directly there or in torchvision's
+`<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's download. Debian's .gz
+files fail torchvision's md5 check, so the IDX files are read here directly.
+
+A split is held in memory as uint8; batches are scaled to [-1, 1]. `public` and `private` are a disjoint,
+seeded partition of the training set with a fingerprint of the index set; the test set is never trained on.
+"""
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from utils.cli import UserError
+
+DATASETS = {
+    "fashion-mnist": {"torchvision": "FashionMNIST", "debian": "/usr/share/datasets/fashion-mnist",
+                      "package": "dataset-fashion-mnist"},
+    "mnist": {"torchvision": "MNIST", "debian": None, "package": None},
+}
+SPLITS = ("all", "public", "private")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+NUM_CLASSES = 10
+
+
+@dataclass
+class ImageSplit:
+    """One split of a dataset in memory: uint8 images (N, H, W), int64 labels, and where it came from."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    dataset: str
+    split: str
+    indices: torch.Tensor  # positions in the training (or test) set
+    source: str
+    partition: dict  # the private partition this split belongs to (what the privacy ledger records)
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def fingerprint(self) -> str:
+        return index_fingerprint(self.indices)
+
+    def batch(self, positions) -> tuple:
+        """Images scaled to [-1, 1] with a channel axis, and labels."""
+        return to_unit_range(self.images[positions]), self.labels[positions]
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().unsqueeze(1) / 127.5 - 1.0
+
+
+def index_fingerprint(indices: torch.Tensor) -> str:
+    """Short hash of a sorted index set: two runs used the same partition iff their fingerprints agree."""
+    ordered = np.sort(np.asarray(indices, dtype=np.int64))
+    return hashlib.sha256(ordered.tobytes()).hexdigest()[:16]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def _find_idx(directory: str, stem: str):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_from_dir(directory: str, part: str):
+    """(images, labels) from IDX files in `directory`, or None if they are not all there."""
+    paths = [_find_idx(directory, stem) for stem in IDX_FILES[part]]
+    if None in paths:
+        return None
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"IDX files in {directory} do not hold matching images and labels")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _candidate_dirs(dataset: str, data_root: str):
+    info = DATASETS[dataset]
+    if data_root:
+        yield data_root
+        yield os.path.join(data_root, "raw")
+        yield os.path.join(data_root, info["torchvision"], "raw")
+    if info["debian"]:
+        yield info["debian"]
+
+
+def _torchvision_download(dataset: str, data_root: str, part: str):
+    try:
+        import torchvision
+        cls = getattr(torchvision.datasets, DATASETS[dataset]["torchvision"])
+        data = cls(data_root or "data", train=(part == "train"), download=True)
+        return data.data.clone(), data.targets.clone().long()
+    except Exception:  # offline, md5 mismatch, ...: the caller explains every way to get the data
+        return None
+
+
+def how_to_get(dataset: str, data_root: str) -> str:
+    info = DATASETS[dataset]
+    ways = [f"put the IDX files (train-images-idx3-ubyte[.gz] ...) in --data-root (now {data_root!r})"]
+    if info["package"]:
+        ways.append(f"'apt-get install {info['package']}' (files in {info['debian']})")
+    ways.append("run once with internet access so torchvision can download it")
+    return f"dataset {dataset!r} not found: " + "; or ".join(ways)
+
+
+def load_dataset(dataset: str, data_root: str = "data", part: str = "train"):
+    """(images uint8 (N, H, W), labels int64, source) of the training or test set."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+    if data_root and not os.path.isdir(data_root) and data_root != "data":
+        raise UserError(f"--data-root {data_root!r} is not a directory. " + how_to_get(dataset, data_root))
+    for directory in _candidate_dirs(dataset, data_root):
+        found = _read_from_dir(directory, part)
+        if found is not None:
+            return found[0], found[1], directory
+    found = _torchvision_download(dataset, data_root, part)
+    if found is not None:
+        return found[0], found[1], "torchvision"
+    raise UserError(how_to_get(dataset, data_root))
+
+
+def partition(num_train: int, public_size: int, partition_seed: int = 0):
+    """Disjoint, seeded (public, private) index sets of the training set, each sorted."""
+    if not 0 < public_size < num_train:
+        raise UserError(f"--public-size {public_size} must be between 1 and {num_train - 1} "
+                        f"(the training set has {num_train} images)")
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(partition_seed))
+    return order[:public_size].sort().values, order[public_size:].sort().values
+
+
+def load_split(dataset: str, split: str, data_root: str = "data", public_size: int = 10000,
+               partition_seed: int = 0) -> ImageSplit:
+    """The training split `all | public | private`, or `test`."""
+    part = "test" if split == "test" else "train"
+    images, labels, source = load_dataset(dataset, data_root, part)
+    if split not in SPLITS + ("test",):
+        raise UserError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    num_train = len(labels) if part == "train" else len(load_dataset(dataset, data_root, "train")[1])
+    public, private = partition(num_train, public_size, partition_seed)
+    indices = {"public": public, "private": private}.get(split, torch.arange(len(labels)))
+    info = {"dataset": dataset, "private_fingerprint": index_fingerprint(private), "private_size": len(private),
+            "public_size": public_size, "partition_seed": partition_seed}
+    return ImageSplit(images[indices], labels[indices], dataset, split, indices, source, info)
+
+
+def add_data_args(parser, default_split: str = "public"):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    group.add_argument("--data-root", default="data", help="directory with the dataset's IDX files")
+    group.add_argument("--split", default=default_split, choices=SPLITS,
+                       help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
+    group.add_argument("--public-size", type=int, default=10000, help="size of the public part of the partition")
+    group.add_argument("--partition-seed", type=int, default=0,
+                       help="seed of the public/private partition (keep it fixed across stages)")
+
+
+class EpochBatches:
+    """Seeded shuffled mini-batches over a split: epoch `e` has the same order on every run (resume-safe)."""
+
+    def __init__(self, split: ImageSplit, batch_size: int, seed: int, drop_last: bool = True):
+        self.split, self.batch_size, self.seed, self.drop_last = split, batch_size, seed, drop_last
+
+    def __len__(self):
+        full, rest = divmod(len(self.split), self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield (images, labels) batches of `epoch`, skipping the first `start` batches."""
+        order = torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        for i in range(start, len(self)):
+            yield self.split.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A split as a map-style Dataset (for Opacus's Poisson-sampling loader); batched reads via __getitems__."""
+
+    def __init__(self, split: ImageSplit):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        images, labels = self.split.batch(torch.tensor([i]))
+        return images[0], labels[0]
+
+    def __getitems__(self, indices):
+        images, labels = self.split.batch(torch.as_tensor(indices, dtype=torch.long))
+        return list(zip(images, labels))

@@ -1,0 +1,50 @@
+"""The life cycle of a training run shared by the stages: open or resume a run directory, save checkpoints
+atomically and move `latest`, restore the generators that make a resumed run identical to an uninterrupted one."""
+import argparse
+import os
+
+import torch
+
+from utils.checkpoint import (latest_run, load_checkpoint, mark_latest, new_run_dir, save_checkpoint, versions,
+                              write_json, MetricsLog)
+from utils.cli import print_config
+
+# flags taken from the command line on --resume; everything else comes from the run's saved args
+RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run")
+
+
+def open_run(args: argparse.Namespace, stage: str, desc: str):
+    """(args, run_dir, checkpoint or None, metrics log). With --resume, the saved args of that run are used."""
+    if args.resume:
+        path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
+        checkpoint = load_checkpoint(path, stage)
+        saved = dict(checkpoint["args"])
+        saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES if hasattr(args, key)})
+        args = argparse.Namespace(**saved)
+        metrics = MetricsLog(checkpoint["run_dir"])
+        metrics.truncate_after(checkpoint["step"])
+        return args, checkpoint["run_dir"], checkpoint, metrics
+    run_dir = new_run_dir(args.out, stage, args.desc or desc)
+    write_json(os.path.join(run_dir, "args.json"), vars(args))
+    return args, run_dir, None, MetricsLog(run_dir)
+
+
+def maybe_dry_run(args) -> bool:
+    if args.dry_run:
+        print_config(args)
+    return args.dry_run
+
+
+def save_run_checkpoint(run_dir: str, checkpoint: dict):
+    """Save atomically, then point `latest` at this run (only ever at a complete checkpoint)."""
+    checkpoint.setdefault("versions", versions())
+    save_checkpoint(run_dir, checkpoint)
+    mark_latest(run_dir)
+
+
+def rng_from(checkpoint, key: str, seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`, or restored from a checkpoint's saved state."""
+    rng = torch.Generator().manual_seed(seed)
+    if checkpoint is not None and key in checkpoint.get("rng", {}):
+        rng.set_state(checkpoint["rng"][key])
+    return rng
