@@ -24,7 +24,7 @@ WRAPPER_PREFIXES = ("_module.", "module.", "_orig_mod.")
 
 def versions() -> dict:
     import opacus
-    return {"torch": torch.__version__, "opacus": opacus.__version__, "project": PROJECT_VERSION}
+    return {"torch": str(torch.__version__), "opacus": str(opacus.__version__), "project": PROJECT_VERSION}
 
 
 def unwrapped_state_dict(module: torch.nn.Module) -> dict:
@@ -97,6 +97,11 @@ def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME)
     return path
 
 
+def _unpickler_reason(exc) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+    return lines[0].split(" was not")[0] if lines else str(exc).splitlines()[0]
+
+
 def load_checkpoint(path: str, stage=None, map_location="cpu") -> dict:
     """Load a checkpoint from a file or run directory; `stage` (a name or tuple) is the stage(s) accepted."""
     run_dir = resolve_run_dir(path)
@@ -107,7 +112,7 @@ def load_checkpoint(path: str, stage=None, map_location="cpu") -> dict:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{file}: refused, it holds objects other than tensors and plain data "
-                        f"(a checkpoint must never run code): {str(exc).splitlines()[0]}") from exc
+                        f"(a checkpoint must never run code): {_unpickler_reason(exc)}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UserError(f"{file}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(checkpoint, dict) or "stage" not in checkpoint:
