@@ -108,6 +108,8 @@ def load_checkpoint(path: str, stage=None, map_location="cpu") -> dict:
     file = path if os.path.isfile(path) else os.path.join(run_dir, CHECKPOINT_NAME)
     if not os.path.isfile(file):
         raise UserError(f"{path}: no {CHECKPOINT_NAME} there (is it a run directory of this pipeline?)")
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise UserError(f"{file}: corrupt or truncated checkpoint (not a torch.save archive)")
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

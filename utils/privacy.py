@@ -132,7 +132,7 @@ def describe(ledger: dict, delta: float, accountant: str = "prv") -> str:
     return f"epsilon = {epsilon(ledger, delta, accountant):.3f} at delta = {delta:g} ({accountant.upper()} accountant)"
 
 
-def warn_if_not_private(ledger: dict, stream=sys.stderr):
-    """The plain warning every script prints when it loads a model with an infinite epsilon."""
+def warn_if_not_private(ledger: dict):
+    """The plain warning every script prints (on stderr) when it loads a model with an infinite epsilon."""
     if ledger["non_dp_reads"]:
-        print("WARNING: " + describe(ledger, 1e-5), file=stream)
+        print("WARNING: " + describe(ledger, 1e-5), file=sys.stderr)

@@ -1,0 +1,71 @@
+import json
+import math
+import os
+
+import torch
+
+import train_teacher
+from conftest import teacher_argv
+from utils.checkpoint import build_generator, load_checkpoint
+from utils.cli import run_script
+from utils.privacy import epsilon
+
+
+def run_teacher(data_root, out, *extra):
+    return train_teacher.main(train_teacher.parse_args(teacher_argv(data_root, out, *extra)))
+
+
+def test_teacher_run_writes_everything(tiny_teacher_run):
+    out, run_dir = tiny_teacher_run
+    for name in ("checkpoint.pt", "args.json", "metrics.jsonl", "samples.png", "loss.png"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    checkpoint = load_checkpoint(os.path.join(out, "teacher", "latest"), "teacher")
+    G = build_generator(checkpoint)
+    assert G.bits == 32 and checkpoint["step"] == 3
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert records[-1]["step"] == 3 and math.isfinite(records[-1]["d_loss"])
+    assert not any(key.startswith(("_module.", "module.")) for key in checkpoint["discriminator"])
+    ledger = checkpoint["privacy"]
+    assert ledger["non_dp_reads"] == [] and ledger["public_data"][0]["split"] == "public"
+    assert epsilon(ledger, 1e-5) == 0.0
+
+
+def test_private_split_without_dp_means_infinite_epsilon(tiny_data_root, tmp_path, capsys):
+    run_dir = run_teacher(tiny_data_root, str(tmp_path), "--split", "private", "--max-steps", "1")
+    ledger = load_checkpoint(run_dir, "teacher")["privacy"]
+    assert ledger["non_dp_reads"][0]["stage"] == "teacher"
+    assert epsilon(ledger, 1e-5) == math.inf
+    assert "NO differential-privacy guarantee" in capsys.readouterr().err
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_data_root, tmp_path):
+    straight = run_teacher(tiny_data_root, str(tmp_path / "a"), "--max-steps", "6", "--checkpoint-every", "2")
+    interrupted = run_teacher(tiny_data_root, str(tmp_path / "b"), "--max-steps", "4", "--checkpoint-every", "2")
+    assert load_checkpoint(interrupted)["step"] == 4
+    resumed = train_teacher.main(train_teacher.parse_args(
+        ["--out", str(tmp_path / "b"), "--resume", "--max-steps", "6"]))
+    assert resumed == interrupted
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert b["step"] == 6
+    for key in a["generator"]:
+        assert torch.allclose(a["generator"][key].float(), b["generator"][key].float(), atol=1e-6), key
+    steps = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert steps == sorted(set(steps))
+
+
+def test_dry_run_and_bad_numbers(tmp_path, capsys):
+    assert run_script(train_teacher.main, train_teacher.parse_args, ["--dry-run", "--out", str(tmp_path)]) == 0
+    assert '"epochs": 30' in capsys.readouterr().out and not os.listdir(tmp_path)
+    try:
+        train_teacher.parse_args(["--epochs", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--epochs 0 was accepted")
+
+
+def test_generator_rebuilds_with_one_call(tiny_teacher_run):
+    out, _ = tiny_teacher_run
+    G = build_generator(load_checkpoint(os.path.join(out, "teacher", "latest")))
+    assert G.eval()(*G.sample_inputs(2)).shape == (2, 1, 28, 28)
+    assert isinstance(G, torch.nn.Module)
