@@ -50,7 +50,10 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int, out_di
         return weight
     qmax = weight_qmax(bits)
     scaled = weight / _broadcast(scale, weight, out_dim)
-    q = torch.clamp(_round_ste(scaled), -qmax, qmax)
+    rounded = torch.round(scaled)
+    # straight-through wherever the rounded value is on the grid (as torch.fake_quantize does), not through a
+    # clamp: a clamp's gradient is 0 at its bounds, which would freeze every weight that rounds to +-qmax
+    q = torch.where(rounded.abs() <= qmax, _round_ste(scaled), rounded.clamp(-qmax, qmax))
     return q * _broadcast(scale, weight, out_dim)
 
 
@@ -79,9 +82,13 @@ class _QuantMixin:
     def quantized_weight(self) -> torch.Tensor:
         if self.bits >= 32:
             return self.weight
+        scale = self.weight_scale
         if self.training:
-            self.refresh_scale()
-        return quantize_weight(self.weight, self.weight_scale, self.bits, self.out_dim)
+            # the graph keeps a fresh tensor, not the buffer: refreshing the buffer in place on a second forward
+            # must not invalidate the first forward's pending backward
+            scale = weight_scale(self.weight, self.bits, self.out_dim)
+            self.weight_scale.copy_(scale)
+        return quantize_weight(self.weight, scale, self.bits, self.out_dim)
 
     def extra_repr(self):
         return super().extra_repr() + f", bits={self.bits}"

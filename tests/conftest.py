@@ -65,3 +65,107 @@ def tiny_teacher_run(tiny_data_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline"))
     run_dir = train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, out)))
     return out, run_dir
+
+
+# ---------------------------------------------------------------- hand-made students (compression tests)
+
+def handmade_student(channels=(12, 8, 6), bits=8, dead=((), (), ()), seed=0, hide_max_in_dead=True):
+    """A Generator with random weights, calibrated BatchNorm statistics and random gamma/beta, whose channels
+    `dead[i]` (indices into block i) are killed as the slimming stage does (alive False, gamma = beta = 0). With
+    `hide_max_in_dead`, the largest weight of every output channel of the next layer sits in a dead input channel,
+    so that recomputing weight scales (instead of keeping the stored ones) would change the function."""
+    from models import Generator
+    torch.manual_seed(seed)
+    student = Generator(nz=16, num_classes=10, channels=channels, bits=bits)
+    with torch.no_grad():
+        for block in student.blocks():
+            block.conv.weight.normal_(0.0, 0.2)
+            block.norm.momentum = None  # cumulative average over the calibration batches
+        student.to_image.weight.normal_(0.0, 0.2)
+        student.to_image.bias.normal_(0.0, 0.1)
+        student.embed.weight.normal_(0.0, 1.0)
+        student.train()
+        for _ in range(3):
+            student(*student.sample_inputs(64))
+        for block, idx in zip(student.blocks(), dead):
+            block.norm.weight.normal_(1.0, 0.3)
+            block.norm.bias.normal_(0.2, 0.3)
+            block.norm.momentum = 0.1
+            block.norm.alive[list(idx)] = False
+            block.norm.enforce_dead()
+        if hide_max_in_dead:
+            consumers = [student.block1.conv.weight, student.block2.conv.weight, student.to_image.weight]
+            in_dims = [0, 0, 1]
+            for idx, weight, dim in zip(dead, consumers, in_dims):
+                if len(idx):
+                    big = 10 * weight.abs().max()
+                    weight.index_fill_(dim, torch.tensor([idx[0]]), big)
+        student.refresh_quant_scales()
+    return student.eval()
+
+
+def tiny_ledger() -> dict:
+    from utils.privacy import new_ledger
+    return new_ledger({"dataset": "fashion-mnist", "private_fingerprint": "f00d", "private_size": 400,
+                       "public_size": 200, "partition_seed": 0})
+
+
+def write_handmade_run(out, stage, generator, parent=None, teacher=None, discriminator=True, extra=None):
+    """A checkpoint of `stage` holding `generator` (and a tiny discriminator), saved as the stage scripts do."""
+    from models import Discriminator
+    from utils.checkpoint import new_run_dir, unwrapped_state_dict
+    from utils.training import save_run_checkpoint
+    run_dir = new_run_dir(str(out), stage, "x")
+    checkpoint = {"stage": stage, "step": 7, "args": {"seed": 0}, "parent": parent, "privacy": tiny_ledger(),
+                  "model_args": {"generator": generator.model_args()}, "generator": unwrapped_state_dict(generator)}
+    if teacher is not None:
+        checkpoint["teacher"] = teacher
+    if discriminator:
+        D = Discriminator(num_classes=generator.num_classes, channels=(8, 8))
+        checkpoint["model_args"]["discriminator"] = D.model_args()
+        checkpoint["discriminator"] = unwrapped_state_dict(D)
+    checkpoint.update(extra or {})
+    save_run_checkpoint(run_dir, checkpoint)
+    return run_dir
+
+
+@pytest.fixture
+def handmade_pipeline(tmp_path):
+    """(out, teacher run, distill run, student run), all hand-made (no training): a float teacher, a distill run
+    whose parent is the teacher, and an 8-bit student with dead channels in every block."""
+    from models import Generator
+    out = tmp_path / "out"
+    teacher = Generator(nz=16, num_classes=10, channels=(12, 8, 6), bits=32)
+    teacher_run = write_handmade_run(out, "teacher", teacher, discriminator=True)
+    distill_run = write_handmade_run(out, "distill", teacher, parent=teacher_run, discriminator=False)
+    student = handmade_student(dead=([0, 3, 5], [1], [0, 1, 2, 3, 4]))
+    student_run = write_handmade_run(out, "student", student, parent=distill_run, teacher=teacher_run)
+    return str(out), teacher_run, distill_run, student_run
+
+
+def distill_argv(out, *extra):
+    return ["--out", out, "--num-samples", "200", "--batch-size", "64", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_distill_run(tiny_teacher_run):
+    """(out root, run dir) of a 200-sample distillation set of the tiny teacher, in the teacher's `out`."""
+    import create_dataset
+    out, teacher_dir = tiny_teacher_run
+    argv = distill_argv(out, "--teacher-dir", teacher_dir)
+    return out, create_dataset.main(create_dataset.parse_args(argv))
+
+
+def student_argv(out, distill_dir, *extra):
+    return ["--out", out, "--distill-dir", distill_dir, "--batch-size", "16", "--max-steps", "4",
+            "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_student_run(tiny_distill_run):
+    """(out root, run dir) of a 4-step tiny 8-bit student whose large rho killed some channels (active channels
+    [16, 8, 3] of [16, 8, 4]: at least one live channel per layer)."""
+    import train_student
+    out, distill_dir = tiny_distill_run
+    argv = student_argv(out, distill_dir, "--rho", "2")
+    return out, train_student.main(train_student.parse_args(argv))

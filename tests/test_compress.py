@@ -1,0 +1,215 @@
+"""Stage 4: compress(student) -> compact is exactly function-preserving, and compress_student.py writes a complete,
+honest run (or nothing at all)."""
+import json
+import os
+
+import pytest
+import torch
+
+import compress_student
+from conftest import handmade_student, write_handmade_run
+from models import Generator
+from utils.checkpoint import build_generator, load_checkpoint
+from utils.cli import UserError, run_script
+from utils.compress import MAX_ABS_DIFF, compress, kept_channels, max_abs_difference, removable_mask
+from utils.deploy import load_artifact
+
+DEAD_PATTERNS = {
+    "mixed": ([0, 3, 5], [1, 2], [4]),
+    "single-live": ([i for i in range(12) if i != 7], [i for i in range(8) if i != 0], [1, 2, 3, 4, 5]),
+    "all-dead-middle": ([2], list(range(8)), [0]),
+    "all-dead-last": ([], [3], list(range(6))),
+}
+
+
+def quick_argv(out, *extra):
+    return ["--out", out, "--check-samples", "300", "--latency-repeats", "1", "--throughput-repeats", "1",
+            "--throughput-batch", "8", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 32])
+@pytest.mark.parametrize("pattern", list(DEAD_PATTERNS))
+def test_compact_equals_student(bits, pattern):
+    dead = DEAD_PATTERNS[pattern]
+    student = handmade_student(bits=bits, dead=dead, seed=len(pattern) + bits)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    compact = compress(student)
+    expected = [max(1, width - len(idx)) for width, idx in zip(student.channels, dead)]
+    assert list(compact.channels) == expected
+    assert compact.bits == student.bits and type(compact) is Generator
+    assert max_abs_difference(student, compact, 2048, seed=3) <= 1e-6
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # pure: student untouched
+    # the stored weight scales are sliced, never recomputed
+    for name, keep in zip(("block0", "block1", "block2"), kept_channels(student)):
+        student_scale = getattr(student, name).conv.weight_scale
+        assert torch.equal(getattr(compact, name).conv.weight_scale, student_scale[keep])
+    assert torch.equal(compact.to_image.weight_scale, student.to_image.weight_scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_recomputing_scales_would_break_equivalence(bits):
+    """The test students hide each output channel's largest weight in a dead input channel: this is what makes
+    keeping the stored scales necessary (and the equivalence test above meaningful)."""
+    student = handmade_student(bits=bits, dead=DEAD_PATTERNS["mixed"])
+    compact = compress(student)
+    compact.refresh_quant_scales()
+    assert max_abs_difference(student, compact, 512) > 1e-3
+
+
+def test_all_dead_layer_keeps_one_zero_channel():
+    student = handmade_student(dead=DEAD_PATTERNS["all-dead-middle"])
+    compact = compress(student)
+    assert compact.channels[1] == 1
+    assert not compact.block1.norm.alive.any()
+    assert compact.block1.norm.weight.item() == 0 and compact.block1.norm.bias.item() == 0
+    z, labels = compact.sample_inputs(16)
+    with torch.no_grad():
+        x = torch.cat([z, compact.embed(labels)], 1)[:, :, None, None]
+        assert torch.equal(compact.block1(compact.block0(x)), torch.zeros(16, 1, 14, 14))  # outputs exactly 0
+    assert max_abs_difference(student, compact, 512) <= 1e-6
+
+
+def test_no_dead_channels_keeps_widths_and_state():
+    student = handmade_student(dead=((), (), ()))
+    compact = compress(student)
+    assert compact.channels == student.channels
+    state = compact.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in student.state_dict().items())
+
+
+def test_zero_gamma_with_positive_beta_is_kept():
+    """gamma = 0 with beta > 0 outputs a constant, not 0: removing it would change the function."""
+    student = handmade_student(dead=((), (), ()))
+    with torch.no_grad():
+        student.block1.norm.weight[3] = 0.0
+        student.block1.norm.bias[3] = 0.5
+        student.block1.norm.weight[4] = 0.0
+        student.block1.norm.bias[4] = -0.5  # ReLU maps it to 0: removable although alive is still True
+    assert removable_mask(student)[1].nonzero().flatten().tolist() == [4]
+    compact = compress(student)
+    assert compact.channels == (12, 7, 6)
+    assert max_abs_difference(student, compact, 512) <= 1e-6
+
+
+def test_nan_difference_is_never_small():
+    student = handmade_student()
+    broken = compress(student)
+    with torch.no_grad():
+        broken.to_image.bias.fill_(float("nan"))
+    assert max_abs_difference(student, broken, 64) == float("inf")
+
+
+# ---------------------------------------------------------------- the script
+
+def test_main_end_to_end(handmade_pipeline, capsys):
+    out, teacher_run, _, student_run = handmade_pipeline
+    run_dir = compress_student.main(compress_student.parse_args(quick_argv(out)))
+    assert os.path.realpath(os.path.join(out, "compact", "latest")) == os.path.realpath(run_dir)
+    for name in ("checkpoint.pt", "args.json", "metrics.jsonl", "generator_int.pt", "generator.pt2",
+                 "compression.json", "compression.png", "samples.png"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+
+    student_ckpt = load_checkpoint(student_run, "student")
+    checkpoint = load_checkpoint(run_dir, "compact")
+    assert checkpoint["parent"] == os.path.realpath(student_run)
+    assert checkpoint["teacher"] == os.path.realpath(teacher_run)
+    assert checkpoint["privacy"] == student_ckpt["privacy"]  # post-processing: ledger unchanged
+    assert checkpoint["model_args"]["discriminator"] == student_ckpt["model_args"]["discriminator"]
+    assert all(torch.equal(v, student_ckpt["discriminator"][k]) for k, v in checkpoint["discriminator"].items())
+    assert {"torch", "opacus", "project"} <= set(checkpoint["versions"])
+    compact = build_generator(checkpoint).eval()
+    student = build_generator(student_ckpt).eval()
+    assert list(compact.channels) == [9, 7, 1]
+    assert max_abs_difference(student, compact, 512) <= MAX_ABS_DIFF
+    assert max_abs_difference(compact, load_artifact(os.path.join(run_dir, "generator_int.pt")), 256) <= 1e-6
+
+    report = json.load(open(os.path.join(run_dir, "compression.json")))
+    assert report["compression"]["widths_before"] == [12, 8, 6]
+    assert report["compression"]["widths_after"] == [9, 7, 1]
+    assert report["compression"]["max_abs_diff"] <= MAX_ABS_DIFF
+    assert report["teacher_source"].startswith("teacher run")
+    cost = report["cost"]
+    assert set(cost) == {"teacher", "student", "compact"}
+    assert cost["compact"]["parameters"] < cost["student"]["parameters"] == cost["teacher"]["parameters"]
+    assert cost["compact"]["macs"] < cost["teacher"]["macs"]
+    assert cost["compact"]["bytes"] == os.path.getsize(os.path.join(run_dir, "generator_int.pt"))
+    assert cost["compact"]["bytes"] < cost["teacher"]["bytes"] / 2
+    assert cost["teacher"]["vs_teacher"]["parameters"] == 1.0
+    assert cost["compact"]["latency_ms"] > 0 and cost["compact"]["images_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "compact" in printed and "x = ratio to the teacher" in printed
+
+
+def test_teacher_found_through_distill_parent(handmade_pipeline):
+    out, teacher_run, distill_run, _ = handmade_pipeline
+    student = handmade_student(dead=([1], [], []))
+    student_run = write_handmade_run(out, "student", student, parent=distill_run)  # no `teacher` field
+    run_dir = compress_student.main(compress_student.parse_args(quick_argv(out, "--student-dir", student_run)))
+    report = json.load(open(os.path.join(run_dir, "compression.json")))
+    assert report["teacher_run"] == os.path.realpath(teacher_run)
+
+
+def test_teacher_fallback_is_stated(tmp_path):
+    out = str(tmp_path / "out")
+    student = handmade_student(dead=([1], [], []))
+    write_handmade_run(out, "student", student, discriminator=False)  # no teacher, no parent, no discriminator
+    run_dir = compress_student.main(compress_student.parse_args(quick_argv(out)))
+    report = json.load(open(os.path.join(run_dir, "compression.json")))
+    assert report["teacher_run"] is None
+    assert "no teacher run found" in report["teacher_source"]
+    assert report["cost"]["teacher"]["parameters"] == report["cost"]["student"]["parameters"]
+    assert "discriminator" not in load_checkpoint(run_dir, "compact")["model_args"]
+
+
+def test_non_student_checkpoint_is_refused(handmade_pipeline, capsys):
+    out, teacher_run, _, _ = handmade_pipeline
+    code = run_script(compress_student.main, compress_student.parse_args,
+                      quick_argv(out, "--student-dir", teacher_run))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "expected student" in err
+    assert not os.path.exists(os.path.join(out, "compact"))
+
+
+def test_missing_student_is_a_clear_error(tmp_path, capsys):
+    code = run_script(compress_student.main, compress_student.parse_args, quick_argv(str(tmp_path)))
+    assert code == 2
+    assert "train_student.py" in capsys.readouterr().err
+
+
+def test_difference_above_tolerance_refuses_and_writes_nothing(handmade_pipeline, monkeypatch):
+    out = handmade_pipeline[0]
+    real_compress = compress_student.compress
+
+    def perturbed(student):
+        compact = real_compress(student)
+        with torch.no_grad():
+            compact.to_image.bias.add_(1e-3)
+        return compact
+
+    monkeypatch.setattr(compress_student, "compress", perturbed)
+    with pytest.raises(UserError, match="refused, nothing written"):
+        compress_student.main(compress_student.parse_args(quick_argv(out)))
+    assert not os.path.exists(os.path.join(out, "compact"))
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert compress_student.main(compress_student.parse_args(quick_argv(out, "--dry-run"))) is None
+    assert '"check_samples": 300' in capsys.readouterr().out
+    assert not os.path.exists(out)
+
+
+def test_compresses_a_trained_tiny_student(tiny_student_run, tmp_path):
+    """The real stage-3 output (a 4-step student whose large rho killed channels) goes through stage 4."""
+    _, student_run = tiny_student_run
+    out = str(tmp_path / "out")
+    run_dir = compress_student.main(compress_student.parse_args(quick_argv(out, "--student-dir", student_run)))
+    student_ckpt = load_checkpoint(student_run, "student")
+    checkpoint = load_checkpoint(run_dir, "compact")
+    student = build_generator(student_ckpt)
+    assert list(checkpoint["model_args"]["generator"]["channels"]) == student.active_channels()
+    assert checkpoint["privacy"] == student_ckpt["privacy"]
+    report = json.load(open(os.path.join(run_dir, "compression.json")))
+    assert report["compression"]["max_abs_diff"] <= MAX_ABS_DIFF
+    assert report["teacher_run"] is not None

@@ -1,0 +1,272 @@
+"""The compact generator as it ships: weights stored as real integers, and a self-contained exported program.
+
+Integer artifact (`generator_int.pt`, read with `torch.load(weights_only=True)`): a dict
+
+    format, format_version, model_args        -> rebuilds the Generator
+    quantized: {"<layer>.weight": {encoding, data, scale, shape, out_dim, bits}}
+    float:     every other state entry (embedding, BatchNorm, biases, ...) as stored
+
+A quantised conv weight is stored as its integers q = clamp(round(W / scale), -qmax, qmax) (`weight_to_int`, with
+the layer's stored per-output-channel `weight_scale`, never recomputed) plus the float scales: `int8` for
+5-8 bits, `int4` (two 4-bit values per uint8 byte, offset binary: nibble = q + 8, low nibble first, a
+zero pad nibble when the count is odd) for <= 4 bits, `int16` for 9-16 bits. A float (32-bit) generator is stored
+entirely in `float`. Loading sets each float weight to q * scale: exactly the fake-quantised weight the compact
+model uses in eval mode, so the reloaded model's eval output is bit-identical.
+
+Exported program (`generator.pt2`): `torch.export` of the eval-mode compact generator with the weight
+quantisation folded in (weights replaced by their dequantised values q * scale, so no rounding of weights at run
+time; activation quantisation stays, it is part of the function). Inputs: z float32 [N, nz], labels int64 [N],
+N dynamic. A process with only torch runs it: `torch.export.load(path).module()(z, labels)`.
+"""
+import copy
+import io
+import os
+
+import torch
+
+from models import Generator
+from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_weight, weight_to_int
+
+FORMAT = "device-gan-generator-int"
+FORMAT_VERSION = 1
+ARTIFACT_NAME = "generator_int.pt"
+PROGRAM_NAME = "generator.pt2"
+INT4_OFFSET = 8
+
+
+# ---------------------------------------------------------------- integer packing
+
+def encoding_for(bits: int) -> str:
+    if bits <= 4:
+        return "int4"
+    if bits <= 8:
+        return "int8"
+    if bits <= 16:
+        return "int16"
+    return "float32"
+
+
+def stored_bits(bits: int) -> int:
+    """Bits per weight on disk for a `bits`-bit model."""
+    return {"int4": 4, "int8": 8, "int16": 16, "float32": 32}[encoding_for(bits)]
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Integers in [-8, 7] (any shape) -> uint8, two per byte (low nibble first, zero pad nibble if odd)."""
+    flat = values.detach().flatten().to(torch.int16)
+    if len(flat) and (flat.min() < -INT4_OFFSET or flat.max() > INT4_OFFSET - 1):
+        raise ValueError(f"int4 values must lie in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]")
+    nibbles = (flat + INT4_OFFSET).to(torch.uint8)
+    if len(nibbles) % 2:
+        nibbles = torch.cat([nibbles, torch.zeros(1, dtype=torch.uint8)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: the first `numel` values, as int8."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) != (numel + 1) // 2:
+        raise ValueError(f"{len(packed)} packed bytes cannot hold {numel} int4 values")
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten()[:numel]
+    return nibbles.to(torch.int8) - INT4_OFFSET
+
+
+def encode_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer-valued tensor -> its storage tensor (packed uint8, int8 or int16)."""
+    encoding = encoding_for(bits)
+    if encoding == "int4":
+        return pack_int4(q)
+    dtype = {"int8": torch.int8, "int16": torch.int16}[encoding]
+    info = torch.iinfo(dtype)
+    if q.numel() and (q.min() < info.min or q.max() > info.max):
+        raise ValueError(f"values out of the {encoding} range")
+    return q.detach().to(dtype).clone()
+
+
+def decode_ints(entry: dict) -> torch.Tensor:
+    """Storage entry -> integers (int8/int16 tensor of the weight's shape)."""
+    shape = list(entry["shape"])
+    if entry["encoding"] == "int4":
+        return unpack_int4(entry["data"], int(torch.Size(shape).numel())).view(shape)
+    return entry["data"].view(shape)
+
+
+def _broadcast(scale: torch.Tensor, shape, out_dim: int) -> torch.Tensor:
+    view = [1] * len(shape)
+    view[out_dim] = -1
+    return scale.view(view)
+
+
+def dequantize(entry: dict) -> torch.Tensor:
+    """q * scale: the fake-quantised float weight."""
+    q = decode_ints(entry)
+    return q.to(torch.float32) * _broadcast(entry["scale"], q.shape, entry["out_dim"])
+
+
+# ---------------------------------------------------------------- the integer artifact
+
+def quant_convs(generator: torch.nn.Module) -> dict:
+    return {name: m for name, m in generator.named_modules() if isinstance(m, (QuantConv2d, QuantConvTranspose2d))}
+
+
+def artifact_dict(generator: Generator) -> dict:
+    """The integer artifact of a generator (see the module docstring)."""
+    state = {k: v.detach().cpu() for k, v in generator.state_dict().items()}
+    quantized = {}
+    if generator.bits < 32:
+        for name, conv in quant_convs(generator).items():
+            weight, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")
+            q = weight_to_int(weight, scale, conv.bits, conv.out_dim)
+            quantized[f"{name}.weight"] = {"encoding": encoding_for(conv.bits), "bits": conv.bits,
+                                           "data": encode_ints(q, conv.bits), "scale": scale.clone(),
+                                           "shape": list(weight.shape), "out_dim": conv.out_dim}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_args": generator.model_args(),
+            "quantized": quantized, "float": {k: v.clone() for k, v in state.items()}}
+
+
+def save_artifact(generator: Generator, path: str) -> int:
+    """Write the integer artifact atomically; returns its size in bytes."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(artifact_dict(generator), tmp)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def generator_from_artifact(artifact: dict) -> Generator:
+    """Rebuild the eval-mode Generator: float weights set to q * scale, scales as stored."""
+    if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
+        raise ValueError("not an integer generator artifact of this project")
+    if artifact["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"artifact format version {artifact['format_version']} is newer than this code's")
+    generator = Generator(**artifact["model_args"])
+    state = dict(artifact["float"])
+    for key, entry in artifact["quantized"].items():
+        state[key] = dequantize(entry)
+        state[key[:-len("weight")] + "weight_scale"] = entry["scale"]
+    generator.load_state_dict(state)
+    return generator.eval()
+
+
+def load_artifact(path: str) -> Generator:
+    return generator_from_artifact(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def payload_bytes(generator: Generator) -> int:
+    """Bytes of raw tensor data the artifact stores: integer weights at their stored width, the rest as is."""
+    total = 0
+    convs = quant_convs(generator) if generator.bits < 32 else {}
+    packed = {f"{name}.weight" for name in convs}
+    for key, value in generator.state_dict().items():
+        if key in packed:
+            total += (value.numel() * stored_bits(generator.bits) + 7) // 8
+        else:
+            total += value.numel() * value.element_size()
+    return total
+
+
+def state_dict_bytes(module: torch.nn.Module) -> int:
+    """Size of `torch.save(module.state_dict())`: what a float checkpoint of the generator alone takes."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ---------------------------------------------------------------- the exported program
+
+@torch.no_grad()
+def folded(generator: Generator) -> Generator:
+    """An eval-mode copy with weight quantisation folded in: each conv's weight replaced by its fake-quantised
+    value and the conv's weight quantisation switched off (activation quantisation is kept). Same outputs."""
+    copy_ = copy.deepcopy(generator).cpu().eval()
+    for conv in quant_convs(copy_).values():
+        if conv.bits < 32:
+            conv.weight.copy_(quantize_weight(conv.weight, conv.weight_scale, conv.bits, conv.out_dim))
+            conv.bits = 32
+    return copy_
+
+
+def export_program(generator: Generator, path: str = None, example_batch: int = 2):
+    """torch.export of the folded eval-mode generator, batch dimension dynamic; saved to `path` if given."""
+    model = folded(generator)
+    z, labels = model.sample_inputs(example_batch, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(model, (z, labels), dynamic_shapes={"z": {0: batch}, "labels": {0: batch}})
+    if path is not None:
+        tmp = f"{path}.tmp.{os.getpid()}.pt2"
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    return program
+
+
+def load_program(path: str) -> torch.nn.Module:
+    """The exported generator as a callable module: module(z, labels) -> images."""
+    return torch.export.load(path).module()
+
+
+# ---------------------------------------------------------------- device cost report
+
+COST_METRICS = {  # key -> (label, format); ratios are always value / reference value
+    "parameters": ("parameters", "{:,.0f}"),
+    "macs": ("MACs/image", "{:,.0f}"),
+    "bytes": ("bytes on disk", "{:,.0f}"),
+    "latency_ms": ("latency ms (b=1)", "{:.3f}"),
+    "images_per_s": ("images/s (big batch)", "{:,.1f}"),
+}
+
+
+def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None) -> dict:
+    """Parameters, MACs per image and bytes of `model`; with `speed` (measure_speed keyword arguments, may be
+    empty), also CPU latency at batch 1 and throughput of `run` (default: the model itself)."""
+    from utils.cost import count_macs, count_parameters, measure_speed
+    row = {"parameters": count_parameters(model), "macs": count_macs(model), "bytes": int(bytes_on_disk)}
+    if speed is not None:
+        row.update(measure_speed(model, run=run, **speed))
+    return row
+
+
+def add_ratios(rows: dict, reference: str = "teacher") -> dict:
+    """Adds `vs_<reference>`: each metric divided by the reference's (latency < 1 and images/s > 1 are better)."""
+    base = rows[reference]
+    for row in rows.values():
+        row[f"vs_{reference}"] = {key: row[key] / base[key] for key in COST_METRICS
+                                  if key in row and base.get(key)}
+    return rows
+
+
+def format_table(rows: dict, reference: str = "teacher") -> str:
+    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
+    header = ["model"] + [part for key in keys for part in (COST_METRICS[key][0], "x")]
+    lines = [header]
+    for name, row in rows.items():
+        ratios = row.get(f"vs_{reference}", {})
+        cells = [name]
+        for key in keys:
+            cells += [COST_METRICS[key][1].format(row[key]), f"{ratios[key]:.3g}" if key in ratios else "-"]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "\n".join([text[0], "-" * len(text[0])] + text[1:]) + f"\n(x = ratio to the {reference})"
+
+
+def plot_cost_bars(rows: dict, path: str, title: str = "", reference: str = "teacher"):
+    """One bar chart per metric, one bar per model, each labelled with its ratio to the reference."""
+    from utils.plots import plt
+    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6), squeeze=False)
+    names = list(rows)
+    for ax, key in zip(axes[0], keys):
+        values = [rows[name][key] for name in names]
+        bars = ax.bar(names, values, color=["#777777", "#4c72b0", "#dd8452", "#55a868"][:len(names)])
+        for bar, name in zip(bars, names):
+            ratio = rows[name].get(f"vs_{reference}", {}).get(key)
+            if ratio is not None:
+                ax.annotate(f"{ratio:.3g}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_title(COST_METRICS[key][0], fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.margins(y=0.15)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
