@@ -44,6 +44,10 @@ def parse_args(argv=None):
     group.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
                        help="student initialisation; auto = teacher when the widths match, else scratch")
     group.add_argument("--d-init", choices=("teacher", "scratch"), default="teacher", help="discriminator start")
+    group.add_argument("--norm-stats", choices=("auto", "frozen", "batch"), default="auto",
+                       help="BatchNorm in training: frozen = the teacher's running statistics (a fixed affine map, "
+                            "so L1 on gamma prunes instead of rescaling); batch = batch statistics; "
+                            "auto = frozen when initialised from the teacher")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=20)
     group.add_argument("--batch-size", type=positive_int, default=128)
@@ -104,6 +108,12 @@ def build_student(args, teacher):
         student.load_state_dict(teacher.state_dict())
         student.refresh_quant_scales()  # the teacher's float layers never computed scales
     return student
+
+
+def norm_stats_frozen(args, teacher_checkpoint) -> bool:
+    if args.norm_stats == "auto":
+        return student_shape(args, teacher_checkpoint["model_args"]["generator"]["channels"])[1] == "teacher"
+    return args.norm_stats == "frozen"
 
 
 def build_models(args, checkpoint, teacher_checkpoint):
@@ -187,6 +197,8 @@ def train(args, run_dir, checkpoint, metrics, inputs, device):
     distill, teacher_checkpoint = inputs
     set_seed(args.seed)
     G, D = (m.to(device) for m in build_models(args, checkpoint, teacher_checkpoint))
+    G.frozen_norm_stats = norm_stats_frozen(args, teacher_checkpoint)
+    G.train()
     optimizers = make_optimizers(args, G, D)
     step, ledger = 0, inherit(distill.ledger)  # generator outputs only: post-processing, nothing appended
     if checkpoint is not None:

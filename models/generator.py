@@ -57,7 +57,18 @@ class Generator(nn.Module):
         self.block1 = GeneratorBlock(c0, c1, 4, 2, 1, self.bits)
         self.block2 = GeneratorBlock(c1, c2, 4, 2, 1, self.bits)
         self.to_image = QuantConv2d(c2, image_channels, 3, 1, 1, bits=self.bits)
+        # When set, BatchNorm keeps using its running statistics in training mode: it is then a fixed per-channel
+        # affine map, so shrinking a channel's gamma really shrinks its output instead of being undone by the next
+        # layer's batch normalisation (GAN Slimming from a pretrained teacher), and train and eval mode agree.
+        self.frozen_norm_stats = False
         self.reset_parameters()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_norm_stats:
+            for block in self.blocks():
+                block.norm.eval()
+        return self
 
     @torch.no_grad()
     def reset_parameters(self):

@@ -164,8 +164,8 @@ def student_argv(out, distill_dir, *extra):
 @pytest.fixture(scope="session")
 def tiny_student_run(tiny_distill_run):
     """(out root, run dir) of a 4-step tiny 8-bit student whose large rho killed some channels (active channels
-    [16, 8, 3] of [16, 8, 4]: at least one live channel per layer)."""
+    [9, 5, 3] of [16, 8, 4]: at least one live channel per layer)."""
     import train_student
     out, distill_dir = tiny_distill_run
-    argv = student_argv(out, distill_dir, "--rho", "2")
+    argv = student_argv(out, distill_dir, "--rho", "2.5")
     return out, train_student.main(train_student.parse_args(argv))

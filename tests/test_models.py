@@ -53,3 +53,19 @@ def test_discriminator_uses_labels():
 
 def test_quant_bits_constant():
     assert models.QUANT_BITS == 8
+
+
+def test_frozen_norm_stats_make_training_mode_equal_eval_mode():
+    torch.manual_seed(0)
+    G = Generator(channels=(8, 6, 4), bits=8)
+    for block in G.blocks():
+        block.norm.running_mean.normal_()
+        block.norm.running_var.uniform_(0.5, 2)
+    z, labels = G.sample_inputs(5)
+    expected = G.eval()(z, labels)
+    G.frozen_norm_stats = True
+    G.train()
+    assert all(not block.norm.training for block in G.blocks()) and G.block0.conv.training
+    running_mean = G.block1.norm.running_mean.clone()
+    assert torch.allclose(G(z, labels), expected, atol=1e-6)
+    assert torch.equal(G.block1.norm.running_mean, running_mean)

@@ -104,7 +104,7 @@ def run_student(out, distill_dir, *extra):
 
 def test_rho_prunes_channels_and_checkpoint_is_complete(tiny_teacher_run, tiny_distill_run, tiny_student_run,
                                                        tmp_path):
-    sparse = tiny_student_run[1]  # the same settings with --rho 2
+    sparse = tiny_student_run[1]  # the same settings with --rho 2.5
     dense = run_student(tmp_path / "dense", tiny_distill_run[1], "--rho", "0")
     dense_ckpt, sparse_ckpt = load_checkpoint(dense, "student"), load_checkpoint(sparse, "student")
     assert build_generator(dense_ckpt).active_channels() == list(build_generator(dense_ckpt).channels)
@@ -129,8 +129,8 @@ def test_rho_prunes_channels_and_checkpoint_is_complete(tiny_teacher_run, tiny_d
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path):
-    whole = run_student(tmp_path / "whole", tiny_distill_run[1], "--rho", "2", "--max-steps", "5")
-    part = run_student(tmp_path / "part", tiny_distill_run[1], "--rho", "2", "--max-steps", "2")
+    whole = run_student(tmp_path / "whole", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "5")
+    part = run_student(tmp_path / "part", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "2")
     assert load_checkpoint(part, "student")["step"] == 2
     resumed = train_student.main(train_student.parse_args(["--out", str(tmp_path / "part"), "--resume",
                                                            "--max-steps", "5", "--device", "cpu"]))

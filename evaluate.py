@@ -1,0 +1,400 @@
+"""Evaluate generators of any stage side by side: quality, device cost and privacy (DESIGN section 6).
+
+Inputs: the latest run of every generator stage found under --out (teacher, student, compact, private), or the
+runs named with --runs. For each generator:
+  quality   Frechet distance (FD) between class-balanced generated samples and the real test set, in the
+            penultimate-layer features of a reference CNN trained on the real training set (trained once, cached
+            under <out>/reference/, its own test accuracy reported); downstream accuracy of the same CNN trained
+            only on class-balanced generated samples and tested on the real test set (fixed epochs, final epoch);
+  cost      parameters, MACs per image, bytes on disk of the deployable artifact (or of the float state dict
+            where a run has no artifact; the table says which), CPU latency at batch 1 and throughput at batch
+            256, each also as a ratio to the teacher;
+  privacy   epsilon and delta of the checkpoint's ledger, and an empirical membership-inference audit: AUC of the
+            distance-to-nearest-generated-sample attack, private-split training images (members) against as many
+            test images (non-members); about 0.5 means no measurable leakage.
+The same latent vectors and labels are used for every generator. The reference classifier and the audit read
+real (also private) data: they are the data holder's measurements, not covered by the generator's DP guarantee.
+
+Writes <out>/eval/<NNNNN>-<desc>/: results.json, results.md (one table), comparison.png (sample grids on the same
+z and labels), tradeoff.png (artifact bytes against downstream accuracy and FD).
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from utils import deploy  # noqa: E402
+from utils.checkpoint import (build_generator, latest_run, load_checkpoint, mark_latest, new_run_dir,  # noqa: E402
+                              write_json)
+from utils.cli import (UserError, add_common_args, make_parser, positive_float, positive_int,  # noqa: E402
+                       resolve_device, run_script, set_seed)
+from utils.cost import count_macs, count_parameters, measure_speed  # noqa: E402
+from utils.data import add_data_args, load_split, to_unit_range  # noqa: E402
+from utils.gan import fixed_inputs, generate  # noqa: E402
+from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc,  # noqa: E402
+                           predict, reference_classifier)
+from utils.plots import sample_grid, save_side_by_side  # noqa: E402
+from utils.privacy import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon,  # noqa: E402
+                           warn_if_not_private)
+from utils.training import maybe_dry_run  # noqa: E402
+
+STAGE = "eval"
+GENERATOR_STAGES = ("teacher", "student", "compact", "private")
+COST_KEYS = ("params", "macs", "bytes", "latency_ms", "images_per_s")
+PRESETS = {
+    "full": {"num_fd_samples": 10000, "num_downstream_samples": 60000, "classifier_epochs": 3,
+             "audit_samples": 10000, "audit_members": 1000, "latency_repeats": 50, "throughput_repeats": 10},
+    "quick": {"num_fd_samples": 2000, "num_downstream_samples": 10000, "classifier_epochs": 1,
+              "audit_samples": 2000, "audit_members": 500, "latency_repeats": 20, "throughput_repeats": 3},
+}
+
+
+EXAMPLES = ("python evaluate.py                       # the latest run of every stage in checkpoints/\n"
+            "  python evaluate.py --quick --out runs    # the fast preset of the one-command pipeline\n"
+            "  python evaluate.py --runs checkpoints/compact/latest checkpoints/private/00002-eps10")
+
+
+def add_preset_option(group, key: str, text: str):
+    """An integer option whose default comes from the full or the --quick preset (see `apply_preset`)."""
+    group.add_argument("--" + key.replace("_", "-"), type=positive_int, default=argparse.SUPPRESS,
+                       help=f"{text} (default: {PRESETS['full'][key]}, with --quick {PRESETS['quick'][key]})")
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__, EXAMPLES)
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                        help="run directories (or checkpoints) to evaluate; none: <out>/<stage>/latest of every "
+                             f"stage in {', '.join(GENERATOR_STAGES)} that exists")
+    parser.add_argument("--teacher", default=None, metavar="RUN",
+                        help="baseline of the cost ratios; none: the evaluated teacher, else <out>/teacher/latest")
+    group = parser.add_argument_group("quality")
+    group.add_argument("--quick", action="store_true", help="fewer samples and one classifier epoch (fast pipeline)")
+    add_preset_option(group, "num_fd_samples", "generated samples for the Frechet distance")
+    add_preset_option(group, "num_downstream_samples", "generated samples the downstream classifier trains on")
+    add_preset_option(group, "classifier_epochs", "epochs of the reference and downstream classifiers")
+    group = parser.add_argument_group("privacy")
+    group.add_argument("--delta", type=positive_float, default=1e-5, help="delta of the reported epsilon")
+    group.add_argument("--accountant", default="prv", choices=ACCOUNTANTS, help="accountant composing the ledger")
+    add_preset_option(group, "audit_samples", "generated samples the membership audit searches")
+    add_preset_option(group, "audit_members", "private-split members (and as many test non-members) audited")
+    group.add_argument("--audit-same-label", action="store_true",
+                       help="search only generated samples of the candidate's own label")
+    group = parser.add_argument_group("speed")
+    add_preset_option(group, "latency_repeats", "timed batch-1 calls")
+    add_preset_option(group, "throughput_repeats", "timed batch-256 calls")
+    add_data_args(parser)
+    hide_option(parser, "split")  # evaluation reads the whole training set, the private split and the test set
+    add_common_args(parser)
+    return apply_preset(parser.parse_args(argv))
+
+
+def hide_option(parser, dest: str):
+    for action in parser._actions:
+        if action.dest == dest:
+            action.help = argparse.SUPPRESS
+
+
+def apply_preset(args):
+    """Fill every unset sample-count option from the full or the --quick preset."""
+    for key, value in PRESETS["quick" if args.quick else "full"].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ---------------------------------------------------------------- inputs
+
+def run_paths(args) -> list:
+    if args.runs:
+        return args.runs
+    paths = [latest_run(args.out, stage) for stage in GENERATOR_STAGES if os.path.exists(latest_run(args.out, stage))]
+    if not paths:
+        raise UserError(f"no generator runs under {args.out!r} (looked for <stage>/latest of "
+                        f"{', '.join(GENERATOR_STAGES)}): train one first, or name runs with --runs")
+    return paths
+
+
+def load_runs(paths) -> list:
+    """Generator checkpoints of the named runs (each once), with the plain warning for infinite epsilon."""
+    runs, seen = [], set()
+    for path in paths:
+        checkpoint = load_checkpoint(path, GENERATOR_STAGES)
+        if checkpoint["run_dir"] in seen:
+            continue
+        seen.add(checkpoint["run_dir"])
+        warn_if_not_private(checkpoint["privacy"])
+        runs.append(checkpoint)
+    for checkpoint, label in zip(runs, row_labels(runs)):
+        checkpoint["label"] = label
+    return runs
+
+
+def row_labels(runs) -> list:
+    """The stage name, with the run number where a stage appears more than once."""
+    stages = [c["stage"] for c in runs]
+    return [c["stage"] if stages.count(c["stage"]) == 1 else f"{c['stage']}#{os.path.basename(c['run_dir'])[:5]}"
+            for c in runs]
+
+
+def load_data(args) -> dict:
+    """Real data as [-1, 1] tensors: the whole training set, the test set, and the audit's members/non-members."""
+    train = load_split(args.dataset, "all", args.data_root, args.public_size, args.partition_seed)
+    test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed)
+    private = load_split(args.dataset, "private", args.data_root, args.public_size, args.partition_seed)
+    count = min(args.audit_members, len(private), len(test))
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    members = torch.randperm(len(private), generator=rng)[:count]
+    nonmembers = torch.randperm(len(test), generator=rng)[:count]
+    return {"train": (to_unit_range(train.images), train.labels), "test": (to_unit_range(test.images), test.labels),
+            "members": private.batch(members), "nonmembers": test.batch(nonmembers), "private": private}
+
+
+# ---------------------------------------------------------------- per-generator measurements
+
+@torch.no_grad()
+def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500) -> tuple:
+    """n samples of G (eval mode) with class-balanced labels; the same z and labels for every generator."""
+    z, labels = G.sample_inputs(n, generator=torch.Generator().manual_seed(seed))
+    G.eval()
+    images = [G(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
+              for i in tqdm(range(0, n, batch_size), desc=f"generate {desc}", leave=False, dynamic_ncols=True)]
+    return torch.cat(images), labels
+
+
+def artifact_file(run_dir: str):
+    """The run's deployable integer artifact (utils/deploy.py's file name), or None where the run has none."""
+    path = os.path.join(run_dir, deploy.ARTIFACT_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def device_cost(G, run_dir: str, args) -> dict:
+    """Parameters, MACs, bytes on disk, CPU latency (batch 1) and throughput (batch 256).
+
+    Bytes: the integer artifact's size where the run has one, else the size of the generator's saved state dict
+    (`bytes_source` says which). Speed: of the deployed function (weight quantisation folded in, as in the
+    exported program) where there is an artifact, else of the model in eval mode."""
+    model = copy.deepcopy(G).cpu().eval()
+    path = artifact_file(run_dir)
+    if path:
+        size, source, run = os.path.getsize(path), f"artifact {os.path.basename(path)}", deploy.folded(model)
+    else:
+        size, source, run = deploy.state_dict_bytes(model), "state dict", None
+    speed = measure_speed(model, run=run, latency_repeats=args.latency_repeats,
+                          throughput_repeats=args.throughput_repeats)
+    return {"params": count_parameters(model), "macs": count_macs(model), "bytes": size, "bytes_source": source,
+            **speed}
+
+
+def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
+    value = epsilon(ledger, delta, accountant)
+    return {"epsilon": "inf" if math.isinf(value) else value, "delta": delta, "accountant": accountant,
+            "privacy": describe(ledger, delta, accountant), "mechanisms": ledger["mechanisms"],
+            "non_dp_reads": ledger["non_dp_reads"]}
+
+
+def quality(G, checkpoint, context, args, device, timings) -> dict:
+    """FD, downstream accuracy and the membership audit, all from one pool of generated samples."""
+    size = max(args.num_fd_samples, args.num_downstream_samples, args.audit_samples)
+    start = time.time()
+    images, labels = generated_pool(G, size, args.seed, device, checkpoint["label"])
+    timings["generate_s"], start = time.time() - start, time.time()
+    features = predict(context["reference"], images[:args.num_fd_samples], features=True)
+    fd = frechet_distance(*feature_statistics(features.numpy()), *context["test_stats"])
+    timings["fd_s"], start = time.time() - start, time.time()
+    n = args.num_downstream_samples
+    acc = downstream_accuracy(images[:n], labels[:n], *context["data"]["test"], epochs=args.classifier_epochs,
+                              seed=args.seed, max_steps=args.max_steps, device=device,
+                              desc=f"downstream {checkpoint['label']}")
+    timings["downstream_s"], start = time.time() - start, time.time()
+    auc = audit(images[:args.audit_samples], labels[:args.audit_samples], context["data"], args.audit_same_label)
+    timings["audit_s"] = time.time() - start
+    return {"fd": fd, "downstream_accuracy": acc, "mia_auc": auc}
+
+
+def audit(generated, generated_labels, data: dict, same_label: bool) -> float:
+    (members, member_labels), (nonmembers, nonmember_labels) = data["members"], data["nonmembers"]
+    if not same_label:
+        return membership_auc(members, nonmembers, generated)
+    return membership_auc(members, nonmembers, generated, member_labels, nonmember_labels, generated_labels)
+
+
+def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
+    G = build_generator(checkpoint).to(device).eval()
+    timings = {}
+    row = {"label": checkpoint["label"], "stage": checkpoint["stage"], "run": os.path.basename(checkpoint["run_dir"]),
+           "run_dir": checkpoint["run_dir"], "parent": checkpoint.get("parent"),
+           "generator": checkpoint["model_args"]["generator"]}
+    row.update(quality(G, checkpoint, context, args, device, timings))
+    start = time.time()
+    row.update(device_cost(G, checkpoint["run_dir"], args))
+    timings["cost_s"] = time.time() - start
+    row.update(privacy_summary(checkpoint["privacy"], args.delta, args.accountant))
+    row["audit"] = {"members": len(context["data"]["members"][1]), "generated": args.audit_samples,
+                    "same_label": args.audit_same_label}
+    row["timings"] = timings
+    return row
+
+
+def teacher_cost(rows, args):
+    """Cost of the ratio baseline: the evaluated teacher, else --teacher or <out>/teacher/latest, else None."""
+    for row in rows:
+        if row["stage"] == "teacher" and not args.teacher:
+            return {key: row[key] for key in COST_KEYS}, row["run_dir"]
+    path = args.teacher or latest_run(args.out, "teacher")
+    if not args.teacher and not os.path.exists(path):
+        return None, None
+    checkpoint = load_checkpoint(path, "teacher")
+    cost = device_cost(build_generator(checkpoint), checkpoint["run_dir"], args)
+    return {key: cost[key] for key in COST_KEYS}, checkpoint["run_dir"]
+
+
+def add_ratios(rows, baseline):
+    for row in rows:
+        row["vs_teacher"] = {key: row[key] / baseline[key] for key in COST_KEYS} if baseline else None
+
+
+# ---------------------------------------------------------------- reports
+
+def human(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}".strip()
+    return f"{value:g} {unit}".strip()
+
+
+def format_epsilon(row) -> str:
+    if row["epsilon"] == "inf":
+        return "∞ (no DP guarantee)"
+    if not row["mechanisms"]:
+        return "0 (private split not read)"
+    return f"{row['epsilon']:.2f}"
+
+
+def ratio(row, key) -> str:
+    return "-" if not row["vs_teacher"] else f"{row['vs_teacher'][key]:.3g}"
+
+
+TABLE_COLUMNS = ("stage", "run", "params", "MACs", "bytes on disk", "latency ms (b=1)", "img/s (b=256)",
+                 "params ×T", "MACs ×T", "bytes ×T", "latency ×T", "img/s ×T", "FD ↓", "downstream acc ↑",
+                 "epsilon", "delta", "MIA AUC")
+
+
+def table_row(row) -> list:
+    return [row["label"], row["run"], human(row["params"]), human(row["macs"]),
+            f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
+            f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in COST_KEYS), f"{row['fd']:.2f}",
+            f"{100 * row['downstream_accuracy']:.1f}%", format_epsilon(row), f"{row['delta']:g}",
+            f"{row['mia_auc']:.3f}"]
+
+
+def results_markdown(rows, reference: dict, baseline_run, args) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
+    members = rows[0]["audit"]["members"] if rows else 0
+    lines += ["",
+              f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
+              f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"
+              f" ({'cached' if reference['cached'] else 'trained'}: {reference['path']}).",
+              f"FD: {args.num_fd_samples} class-balanced generated samples against the real test set, in the "
+              f"reference classifier's penultimate features. Downstream: the same CNN trained on "
+              f"{args.num_downstream_samples} generated samples for {args.classifier_epochs} epoch(s), final-epoch "
+              f"accuracy on the real test set.",
+              f"MIA AUC: distance-to-nearest of {args.audit_samples} generated samples"
+              f"{' of the same label' if args.audit_same_label else ''}, {members} private-split members vs "
+              f"{members} test non-members (0.5 = no measurable leakage).",
+              f"×T: ratio to the teacher ({baseline_run or 'none available'}). Epsilon: {args.accountant.upper()} "
+              f"accountant over the ledger's mechanisms."]
+    return "\n".join(lines) + "\n"
+
+
+def save_comparison(runs, path: str, device):
+    """Sample grids of every generator on the same z and labels, side by side."""
+    grids = {}
+    for checkpoint in runs:
+        G = build_generator(checkpoint).to(device)
+        z, labels = fixed_inputs(G)
+        grids[checkpoint["label"]] = sample_grid(generate(G, z, labels, device=device), nrow=len(z) // G.num_classes)
+    save_side_by_side(grids, path, title="same z and labels (one row per class)")
+
+
+def save_tradeoff(rows, path: str):
+    """Artifact bytes (log x) against downstream accuracy and FD, one labelled point per stage (stages that
+    land on the same point share one label)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, ylabel in ((axes[0], "downstream_accuracy", "downstream accuracy (higher is better)"),
+                            (axes[1], "fd", "Frechet distance (lower is better)")):
+        points = {}
+        for row in rows:
+            points.setdefault((row["bytes"], round(row[key], 6)), []).append(row["label"])
+        for (x, y), labels in points.items():
+            ax.scatter(x, y)
+            ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(5, 5))
+        ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.1)
+        ax.set_xlabel("bytes on disk (artifact, else state dict)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(run_dir, rows, runs, reference, baseline_run, args, device) -> str:
+    table = results_markdown(rows, reference, baseline_run, args)
+    with open(os.path.join(run_dir, "results.md"), "w") as handle:
+        handle.write(table)
+    write_json(os.path.join(run_dir, "results.json"),
+               {"rows": rows, "reference_classifier": reference, "teacher_baseline": baseline_run,
+                "settings": {key: getattr(args, key) for key in (*PRESETS["full"], "audit_same_label", "delta",
+                                                                 "accountant", "seed", "max_steps", "quick")}})
+    save_comparison(runs, os.path.join(run_dir, "comparison.png"), device)
+    save_tradeoff(rows, os.path.join(run_dir, "tradeoff.png"))
+    return table
+
+
+# ---------------------------------------------------------------- main
+
+def prepare_reference(args, data, device) -> dict:
+    """The cached reference classifier and the feature statistics of the real test set."""
+    settings = {"epochs": args.classifier_epochs, "seed": args.seed, "max_steps": args.max_steps}
+    model, info = reference_classifier(os.path.join(args.out, "reference"), args.dataset, data["train"],
+                                       data["test"], settings, device)
+    start = time.time()
+    test_stats = feature_statistics(predict(model, data["test"][0], features=True).numpy())
+    info["test_features_s"] = time.time() - start
+    return {"reference": model, "reference_info": info, "test_stats": test_stats, "data": data}
+
+
+def main(args):
+    if maybe_dry_run(args):
+        return None
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    runs = load_runs(run_paths(args))
+    data = load_data(args)
+    check_delta(args.delta, len(data["private"]))
+    for checkpoint in runs:
+        check_same_partition(checkpoint["privacy"], data["private"])
+    run_dir = new_run_dir(args.out, STAGE, args.desc or f"{args.dataset}{'-quick' if args.quick else ''}")
+    write_json(os.path.join(run_dir, "args.json"), vars(args))
+    context = prepare_reference(args, data, device)
+    rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
+    baseline, baseline_run = teacher_cost(rows, args)
+    add_ratios(rows, baseline)
+    table = write_reports(run_dir, rows, runs, context["reference_info"], baseline_run, args, device)
+    mark_latest(run_dir)
+    print(table)
+    print(f"evaluation: {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_script(main, parse_args))

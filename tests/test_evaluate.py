@@ -1,0 +1,178 @@
+"""evaluate.py and utils/metrics.py: Frechet distance, downstream accuracy, the membership audit, the cached
+reference classifier, and one tiny end-to-end evaluation writing every output."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from conftest import tiny_data_args
+from models import Generator
+from utils.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_checkpoint
+from utils import deploy
+from utils.cli import run_script
+from utils.data import load_split, to_unit_range
+from utils.metrics import (downstream_accuracy, frechet_distance, frechet_distance_of, membership_auc,
+                           rank_auc, reference_classifier)
+from utils.privacy import inherit, record_data_read
+
+
+def tiny(data_root, split):
+    data = load_split("fashion-mnist", split, data_root, public_size=200)
+    return to_unit_range(data.images), data.labels
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_with_noise_is_large():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))  # correlated, full-rank covariance
+    noise = rng.uniform(-5, 5, size=(500, 16)) + 3.0
+    assert frechet_distance_of(features, features) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance_of(features, noise) > 100.0
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_handles_singular_covariances():
+    rng = np.random.default_rng(1)
+    few = rng.normal(size=(5, 32))  # 5 samples in 32 dimensions: rank-deficient covariance
+    value = frechet_distance_of(few, rng.normal(size=(5, 32)))
+    assert math.isfinite(value) and value >= 0
+
+
+# ---------------------------------------------------------------- downstream accuracy
+
+def test_downstream_accuracy_on_real_images_beats_noise(tiny_data_root):
+    train_images, train_labels = tiny(tiny_data_root, "all")
+    test_images, test_labels = tiny(tiny_data_root, "test")
+    noise = torch.rand(train_images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = downstream_accuracy(train_images, train_labels, test_images, test_labels, epochs=4, seed=0)
+    fake = downstream_accuracy(noise, train_labels, test_images, test_labels, epochs=4, seed=0)
+    assert real > 0.8
+    assert real > fake + 0.4
+
+
+# ---------------------------------------------------------------- membership audit
+
+def test_rank_auc_equals_the_pairwise_probability_with_ties():
+    positive, negative = np.array([3.0, 1.0, 2.0, 2.0]), np.array([2.0, 0.0, 1.0])
+    pairs = [(p > n) + 0.5 * (p == n) for p in positive for n in negative]
+    assert rank_auc(positive, negative) == pytest.approx(np.mean(pairs))
+    assert rank_auc([5.0, 6.0], [1.0, 2.0]) == 1.0
+
+
+@pytest.mark.parametrize("same_label", [False, True])
+def test_audit_is_chance_without_leakage_and_detects_copied_members(tiny_data_root, same_label):
+    train_images, train_labels = tiny(tiny_data_root, "all")
+    nonmembers, nonmember_labels = tiny(tiny_data_root, "test")
+    members, member_labels = train_images[:200], train_labels[:200]
+    held_out, held_out_labels = train_images[200:], train_labels[200:]  # same distribution, not the members
+
+    def auc(generated, generated_labels):
+        labels = (member_labels, nonmember_labels, generated_labels) if same_label else ()
+        return membership_auc(members, nonmembers, generated, *labels)
+
+    assert abs(auc(held_out, held_out_labels) - 0.5) < 0.1
+    leaky = torch.cat([held_out, members]), torch.cat([held_out_labels, member_labels])
+    assert auc(*leaky) > 0.95
+
+
+# ---------------------------------------------------------------- reference classifier cache
+
+def test_reference_classifier_is_trained_once_and_cached(tiny_data_root, tmp_path):
+    train, test = tiny(tiny_data_root, "all"), tiny(tiny_data_root, "test")
+    settings = {"epochs": 1, "seed": 0, "max_steps": 3}
+    first, info = reference_classifier(str(tmp_path), "fashion-mnist", train, test, settings)
+    second, cached = reference_classifier(str(tmp_path), "fashion-mnist", train, test, settings)
+    assert not info["cached"] and cached["cached"] and os.path.isfile(cached["path"])
+    assert cached["test_accuracy"] == info["test_accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    other, changed = reference_classifier(str(tmp_path), "fashion-mnist", train, test, {**settings, "seed": 1})
+    assert not changed["cached"] and changed["path"] != info["path"]  # other settings, other cache entry
+
+
+# ---------------------------------------------------------------- evaluate.py end to end
+
+def make_fake_compact_run(teacher_dir, out):
+    """A smaller 8-bit generator with its integer artifact, whose ledger records a non-DP read of the private
+    split (epsilon = inf)."""
+    teacher = load_checkpoint(teacher_dir, "teacher")
+    G = Generator(nz=teacher["model_args"]["generator"]["nz"], channels=(8, 4, 2), bits=8)
+    ledger = inherit(teacher["privacy"])
+    record_data_read(ledger, "compact", "private", ledger["private_size"], run="fake")
+    run_dir = new_run_dir(out, "compact", "fake")
+    save_checkpoint(run_dir, {"stage": "compact", "generator": G.state_dict(), "parent": teacher_dir,
+                              "model_args": {"generator": G.model_args()}, "privacy": ledger})
+    deploy.save_artifact(G, os.path.join(run_dir, deploy.ARTIFACT_NAME))
+    mark_latest(run_dir)
+    return run_dir
+
+
+def eval_argv(data_root, out, *extra):
+    return ["--out", out, *tiny_data_args(data_root), "--device", "cpu", "--num-fd-samples", "100",
+            "--num-downstream-samples", "200", "--classifier-epochs", "1", "--audit-samples", "100",
+            "--audit-members", "50", "--latency-repeats", "2", "--throughput-repeats", "1", "--max-steps", "5",
+            *extra]
+
+
+def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_teacher_run, tmp_path, capsys):
+    _, teacher_dir = tiny_teacher_run
+    out = str(tmp_path)
+    os.makedirs(os.path.join(out, "teacher"))
+    os.symlink(os.path.abspath(teacher_dir), os.path.join(out, "teacher", "latest"))
+    compact_dir = make_fake_compact_run(teacher_dir, out)
+
+    run_dir = evaluate.main(evaluate.parse_args(eval_argv(tiny_data_root, out)))  # default: every stage's latest
+
+    for name in ("results.json", "results.md", "comparison.png", "tradeoff.png"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert os.path.dirname(run_dir) == os.path.join(out, "eval")
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    rows = {row["stage"]: row for row in results["rows"]}
+    assert set(rows) == {"teacher", "compact"}
+    assert rows["compact"]["run_dir"] == os.path.realpath(compact_dir)
+    for row in rows.values():
+        assert math.isfinite(row["fd"]) and 0 <= row["downstream_accuracy"] <= 1 and 0 <= row["mia_auc"] <= 1
+        assert row["params"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
+    assert rows["teacher"]["vs_teacher"]["params"] == 1.0 and rows["teacher"]["bytes_source"] == "state dict"
+    artifact = os.path.join(compact_dir, deploy.ARTIFACT_NAME)
+    assert rows["compact"]["bytes"] == os.path.getsize(artifact) and "artifact" in rows["compact"]["bytes_source"]
+    assert rows["compact"]["vs_teacher"]["params"] < 1.0
+    assert rows["teacher"]["epsilon"] == 0.0 and rows["compact"]["epsilon"] == "inf"
+    assert 0 <= results["reference_classifier"]["test_accuracy"] <= 1
+    assert os.path.isfile(results["reference_classifier"]["path"])
+    assert results["reference_classifier"]["path"].startswith(os.path.join(out, "reference"))
+
+    table = open(os.path.join(run_dir, "results.md")).read()
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2  # header + one per run
+    assert "∞ (no DP guarantee)" in table and "Reference classifier" in table
+    captured = capsys.readouterr()
+    assert "NO differential-privacy guarantee" in captured.err  # the plain warning for the epsilon = inf run
+    assert run_dir in captured.out
+
+
+def test_evaluate_rejects_bad_input_with_one_line(tiny_data_root, tmp_path, capsys):
+    assert run_script(evaluate.main, evaluate.parse_args,
+                      eval_argv(tiny_data_root, str(tmp_path), "--runs", str(tmp_path / "missing"))) == 2
+    assert run_script(evaluate.main, evaluate.parse_args, eval_argv(tiny_data_root, str(tmp_path))) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert "no generator runs" in errors[1]
+
+
+def test_quick_preset_and_explicit_flags(capsys):
+    args = evaluate.parse_args(["--quick", "--num-fd-samples", "123", "--dry-run"])
+    assert args.num_fd_samples == 123 and args.num_downstream_samples == 10000 and args.classifier_epochs == 1
+    full = evaluate.parse_args([])
+    assert full.num_fd_samples == 10000 and full.num_downstream_samples == 60000 and full.classifier_epochs == 3
+    assert evaluate.main(args) is None
+    assert '"num_fd_samples": 123' in capsys.readouterr().out

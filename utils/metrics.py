@@ -1,0 +1,212 @@
+"""Quality and privacy metrics of generators (DESIGN section 6).
+
+- A small 2-conv CNN classifier (`SmallCNN`) serves twice: trained on the real training set it is the cached
+  *reference classifier*, whose penultimate layer is the feature space of the Frechet distance; trained only on
+  generated, labelled samples and tested on the real test set it gives the *downstream accuracy* (fixed epochs,
+  final-epoch accuracy: no model selection on the test set).
+- `frechet_distance`: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with the trace of the matrix square root
+  computed from the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2) (same spectrum as S1 S2), which
+  is stable and never produces an imaginary part.
+- `membership_auc`: the distance-to-nearest-generated-sample attack (score = -min L2 distance from a candidate to
+  the generated set), AUC of members against non-members by the Mann-Whitney rank statistic. About 0.5 means no
+  measurable leakage; near 1 means generated samples sit on top of training images.
+
+The reference classifier and the audit read real (also private) data: they are the data holder's own
+measurements, not part of the released generator, and their numbers are not covered by the DP guarantee.
+"""
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from utils.checkpoint import load_checkpoint, save_checkpoint, versions
+
+CLASSIFIER_VERSION = 1  # bump when SmallCNN or its training changes: invalidates cached reference classifiers
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(16) - ReLU - pool - conv3x3(32) - ReLU - pool - fc(hidden) - ReLU [features] - fc(classes)."""
+
+    def __init__(self, num_classes: int = 10, channels=(16, 32), hidden: int = 128, image_channels: int = 1):
+        super().__init__()
+        c0, c1 = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(image_channels, c0, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c0, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(c1 * 7 * 7, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+# ---------------------------------------------------------------- classifier training
+
+def seeded_classifier(seed: int, num_classes: int = 10) -> SmallCNN:
+    """A freshly initialised SmallCNN that depends only on `seed` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(num_classes)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, batch_size: int = 128,
+                     lr: float = 1e-3, max_steps: int = None, device="cpu", desc: str = "classifier",
+                     num_classes: int = 10) -> SmallCNN:
+    """Train a SmallCNN on images in [-1, 1] (N, 1, H, W) for a fixed number of epochs (or `max_steps`)."""
+    model = seeded_classifier(seed, num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    rng = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(1, -(-len(labels) // batch_size))
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    model.train()
+    step = 0
+    with tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False) as progress:
+        while step < total:
+            order = torch.randperm(len(labels), generator=rng)
+            for start in range(0, len(labels), batch_size):
+                batch = order[start:start + batch_size]
+                loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                progress.update(1)
+                if step >= total:
+                    break
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, features: bool = False) -> torch.Tensor:
+    """Logits (or penultimate features) of `images`, in eval mode, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    run = model.features if features else model
+    return torch.cat([run(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predict(model, images).argmax(1) == labels).float().mean())
+
+
+def downstream_accuracy(train_images, train_labels, test_images, test_labels, epochs: int, seed: int,
+                        max_steps: int = None, device="cpu", desc: str = "downstream") -> float:
+    """Test accuracy of a SmallCNN trained only on (train_images, train_labels), after its last epoch."""
+    model = train_classifier(train_images, train_labels, epochs, seed, max_steps=max_steps, device=device, desc=desc)
+    return accuracy(model, test_images, test_labels)
+
+
+# ---------------------------------------------------------------- cached reference classifier
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """Hash of the content of a labelled image set (not just its indices: another data root changes it)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images.numpy()).tobytes())
+    digest.update(np.ascontiguousarray(labels.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reference_key(dataset: str, fingerprint: str, settings: dict) -> str:
+    text = json.dumps({"dataset": dataset, "train": fingerprint, "settings": settings,
+                       "version": CLASSIFIER_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_classifier(cache_dir: str, dataset: str, train, test, settings: dict, device="cpu"):
+    """(classifier, info) trained on the real training set, or loaded from `cache_dir` if trained before.
+
+    `train`/`test` are (images in [-1, 1], labels); `settings` holds epochs, seed, max_steps (all in the cache
+    key, with the dataset and a fingerprint of the training set). `info` has the classifier's test accuracy."""
+    fingerprint = data_fingerprint(*train)
+    key = reference_key(dataset, fingerprint, settings)
+    path = os.path.join(cache_dir, f"{dataset}-{key}.pt")
+    if os.path.isfile(path):
+        checkpoint = load_checkpoint(path, "reference")
+        model = SmallCNN(checkpoint["num_classes"])
+        model.load_state_dict(checkpoint["classifier"])
+        return model.to(device).eval(), {**checkpoint["info"], "path": path, "cached": True}
+    start = time.time()
+    model = train_classifier(*train, epochs=settings["epochs"], seed=settings["seed"],
+                             max_steps=settings.get("max_steps"), device=device, desc="reference classifier")
+    info = {"dataset": dataset, "train_fingerprint": fingerprint, "train_size": len(train[1]), "key": key,
+            "settings": settings, "test_accuracy": accuracy(model, *test), "train_seconds": time.time() - start}
+    os.makedirs(cache_dir, exist_ok=True)
+    save_checkpoint(cache_dir, {"stage": "reference", "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
+                                "num_classes": model.head.out_features, "info": info, "versions": versions()},
+                    name=os.path.basename(path))
+    return model, {**info, "path": path, "cached": False}
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def feature_statistics(features) -> tuple:
+    """Mean and covariance (float64) of a (N, D) feature matrix."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_cross))
+
+
+def frechet_distance_of(features_a, features_b) -> float:
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+# ---------------------------------------------------------------- membership-inference audit
+
+def rank_auc(positive_scores, negative_scores) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney U statistic / (n1 n2)."""
+    positive = np.asarray(positive_scores, np.float64).ravel()
+    negative = np.asarray(negative_scores, np.float64).ravel()
+    if not len(positive) or not len(negative):
+        raise ValueError("rank_auc needs at least one positive and one negative score")
+    _, inverse, counts = np.unique(np.concatenate([positive, negative]), return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct value, ties averaged
+    ranks = average_rank[inverse.ravel()]
+    n1, n2 = len(positive), len(negative)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n2))
+
+
+@torch.no_grad()
+def nearest_distances(candidates: torch.Tensor, reference: torch.Tensor, candidate_labels=None,
+                      reference_labels=None, chunk: int = 500) -> torch.Tensor:
+    """L2 distance from each candidate to its nearest reference image (of the same label when labels given)."""
+    reference = reference.reshape(len(reference), -1).float()
+    out = []
+    for i in range(0, len(candidates), chunk):
+        distances = torch.cdist(candidates[i:i + chunk].reshape(-1, reference.shape[1]).float(), reference)
+        if candidate_labels is not None:
+            mismatch = candidate_labels[i:i + chunk, None] != reference_labels[None, :]
+            distances = distances.masked_fill(mismatch, float("inf"))
+        out.append(distances.min(dim=1).values)
+    return torch.cat(out)
+
+
+def membership_auc(members, nonmembers, generated, member_labels=None, nonmember_labels=None,
+                   generated_labels=None) -> float:
+    """AUC of the distance-to-nearest-generated-sample attack (score = -distance) on members vs non-members."""
+    member_scores = -nearest_distances(members, generated, member_labels, generated_labels)
+    nonmember_scores = -nearest_distances(nonmembers, generated, nonmember_labels, generated_labels)
+    return rank_auc(member_scores.numpy(), nonmember_scores.numpy())
