@@ -2,6 +2,8 @@
 
 The checkpoint's privacy ledger records a non-DP read of the private split when --split is private or all
 (the final epsilon is then infinite); --split public (the default) reads only the public part of the partition.
+With --dp (and --split private) the teacher is trained on the private split under DP-SGD on the discriminator
+(utils/dp.py, as in fine_tune.py): the ledger records the mechanism instead, and DP fine-tuning composes with it.
 """
 import os
 
@@ -10,9 +12,10 @@ from tqdm import tqdm
 
 from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, read_metrics, unwrapped_state_dict
-from utils.cli import (add_common_args, add_resume_arg, make_parser, positive_float, positive_int, resolve_device,
-                       run_script, set_seed)
+from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
+                       resolve_device, run_script, set_seed)
 from utils.data import EpochBatches, add_data_args, load_split
+from utils.dp import DPGANTrainer, add_dp_args, plot_epsilon
 from utils.gan import check_finite, discriminator_step, fixed_inputs, generate, generator_step
 from utils.plots import plot_curves, save_samples
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
@@ -23,7 +26,8 @@ STAGE = "teacher"
 
 def parse_args(argv=None):
     parser = make_parser(__doc__, "python train_teacher.py --epochs 30 --batch-size 128 --split public\n"
-                                  "  python train_teacher.py --max-steps 200 --desc quick   # a quick look")
+                                  "  python train_teacher.py --max-steps 200 --desc quick   # a quick look\n"
+                                  "  python train_teacher.py --dp --split private --target-epsilon 5   # DP teacher")
     add_data_args(parser, default_split="public")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=30)
@@ -37,6 +41,9 @@ def parse_args(argv=None):
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="steps between checkpoints (also at every epoch end)")
+    group.add_argument("--dp", action="store_true",
+                       help="train on the private split with DP-SGD on the discriminator (needs --split private)")
+    add_dp_args(parser, default_target_epsilon=5.0)
     add_common_args(parser)
     add_resume_arg(parser)
     return parser.parse_args(argv)
@@ -71,6 +78,8 @@ def train(args, run_dir, checkpoint, metrics, split, device):
     G, D = (m.to(device) for m in build_models(args, checkpoint, num_classes=10))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
+    if getattr(args, "dp", False):
+        return train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device)
     step, ledger = 0, new_ledger(split.partition)
     if checkpoint is not None:
         for name, opt in optimizers.items():
@@ -111,8 +120,30 @@ def train(args, run_dir, checkpoint, metrics, split, device):
     return run_dir
 
 
+def train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device):
+    """--dp: the DP GAN loop of utils/dp.py; the ledger records the DP-SGD mechanism, not a data read."""
+    ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
+    trainer = DPGANTrainer(stage=STAGE, run_name=os.path.basename(run_dir), G=G, D=D, g_optimizer=optimizers["g"],
+                           d_optimizer=optimizers["d"], split=split, ledger=ledger, args=args, device=device,
+                           checkpoint=checkpoint)
+
+    def save():
+        state = make_checkpoint(args, G, D, optimizers, trainer.step, trainer.rng, ledger, split)
+        save_run_checkpoint(run_dir, {**state, **trainer.checkpoint_state()})
+
+    trainer.run(metrics, save)
+    if checkpoint is not None and checkpoint["step"] == trainer.step:
+        save()
+    write_figures(run_dir, G, device)
+    plot_epsilon(run_dir, "DP teacher: privacy spent")
+    tqdm.write(f"teacher: {trainer.step} DP discriminator steps, run directory {run_dir}")
+    return run_dir
+
+
 def main(args):
-    desc = f"{args.dataset}-{args.split}"
+    desc = f"{args.dataset}-{args.split}" + ("-dp" if args.dp else "")
+    if args.dp and args.split != "private":
+        raise UserError("--dp trains the teacher on the private split under DP-SGD: add --split private")
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)

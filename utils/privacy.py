@@ -9,6 +9,9 @@ disjoint public split, or only generator outputs, is post-processing and appends
 import copy
 import math
 import sys
+import warnings
+
+import numpy as np
 
 from utils.cli import UserError
 
@@ -67,7 +70,15 @@ def compose_epsilon(accountant_history, delta: float, accountant: str = "prv") -
     """Epsilon of a list of (sigma, q, steps) mechanisms composed by one accountant; 0 for an empty list."""
     if not accountant_history:
         return 0.0
-    return float(make_accountant(accountant, accountant_history).get_epsilon(delta))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # PRV's numerics warn far from the target
+        warnings.simplefilter("ignore")
+        value = float(make_accountant(accountant, accountant_history).get_epsilon(delta))
+    return value if not math.isnan(value) else math.inf
+
+
+def is_private(ledger: dict) -> bool:
+    """False after any non-DP read of the private split: the total epsilon is then infinite."""
+    return not ledger["non_dp_reads"]
 
 
 def epsilon(ledger: dict, delta: float, accountant: str = "prv") -> float:
@@ -79,32 +90,64 @@ def epsilon(ledger: dict, delta: float, accountant: str = "prv") -> float:
 
 def calibrate_noise(prefix_history, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv", tolerance: float = 0.01) -> float:
-    """Smallest noise multiplier (to `tolerance` in epsilon) such that prefix + this mechanism <= target."""
+    """Smallest noise multiplier (to `tolerance` in epsilon) such that prefix + this mechanism <= target.
+
+    Epsilon falls monotonically with sigma and log(epsilon) is close to linear in log(sigma), so after bracketing
+    the target (doubling or halving sigma from 1; for PRV, steps of 15% from the RDP answer) a regula falsi on the
+    logs (Illinois variant, bisection where epsilon is infinite) needs a handful of accountant evaluations: PRV
+    takes seconds per evaluation.
+    """
     already = compose_epsilon(prefix_history, delta, accountant)
     if already >= target_epsilon:
         raise UserError(f"--target-epsilon {target_epsilon} is already spent: the earlier stages' epsilon is "
                         f"{already:.3f} (delta={delta}); choose a larger total target")
-
     cache = {}
 
-    def total(sigma):
-        if sigma not in cache:
-            cache[sigma] = compose_epsilon(list(prefix_history) + [(sigma, sample_rate, steps)], delta, accountant)
-        return cache[sigma]
+    def total(log_sigma):
+        if log_sigma not in cache:
+            mechanism = (math.exp(log_sigma), sample_rate, steps)
+            cache[log_sigma] = compose_epsilon(list(prefix_history) + [mechanism], delta, accountant)
+        return cache[log_sigma]
 
-    low, high = 0.0, 1.0
-    while total(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise UserError(f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps at q={sample_rate}")
-    # bisect: `high` always meets the target; stop once it is within `tolerance` of it or sigma is pinned down
-    while total(high) < target_epsilon - tolerance and high - low > 1e-3 * high:
-        middle = (low + high) / 2
-        if total(middle) > target_epsilon:
-            low = middle
+    def gap(log_sigma):  # > 0: too little noise
+        value = total(log_sigma)
+        return math.log(value / target_epsilon) if math.isfinite(value) else math.inf
+
+    start, factor = 0.0, 2.0
+    if accountant == "prv":  # bracket around the (fast) RDP answer: PRV is tighter, its sigma a little smaller
+        try:
+            start, factor = math.log(calibrate_noise(prefix_history, target_epsilon, delta, sample_rate, steps,
+                                                     "rdp", tolerance)), 1.15
+        except UserError:  # RDP cannot reach some small targets that PRV can
+            pass
+    low, high = _bracket(gap, start, math.log(factor), target_epsilon, steps, sample_rate)
+    f_low, f_high, side = gap(low), gap(high), 0
+    while total(high) < target_epsilon - tolerance and high - low > 1e-4:
+        x = (low * f_high - high * f_low) / (f_high - f_low) if math.isfinite(f_low) else (low + high) / 2
+        if not low < x < high:
+            x = (low + high) / 2
+        f_x = gap(x)
+        if f_x > 0:
+            low, f_low = x, f_x
+            f_high, side = (f_high / 2 if side == -1 else f_high), -1
         else:
-            high = middle
-    return high
+            high, f_high = x, f_x
+            f_low, side = (f_low / 2 if side == 1 else f_low), 1
+    return math.exp(high)
+
+
+def _bracket(gap, start, step, target_epsilon, steps, sample_rate):
+    """(log sigma too small, log sigma meeting the target), `step` apart, searched from `start`."""
+    high = start
+    while gap(high) > 0:
+        high += step
+        if high > math.log(1e4):
+            raise UserError(f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps at "
+                            f"q={sample_rate}")
+    low = high - step
+    while gap(low) <= 0:
+        low, high = low - step, low
+    return low, high
 
 
 def check_delta(delta: float, private_size: int):

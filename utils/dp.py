@@ -1,0 +1,363 @@
+"""DP-SGD on the discriminator: the one implementation behind `fine_tune.py` and `train_teacher.py --dp`.
+
+Privacy model (DESIGN section 4). Only the discriminator touches the private split, and only through DP-SGD with
+Opacus: Poisson sampling with expected batch B (sample rate q = B/N), per-sample clipping to C, Gaussian noise of
+standard deviation sigma * C. The generator is post-processing of the discriminator's released parameters.
+
+- Discriminator step (Opacus's DCGAN example): the real Poisson batch and as many fakes (latent vectors and
+  uniform random labels, never the real batch's labels) go through the wrapped discriminator, both losses are
+  added and one DP optimizer step follows. The per-sample gradient Opacus clips is that of the pair
+  (real i, fake i); the fakes depend only on the generator, so one private record still moves the clipped sum
+  by at most C. An empty Poisson batch still takes a noisy step (the accountant counts it).
+- Generator step: the discriminator's per-sample hooks are off, the unwrapped discriminator is called, the loss is
+  backpropagated into the generator's parameters only, and no accountant step is taken. The discriminator's
+  gradients are cleared at the start of every DP step.
+- Many discriminator steps per generator step (`--d-steps-per-g-step`, Bie, Kamath & Zhang 2023, who use 50-100
+  from scratch). Our default of 5 suits the short budget of fine-tuning a pre-trained compact generator, where
+  the generator needs to move a little on every pass over the data; raise it for training from scratch.
+- Step count: `epochs * int(1/q)` discriminator steps (`--max-steps` stops earlier). With `--target-epsilon` the
+  noise multiplier is calibrated for the whole planned run with the ledger's earlier mechanisms as a prefix, so the
+  composed total meets the target; `--max-steps` only stops early (epsilon then stays below the target).
+- Resume-exact: the Poisson sampler and the noise draw from their own `torch.Generator`s, saved in the checkpoint
+  with the accountant history. Batches are drawn from the sampler directly: a DataLoader iterator draws a seed from
+  the loader's generator (the sampler's) every time it starts, so a resumed run would drift.
+"""
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from utils.checkpoint import read_metrics, unwrapped_state_dict
+from utils.cli import UserError, open_unit_float, positive_float, positive_int
+from utils.data import SplitDataset
+from utils.gan import check_finite, d_loss, g_loss, random_inputs
+from utils.plots import plot_curves
+from utils.privacy import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
+                           compose_epsilon, epsilon, history, is_private, record_mechanism)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+# The fastest mode that clips exactly in benchmarks/bench_dp_step.py (results in benchmarks/results/).
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+DEFAULT_D_STEPS_PER_G_STEP = 5
+SAMPLER_SEED_OFFSET, NOISE_SEED_OFFSET = 7919, 104729  # the sampler's and the noise's seeds differ from --seed's
+
+
+def add_dp_args(parser, default_target_epsilon: float):
+    group = parser.add_argument_group("differential privacy (DP-SGD on the discriminator)")
+    noise = group.add_mutually_exclusive_group()
+    noise.add_argument("--target-epsilon", type=positive_float, default=default_target_epsilon,
+                       help="TOTAL epsilon after this stage, earlier stages' mechanisms included: the noise "
+                            "multiplier is calibrated to meet it over the planned run")
+    noise.add_argument("--noise-multiplier", type=positive_float, default=None,
+                       help="use this noise multiplier sigma instead of calibrating one to --target-epsilon")
+    group.add_argument("--delta", type=open_unit_float, default=1e-5, help="must be below 1/N of the private split")
+    group.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="per-sample clipping norm C")
+    group.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
+                       help="Opacus accountant composing every stage's mechanism (prv is tighter, rdp faster)")
+    group.add_argument("--d-steps-per-g-step", type=positive_int, default=DEFAULT_D_STEPS_PER_G_STEP,
+                       help="discriminator DP steps per generator step (Bie et al. 2023 use 50-100 from scratch)")
+    group.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=DEFAULT_GRAD_SAMPLE_MODE,
+                       help="how Opacus computes per-sample gradients (see benchmarks/bench_dp_step.py)")
+
+
+# ---------------------------------------------------------------- the plan: sample rate, steps, noise
+
+@dataclass
+class DPPlan:
+    sample_rate: float
+    steps_per_epoch: int
+    planned_steps: int  # epochs * steps_per_epoch: what the noise is calibrated for
+    noise_multiplier: float
+    calibrated: bool
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def earlier_history(ledger: dict, run: str = None) -> list:
+    """The accountant history of every mechanism in the ledger except run `run`'s own."""
+    return history({"mechanisms": [m for m in ledger["mechanisms"] if run is None or m["run"] != run]})
+
+
+def plan_run(args, split, ledger: dict, run: str = None) -> DPPlan:
+    """Check delta and the partition, and fix q, the number of steps and sigma (calibrated to the total target)."""
+    check_delta(args.delta, len(split))
+    check_same_partition(ledger, split)
+    if args.batch_size >= len(split):
+        raise UserError(f"--batch-size {args.batch_size} must be below the private split's size {len(split)}")
+    sample_rate = args.batch_size / len(split)
+    steps_per_epoch = int(1 / sample_rate)
+    planned = args.epochs * steps_per_epoch
+    if args.noise_multiplier is not None:
+        return DPPlan(sample_rate, steps_per_epoch, planned, float(args.noise_multiplier), False)
+    # after a non-DP read the total is infinite whatever we do: calibrate this stage's own mechanism alone
+    prefix = earlier_history(ledger, run) if is_private(ledger) else []
+    sigma = calibrate_noise(prefix, args.target_epsilon, args.delta, sample_rate, planned, args.accountant)
+    return DPPlan(sample_rate, steps_per_epoch, planned, float(sigma), True)
+
+
+# ---------------------------------------------------------------- the private discriminator
+
+class PrivateDiscriminator:
+    """A discriminator made private by Opacus, with its Poisson sampler over the private split."""
+
+    def __init__(self, D, optimizer, split, batch_size: int, noise_multiplier: float, max_grad_norm: float,
+                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE, accountant: str = "prv", seed: int = 0,
+                 device="cpu"):
+        from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
+        self.split, self.device, self.grad_sample_mode = split, torch.device(device), grad_sample_mode
+        self.sample_rate = batch_size / len(split)
+        self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
+        loader = DPDataLoader(SplitDataset(split), sample_rate=self.sample_rate, generator=self.sample_rng)
+        with warnings.catch_warnings():  # "Secure RNG turned off": stated in the model card (SECURE_RNG_NOTE)
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            self.engine = PrivacyEngine(accountant=accountant)
+        wrapped = self.engine.make_private(
+            module=D, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=False,  # the loader above already samples, seeded
+            noise_generator=self.noise_rng, grad_sample_mode=grad_sample_mode,
+            criterion=torch.nn.BCEWithLogitsLoss())
+        if grad_sample_mode == "ghost":
+            self.module, self.optimizer, self.criterion, self.loader = wrapped
+        else:
+            (self.module, self.optimizer, self.loader), self.criterion = wrapped, None
+        self.module.forbid_grad_accumulation()
+        self.optimizer.expected_batch_size = batch_size
+        # make_private derives q from len(loader) = int(1/q); the accountant gets the exact q = B/N
+        self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        self._indices = None
+
+    @property
+    def plain(self) -> torch.nn.Module:
+        """The discriminator itself, without Opacus's wrapper (its hooks still need `hooks_off`)."""
+        return self.module._module
+
+    @property
+    def history(self) -> list:
+        return [tuple(entry) for entry in self.engine.accountant.history]
+
+    @property
+    def steps(self) -> int:
+        return sum(entry[2] for entry in self.engine.accountant.history)
+
+    def next_batch(self):
+        """The next Poisson batch (images, labels) on the device; possibly empty."""
+        if self._indices is None:
+            self._indices = iter(self.loader.batch_sampler)
+        try:
+            indices = next(self._indices)
+        except StopIteration:  # one "epoch" of int(1/q) draws is over; the draws themselves are i.i.d.
+            self._indices = iter(self.loader.batch_sampler)
+            indices = next(self._indices)
+        images, labels = self.split.batch(torch.as_tensor(indices, dtype=torch.long))
+        return images.to(self.device), labels.to(self.device)
+
+    def rng_states(self) -> dict:
+        return {"sample": self.sample_rng.get_state(), "noise": self.noise_rng.get_state()}
+
+    def restore(self, accountant_history, rng_states: dict):
+        """Continue where a checkpoint stopped: the accountant's history (epsilon never restarts at 0), the
+        sampler's and the noise's generators."""
+        self.engine.accountant.history = [tuple(entry) for entry in accountant_history]
+        self.sample_rng.set_state(rng_states["sample"])
+        self.noise_rng.set_state(rng_states["noise"])
+
+    def loss(self, real_logits, fake_logits):
+        if self.criterion is None:
+            return d_loss(real_logits, fake_logits)
+        # ghost clipping needs its per-sample loss wrapper; BCE-with-logits to 1/0 is the same softplus loss
+        return (self.criterion(real_logits, torch.ones_like(real_logits))
+                + self.criterion(fake_logits, torch.zeros_like(fake_logits)))
+
+    def empty_step(self):
+        """A DP step on an empty Poisson batch: zero clipped sum, noise added, one accountant step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+
+
+@contextlib.contextmanager
+def hooks_off(module):
+    """Opacus's per-sample hooks off (as many modes as have them), back on afterwards."""
+    has_hooks = hasattr(module, "disable_hooks")
+    if has_hooks:
+        module.disable_hooks()
+    try:
+        yield
+    finally:
+        if has_hooks:
+            module.enable_hooks()
+
+
+# ---------------------------------------------------------------- the two steps
+
+def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fake_labels):
+    """Clear D's gradients, then real and fake through the wrapped D, one loss, one backward.
+
+    With Opacus's hooks (hooks, functorch) the per-sample gradients come from the hooks and the DP optimizer
+    overwrites D's ordinary `.grad`, so the backward targets the images instead: autograd then skips D's weight
+    gradients (about a fifth of the step), and the hooks still see every layer's output gradient.
+    """
+    pd.optimizer.zero_grad(set_to_none=True)
+    targets = None
+    if pd.grad_sample_mode in ("hooks", "functorch"):
+        real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
+        targets = [real, fake]
+    loss = pd.loss(pd.module(real, real_labels), pd.module(fake, fake_labels))
+    with warnings.catch_warnings():  # ew, ghost: the images need no gradient, harmless, said at every step
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward() if targets is None else loss.backward(inputs=targets)
+    return loss
+
+
+def discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng):
+    """One DP-SGD step of D on a Poisson batch and as many fresh fakes; the loss, or None for an empty batch."""
+    if len(real) == 0:
+        pd.empty_step()
+        return None
+    z, fake_labels = random_inputs(G, len(real), rng, real.device)
+    with torch.no_grad():
+        fake = G(z, fake_labels)
+    loss = discriminator_backward(pd, real, real_labels, fake, fake_labels)
+    pd.optimizer.step()
+    return loss.item()
+
+
+def generator_step(pd: PrivateDiscriminator, G, g_optimizer, batch_size: int, rng, device) -> float:
+    """One generator update against the current D: hooks off, gradients into G only, no accountant step."""
+    z, labels = random_inputs(G, batch_size, rng, device)
+    g_optimizer.zero_grad(set_to_none=True)
+    with hooks_off(pd.module):
+        loss = g_loss(pd.plain(G(z, labels), labels))
+        loss.backward(inputs=[p for p in G.parameters() if p.requires_grad])
+    g_optimizer.step()
+    return loss.item()
+
+
+# ---------------------------------------------------------------- the training loop
+
+def epsilon_fields(ledger: dict, plan: DPPlan, steps: int, delta: float, accountant: str) -> dict:
+    """Total epsilon (None when infinite: a non-DP read) and this stage's own, for metrics and reports."""
+    own_history = [(plan.noise_multiplier, plan.sample_rate, steps)] if steps else []
+    own = compose_epsilon(own_history, delta, accountant)
+    total = own if is_private(ledger) and history(ledger) == own_history else epsilon(ledger, delta, accountant)
+    return {"epsilon": total if math.isfinite(total) else None, "epsilon_stage": own}
+
+
+class DPGANTrainer:
+    """The DP GAN loop of a stage: D by DP-SGD on the private split, G every `d_steps_per_g_step` D steps.
+
+    `args` carries batch_size, epochs, max_steps, delta, max_grad_norm, accountant, d_steps_per_g_step,
+    grad_sample_mode, seed, log_every, checkpoint_every (and target_epsilon / noise_multiplier for the plan).
+    The ledger is updated in place (this run's mechanism, steps so far). With `checkpoint`, everything resumes.
+    """
+
+    def __init__(self, *, stage, run_name, G, D, g_optimizer, d_optimizer, split, ledger, args, device,
+                 checkpoint=None, plan: DPPlan = None):
+        self.stage, self.run_name, self.args, self.device = stage, run_name, args, device
+        self.G, self.D, self.g_optimizer, self.ledger = G, D, g_optimizer, ledger
+        if checkpoint is not None:
+            plan = DPPlan(**checkpoint["dp"]["plan"])
+            check_same_partition(ledger, split)
+        self.plan = plan or plan_run(args, split, ledger, run_name)
+        total = self.plan.planned_steps
+        self.total = total if args.max_steps is None else min(total, args.max_steps)
+        self.pd = PrivateDiscriminator(D, d_optimizer, split, args.batch_size, self.plan.noise_multiplier,
+                                       args.max_grad_norm, args.grad_sample_mode, args.accountant, args.seed, device)
+        self.rng = torch.Generator().manual_seed(args.seed)
+        self.step, self.losses, self.eps = 0, {}, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.record()
+
+    def _restore(self, checkpoint):
+        self.g_optimizer.load_state_dict(checkpoint["optimizers"]["g"])
+        self.pd.optimizer.load_state_dict(checkpoint["optimizers"]["d"])
+        self.pd.restore(checkpoint["dp"]["history"], checkpoint["rng"])
+        self.rng.set_state(checkpoint["rng"]["train"])
+        self.step, self.losses = checkpoint["step"], dict(checkpoint["dp"].get("losses", {}))
+
+    def record(self):
+        """This run's mechanism in the ledger, with the steps taken so far (from the accountant's history)."""
+        record_mechanism(self.ledger, self.stage, self.plan.noise_multiplier, self.plan.sample_rate, self.pd.steps,
+                         self.args.max_grad_norm, self.args.accountant, run=self.run_name)
+
+    def epsilon(self) -> dict:
+        self.record()
+        self.eps = epsilon_fields(self.ledger, self.plan, self.pd.steps, self.args.delta, self.args.accountant)
+        return self.eps
+
+    def describe_plan(self) -> str:
+        p, a = self.plan, self.args
+        how = (f"calibrated to a total epsilon of {a.target_epsilon}" if p.calibrated else "given")
+        if p.calibrated and not is_private(self.ledger):
+            how = f"calibrated to epsilon {a.target_epsilon} for this stage alone (the total is infinite)"
+        return (f"DP-SGD on the discriminator: sigma = {p.noise_multiplier:.4f} ({how}), q = {p.sample_rate:.5f} "
+                f"(expected batch {a.batch_size} of {len(self.pd.split)}), C = {a.max_grad_norm}, "
+                f"{p.planned_steps} planned D steps ({p.steps_per_epoch}/epoch), {a.d_steps_per_g_step} D steps per "
+                f"G step, delta = {a.delta:g}, {a.accountant.upper()} accountant, {a.grad_sample_mode} per-sample "
+                f"gradients. {SECURE_RNG_NOTE}")
+
+    def checkpoint_state(self) -> dict:
+        """The parts of a checkpoint this loop owns (the stage adds stage, args, model_args, generator, parent)."""
+        self.record()
+        return {"step": self.step, "discriminator": unwrapped_state_dict(self.pd.module),
+                "optimizers": {"g": self.g_optimizer.state_dict(), "d": self.pd.optimizer.state_dict()},
+                "rng": {"train": self.rng.get_state(), **self.pd.rng_states()},
+                "dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)},
+                "privacy": self.ledger}
+
+    def _one_step(self):
+        real, labels = self.pd.next_batch()
+        d_value = discriminator_step(self.pd, self.G, real, labels, self.rng)
+        self.step += 1
+        if d_value is not None:
+            self.losses["d_loss"] = d_value
+        if self.step % self.args.d_steps_per_g_step == 0:
+            self.losses["g_loss"] = generator_step(self.pd, self.G, self.g_optimizer, self.args.batch_size,
+                                                   self.rng, self.device)
+        check_finite(self.step, **self.losses)
+
+    def _postfix(self, progress):
+        eps = self.eps or {}
+        total = "inf" if eps.get("epsilon") is None else f"{eps['epsilon']:.3f}"
+        progress.set_postfix(epoch=(self.step - 1) // self.plan.steps_per_epoch if self.step else 0, eps=total,
+                             eps_stage=f"{eps.get('epsilon_stage', 0.0):.3f}",
+                             **{k: f"{v:.3f}" for k, v in self.losses.items()})
+
+    def run(self, metrics, save) -> int:
+        """Train to the planned (or --max-steps) number of D steps; `save()` writes a checkpoint."""
+        a, spe = self.args, self.plan.steps_per_epoch
+        tqdm.write(self.describe_plan())
+        self.epsilon()
+        progress = tqdm(total=self.total, initial=self.step, desc=self.stage, dynamic_ncols=True)
+        self._postfix(progress)
+        while self.step < self.total:
+            self._one_step()
+            progress.update(1)
+            epoch_end, last = self.step % spe == 0, self.step == self.total
+            record = {}
+            if epoch_end or last:
+                record = self.epsilon()
+                self._postfix(progress)
+            if record or self.step % a.log_every == 0:
+                metrics.append(step=self.step, epoch=(self.step - 1) // spe, **self.losses, **record)
+            if epoch_end or last or self.step % a.checkpoint_every == 0:
+                save()
+        progress.close()
+        return self.step
+
+
+def plot_epsilon(run_dir: str, title: str = "privacy spent"):
+    """`epsilon.png`: total and this stage's epsilon against discriminator steps, from metrics.jsonl."""
+    keys = ["epsilon", "epsilon_stage"]
+    records = [{k: v for k, v in r.items() if v is not None} for r in read_metrics(run_dir)]  # None: infinite
+    plot_curves(records, keys, os.path.join(run_dir, "epsilon.png"), title, ylabel="epsilon")
