@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 OUT ?= checkpoints
 
-.PHONY: setup data test pipeline clean-venv
+.PHONY: setup data test pipeline reproduce bench clean-venv
 
 setup: $(STAMP) data
 
@@ -26,8 +26,28 @@ data:
 test: setup
 	$(PY) -m pytest -q tests
 
+# Quick preset: all five stages and the evaluation on real Fashion-MNIST (public pre-training route, epsilon 10).
 pipeline: setup
-	$(PY) train_teacher.py --out $(OUT) --epochs 2 --max-steps 300 --desc quick
+	$(PY) train_teacher.py --out $(OUT) --batch-size 64 --max-steps 600 --desc quick
+	$(PY) create_dataset.py --out $(OUT) --num-samples 10000 --desc quick
+	$(PY) train_student.py --out $(OUT) --batch-size 64 --max-steps 300 --rho 0.05 --desc quick
+	$(PY) compress_student.py --out $(OUT) --desc quick
+	$(PY) fine_tune.py --out $(OUT) --batch-size 64 --epochs 0.25 --target-epsilon 10 --desc quick
+	$(PY) evaluate.py --out $(OUT) --quick
+	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
+
+# The original research settings (hours on 2 CPU cores; see README for the measured per-stage times).
+reproduce: setup
+	$(PY) train_teacher.py --out $(OUT) --epochs 30 --batch-size 128
+	$(PY) create_dataset.py --out $(OUT) --num-samples 200000
+	$(PY) train_student.py --out $(OUT) --epochs 20 --rho 0.01
+	$(PY) compress_student.py --out $(OUT)
+	$(PY) fine_tune.py --out $(OUT) --epochs 20 --target-epsilon 10
+	$(PY) evaluate.py --out $(OUT)
+
+bench: setup
+	$(PY) benchmarks/bench_compression.py --out $(OUT)
+	$(PY) benchmarks/bench_dp_step.py
 
 clean-venv:
 	rm -rf $(VENV)

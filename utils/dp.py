@@ -91,7 +91,7 @@ def plan_run(args, split, ledger: dict, run: str = None) -> DPPlan:
         raise UserError(f"--batch-size {args.batch_size} must be below the private split's size {len(split)}")
     sample_rate = args.batch_size / len(split)
     steps_per_epoch = int(1 / sample_rate)
-    planned = args.epochs * steps_per_epoch
+    planned = max(1, round(args.epochs * steps_per_epoch))
     if args.noise_multiplier is not None:
         return DPPlan(sample_rate, steps_per_epoch, planned, float(args.noise_multiplier), False)
     # after a non-DP read the total is infinite whatever we do: calibrate this stage's own mechanism alone
