@@ -15,11 +15,11 @@ from utils.checkpoint import build_discriminator, build_generator, read_metrics,
 from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
                        resolve_device, run_script, set_seed)
 from utils.data import EpochBatches, add_data_args, load_split
-from utils.dp import DPGANTrainer, add_dp_args, plot_epsilon
+from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
 from utils.gan import check_finite, discriminator_step, fixed_inputs, generate, generator_step
 from utils.plots import plot_curves, save_samples
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
-from utils.training import maybe_dry_run, open_run, rng_from, save_run_checkpoint
+from utils.training import maybe_dry_run, resume_args, rng_from, save_run_checkpoint, start_run
 
 STAGE = "teacher"
 
@@ -73,13 +73,13 @@ def write_figures(run_dir, G, device):
     plot_curves(read_metrics(run_dir), ["d_loss", "g_loss"], os.path.join(run_dir, "loss.png"), "teacher losses")
 
 
-def train(args, run_dir, checkpoint, metrics, split, device):
+def train(args, run_dir, checkpoint, metrics, split, device, plan=None):
     set_seed(args.seed)
     G, D = (m.to(device) for m in build_models(args, checkpoint, num_classes=10))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
     if getattr(args, "dp", False):
-        return train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device)
+        return train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device, plan)
     step, ledger = 0, new_ledger(split.partition)
     if checkpoint is not None:
         for name, opt in optimizers.items():
@@ -120,12 +120,12 @@ def train(args, run_dir, checkpoint, metrics, split, device):
     return run_dir
 
 
-def train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device):
+def train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device, plan=None):
     """--dp: the DP GAN loop of utils/dp.py; the ledger records the DP-SGD mechanism, not a data read."""
     ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
     trainer = DPGANTrainer(stage=STAGE, run_name=os.path.basename(run_dir), G=G, D=D, g_optimizer=optimizers["g"],
                            d_optimizer=optimizers["d"], split=split, ledger=ledger, args=args, device=device,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, plan=plan)
 
     def save():
         state = make_checkpoint(args, G, D, optimizers, trainer.step, trainer.rng, ledger, split)
@@ -147,9 +147,11 @@ def main(args):
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)
-    args, run_dir, checkpoint, metrics = open_run(args, STAGE, desc)
+    args, checkpoint = resume_args(args, STAGE)
     split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
-    return train(args, run_dir, checkpoint, metrics, split, device)
+    plan = plan_run(args, split, new_ledger(split.partition)) if args.dp and checkpoint is None else None
+    run_dir, metrics = start_run(args, STAGE, desc, checkpoint)  # only now, once the input is known to be good
+    return train(args, run_dir, checkpoint, metrics, split, device, plan)
 
 
 if __name__ == "__main__":

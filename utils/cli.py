@@ -61,10 +61,19 @@ open_unit_float = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 quant_bits = _checked(int, lambda v: 2 <= v <= 8 or v in (16, 32), "a bit width in 2-8, 16 or 32")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, description and examples kept as written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(description: str, example: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, epilog=f"example:\n  {example}",
-                                   formatter_class=type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
-                                                                      argparse.RawDescriptionHelpFormatter), {}))
+    return OneLineParser(description=description, epilog=f"example:\n  {example}", formatter_class=_Formatter)
 
 
 def add_common_args(parser: argparse.ArgumentParser):

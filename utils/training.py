@@ -13,20 +13,37 @@ from utils.cli import print_config
 RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run")
 
 
-def open_run(args: argparse.Namespace, stage: str, desc: str):
-    """(args, run_dir, checkpoint or None, metrics log). With --resume, the saved args of that run are used."""
-    if args.resume:
-        path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
-        checkpoint = load_checkpoint(path, stage)
-        saved = dict(checkpoint["args"])
-        saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES if hasattr(args, key)})
-        args = argparse.Namespace(**saved)
+def resume_args(args: argparse.Namespace, stage: str):
+    """(args, checkpoint): with --resume, the run's saved args (but RESUME_OVERRIDES) and its last checkpoint;
+    otherwise (args, None). Touches nothing on disk, so bad input can be refused before a run directory exists."""
+    if not args.resume:
+        return args, None
+    path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
+    checkpoint = load_checkpoint(path, stage)
+    saved = dict(checkpoint["args"])
+    # the command line wins for RESUME_OVERRIDES, except --max-steps left unset: the run keeps its own stop
+    saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES
+                  if hasattr(args, key) and not (key == "max_steps" and args.max_steps is None)})
+    return argparse.Namespace(**saved), checkpoint
+
+
+def start_run(args: argparse.Namespace, stage: str, desc: str, checkpoint=None):
+    """(run_dir, metrics log): a new numbered run directory with args.json, or the resumed run's directory with
+    its metrics cut back to the checkpoint's step."""
+    if checkpoint is not None:
         metrics = MetricsLog(checkpoint["run_dir"])
         metrics.truncate_after(checkpoint["step"])
-        return args, checkpoint["run_dir"], checkpoint, metrics
+        return checkpoint["run_dir"], metrics
     run_dir = new_run_dir(args.out, stage, args.desc or desc)
     write_json(os.path.join(run_dir, "args.json"), vars(args))
-    return args, run_dir, None, MetricsLog(run_dir)
+    return run_dir, MetricsLog(run_dir)
+
+
+def open_run(args: argparse.Namespace, stage: str, desc: str):
+    """(args, run_dir, checkpoint or None, metrics log): `resume_args` then `start_run`."""
+    args, checkpoint = resume_args(args, stage)
+    run_dir, metrics = start_run(args, stage, desc, checkpoint)
+    return args, run_dir, checkpoint, metrics
 
 
 def maybe_dry_run(args) -> bool:
