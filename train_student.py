@@ -24,7 +24,7 @@ from utils.gan import check_finite, d_loss, fixed_inputs, g_loss, generate
 from utils.plots import plot_curves, sample_grid, save_side_by_side
 from utils.privacy import inherit, warn_if_not_private
 from utils.slimming import enforce_dead, gamma_parameters, other_parameters, proximal_step
-from utils.training import maybe_dry_run, open_run, save_run_checkpoint
+from utils.training import batches_from, checkpoint_due, maybe_dry_run, open_run, save_run_checkpoint
 
 STAGE = "student"
 DISTILL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
@@ -216,22 +216,16 @@ def train(args, run_dir, checkpoint, metrics, inputs, device):
     if step == 0:
         metrics.append(step=0, active_channels=G.active_channels())
     progress = tqdm(total=total, initial=step, desc="student", dynamic_ncols=True)
-    while step < total:
-        epoch, start = divmod(step, len(batches))
-        for batch in batches.epoch(epoch, start):
-            losses = train_step(G, D, optimizers, [t.to(device) for t in batch], args.beta, args.rho,
-                                args.distill_loss)
-            check_finite(step + 1, **losses)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, distill=f"{losses['distill_loss']:.3f}",
-                                 active=sum(G.active_channels()))
-            if step % args.log_every == 0 or step == total:
-                metrics.append(step=step, epoch=epoch, **losses, active_channels=G.active_channels())
-            if step % args.checkpoint_every == 0 or step % len(batches) == 0 or step == total:
-                save()
-            if step >= total:
-                break
+    for epoch, batch in batches_from(batches, step, total):
+        losses = train_step(G, D, optimizers, [t.to(device) for t in batch], args.beta, args.rho, args.distill_loss)
+        check_finite(step + 1, **losses)
+        step += 1
+        progress.update(1)
+        progress.set_postfix(epoch=epoch, distill=f"{losses['distill_loss']:.3f}", active=sum(G.active_channels()))
+        if step % args.log_every == 0 or step == total:
+            metrics.append(step=step, epoch=epoch, **losses, active_channels=G.active_channels())
+        if checkpoint_due(step, total, len(batches), args.checkpoint_every):
+            save()
     progress.close()
     if checkpoint is not None and checkpoint["step"] == step:
         save()  # nothing left to do, but make sure `latest` points here

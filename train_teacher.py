@@ -19,7 +19,8 @@ from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
 from utils.gan import check_finite, discriminator_step, fixed_inputs, generate, generator_step
 from utils.plots import plot_curves, save_samples
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
-from utils.training import maybe_dry_run, resume_args, rng_from, save_run_checkpoint, start_run
+from utils.training import (batches_from, checkpoint_due, maybe_dry_run, resume_args, rng_from,
+                            save_run_checkpoint, start_run)
 
 STAGE = "teacher"
 
@@ -96,22 +97,18 @@ def train(args, run_dir, checkpoint, metrics, split, device, plan=None):
         save_run_checkpoint(run_dir, make_checkpoint(args, G, D, optimizers, step, rng, ledger, split))
 
     progress = tqdm(total=total, initial=step, desc="teacher", dynamic_ncols=True)
-    while step < total:
-        epoch, start = divmod(step, len(batches))
-        for real, labels in batches.epoch(epoch, start):
-            real, labels = real.to(device), labels.to(device)
-            d_value = discriminator_step(G, D, optimizers["d"], real, labels, rng)
-            g_value = generator_step(G, D, optimizers["g"], len(real), rng, device)
-            check_finite(step + 1, d_loss=d_value, g_loss=g_value)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, d_loss=f"{d_value:.3f}", g_loss=f"{g_value:.3f}")
-            if step % args.log_every == 0 or step == total:
-                metrics.append(step=step, epoch=epoch, d_loss=d_value, g_loss=g_value)
-            if step % args.checkpoint_every == 0 or step % len(batches) == 0 or step == total:
-                save()
-            if step >= total:
-                break
+    for epoch, (real, labels) in batches_from(batches, step, total):
+        real, labels = real.to(device), labels.to(device)
+        d_value = discriminator_step(G, D, optimizers["d"], real, labels, rng)
+        g_value = generator_step(G, D, optimizers["g"], len(real), rng, device)
+        check_finite(step + 1, d_loss=d_value, g_loss=g_value)
+        step += 1
+        progress.update(1)
+        progress.set_postfix(epoch=epoch, d_loss=f"{d_value:.3f}", g_loss=f"{g_value:.3f}")
+        if step % args.log_every == 0 or step == total:
+            metrics.append(step=step, epoch=epoch, d_loss=d_value, g_loss=g_value)
+        if checkpoint_due(step, total, len(batches), args.checkpoint_every):
+            save()
     progress.close()
     if checkpoint is not None and checkpoint["step"] == step:
         save()  # nothing left to do, but make sure `latest` points here

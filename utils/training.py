@@ -65,3 +65,20 @@ def rng_from(checkpoint, key: str, seed: int) -> torch.Generator:
     if checkpoint is not None and key in checkpoint.get("rng", {}):
         rng.set_state(checkpoint["rng"][key])
     return rng
+
+
+def batches_from(batches, step: int, total: int):
+    """(epoch, batch) from optimiser step `step` up to `total`: a resumed run sees the same batches in the same
+    order as an uninterrupted one (the epoch order comes from the epoch number, not from saved state)."""
+    while step < total:
+        epoch, start = divmod(step, len(batches))
+        for batch in batches.epoch(epoch, start):
+            yield epoch, batch
+            step += 1
+            if step >= total:
+                return
+
+
+def checkpoint_due(step: int, total: int, steps_per_epoch: int, every: int) -> bool:
+    """Checkpoint every `every` steps, at each epoch end and at the last step."""
+    return step % every == 0 or step % steps_per_epoch == 0 or step == total
