@@ -131,7 +131,8 @@ def test_resume_keeps_epsilon_and_equals_uninterrupted(tiny_data_root, tmp_path,
     partial_dir = run_fine_tune(tiny_data_root, out, "--noise-multiplier", "1.0", "--max-steps", "5")
     partial = load_checkpoint(partial_dir, "private")
     assert partial["step"] == 5 and partial["privacy"]["mechanisms"][0]["steps"] == 5
-    resumed_dir = fine_tune.main(fine_tune.parse_args(["--out", str(out), "--resume", partial_dir]))
+    # a resumed run keeps its own --max-steps unless it is given again
+    resumed_dir = fine_tune.main(fine_tune.parse_args(["--out", str(out), "--resume", partial_dir, "--max-steps", "12"]))
     assert resumed_dir == partial_dir
     resumed = load_checkpoint(resumed_dir, "private")
     assert resumed["step"] == 12 and resumed["dp"]["history"] == [(1.0, 32 / 400, 12)]
