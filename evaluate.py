@@ -36,7 +36,6 @@ from utils.checkpoint import (build_generator, latest_run, load_checkpoint, mark
                               write_json)
 from utils.cli import (UserError, add_common_args, make_parser, positive_float, positive_int,  # noqa: E402
                        resolve_device, run_script, set_seed)
-from utils.cost import count_macs, count_parameters, measure_speed  # noqa: E402
 from utils.data import add_data_args, load_split, to_unit_range  # noqa: E402
 from utils.gan import fixed_inputs, generate  # noqa: E402
 from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc,  # noqa: E402
@@ -48,7 +47,7 @@ from utils.training import maybe_dry_run  # noqa: E402
 
 STAGE = "eval"
 GENERATOR_STAGES = ("teacher", "student", "compact", "private")
-COST_KEYS = ("params", "macs", "bytes", "latency_ms", "images_per_s")
+COST_KEYS = ("parameters", "macs", "bytes", "latency_ms", "images_per_s")
 PRESETS = {
     "full": {"num_fd_samples": 10000, "num_downstream_samples": 60000, "classifier_epochs": 3,
              "audit_samples": 10000, "audit_members": 1000, "latency_repeats": 50, "throughput_repeats": 10},
@@ -187,10 +186,8 @@ def device_cost(G, run_dir: str, args) -> dict:
         size, source, run = os.path.getsize(path), f"artifact {os.path.basename(path)}", deploy.folded(model)
     else:
         size, source, run = deploy.state_dict_bytes(model), "state dict", None
-    speed = measure_speed(model, run=run, latency_repeats=args.latency_repeats,
-                          throughput_repeats=args.throughput_repeats)
-    return {"params": count_parameters(model), "macs": count_macs(model), "bytes": size, "bytes_source": source,
-            **speed}
+    speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats}
+    return {**deploy.cost_row(model, size, run=run, speed=speed), "bytes_source": source}
 
 
 def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
@@ -288,7 +285,7 @@ TABLE_COLUMNS = ("stage", "run", "params", "MACs", "bytes on disk", "latency ms 
 
 
 def table_row(row) -> list:
-    return [row["label"], row["run"], human(row["params"]), human(row["macs"]),
+    return [row["label"], row["run"], human(row["parameters"]), human(row["macs"]),
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
             f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in COST_KEYS), f"{row['fd']:.2f}",
             f"{100 * row['downstream_accuracy']:.1f}%", format_epsilon(row), f"{row['delta']:g}",

@@ -142,11 +142,11 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert rows["compact"]["run_dir"] == os.path.realpath(compact_dir)
     for row in rows.values():
         assert math.isfinite(row["fd"]) and 0 <= row["downstream_accuracy"] <= 1 and 0 <= row["mia_auc"] <= 1
-        assert row["params"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
-    assert rows["teacher"]["vs_teacher"]["params"] == 1.0 and rows["teacher"]["bytes_source"] == "state dict"
+        assert row["parameters"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
+    assert rows["teacher"]["vs_teacher"]["parameters"] == 1.0 and rows["teacher"]["bytes_source"] == "state dict"
     artifact = os.path.join(compact_dir, deploy.ARTIFACT_NAME)
     assert rows["compact"]["bytes"] == os.path.getsize(artifact) and "artifact" in rows["compact"]["bytes_source"]
-    assert rows["compact"]["vs_teacher"]["params"] < 1.0
+    assert rows["compact"]["vs_teacher"]["parameters"] < 1.0
     assert rows["teacher"]["epsilon"] == 0.0 and rows["compact"]["epsilon"] == "inf"
     assert 0 <= results["reference_classifier"]["test_accuracy"] <= 1
     assert os.path.isfile(results["reference_classifier"]["path"])
