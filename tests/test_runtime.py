@@ -211,3 +211,11 @@ def test_write_runtime_files_says_why_16_bit_has_none(tmp_path):
     report = runtime.write_runtime_files(Generator(channels=(4, 4, 4), bits=16).eval(), str(tmp_path))
     assert report["runtime_artifact"] is None and "16-bit" in report["runtime_note"]
     assert os.listdir(tmp_path) == []
+
+
+def test_runtime_forward_takes_and_returns_tensors(artifacts):
+    model, path = artifacts[4]
+    z, labels = model.sample_inputs(9, generator=torch.Generator().manual_seed(5))
+    images = runtime.runtime_forward(path, threads=1)(z, labels)
+    with torch.no_grad():
+        assert isinstance(images, torch.Tensor) and (images - model(z, labels)).abs().max() <= runtime.TOLERANCE

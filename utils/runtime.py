@@ -375,3 +375,13 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
 def ort_version() -> str:
     import onnxruntime
     return onnxruntime.__version__
+
+
+def runtime_forward(path: str, threads: int = None):
+    """The artifact behind the generator's calling convention: run(z, labels) -> images, torch tensors in and out
+    (for evaluating the samples of what ships with the same code as a torch generator's)."""
+    session = load_session(path, threads or torch.get_num_threads())
+
+    def run(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(generate(session, z.cpu().numpy(), labels.cpu().numpy())).to(z.device)
+    return run
