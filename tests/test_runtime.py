@@ -219,3 +219,11 @@ def test_runtime_forward_takes_and_returns_tensors(artifacts):
     images = runtime.runtime_forward(path, threads=1)(z, labels)
     with torch.no_grad():
         assert isinstance(images, torch.Tensor) and (images - model(z, labels)).abs().max() <= runtime.TOLERANCE
+
+
+def test_runtime_cost_row_of_a_model_without_a_file():
+    teacher = Generator(channels=(8, 4, 4), bits=32).eval()
+    row = runtime.runtime_cost_row(teacher, speed={"latency_repeats": 1, "throughput_repeats": 1,
+                                                   "throughput_batch": 4}, threads=1)
+    assert row["parameters"] == count_parameters(teacher) and row["macs"] == count_macs(teacher)
+    assert abs(row["bytes"] - runtime.expected_bytes(teacher)) / row["bytes"] < 0.1 and row["images_per_s"] > 0

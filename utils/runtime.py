@@ -37,6 +37,7 @@ import dataclasses
 import math
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import onnx
@@ -385,3 +386,18 @@ def runtime_forward(path: str, threads: int = None):
     def run(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(generate(session, z.cpu().numpy(), labels.cpu().numpy())).to(z.device)
     return run
+
+
+def runtime_cost_row(model: Generator, path: str = None, speed: dict = None, threads: int = None) -> dict:
+    """`utils.deploy.cost_row`'s columns for the artifact as it runs in ONNX Runtime: parameters and MACs of
+    `model`, bytes of the file at `path`, latency and throughput in the runtime (with `speed`). Without `path` the
+    artifact of `model` is written to a temporary folder first (e.g. the float teacher, for a same-runtime
+    comparison)."""
+    from utils.cost import count_macs, count_parameters
+    if path is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, RUNTIME_NAME)
+            save_runtime_artifact(model, path)
+            return runtime_cost_row(model, path, speed, threads)
+    return {"parameters": count_parameters(model), "macs": count_macs(model),
+            **runtime_cost(path, threads, speed)}
