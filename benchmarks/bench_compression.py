@@ -1,12 +1,14 @@
 """Benchmark: the compact generator against the float teacher, measured in one run on one machine.
 
-Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and the bytes of the integer artifact
-against the teacher generator's float32 state dict. Either for a compact run of the pipeline (default: the latest
+Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and bytes on disk, of what ships: the
+on-device artifact `generator.onnx` run by ONNX Runtime (utils/runtime.py), beside the compact model in eager
+torch (bytes: the integer artifact `generator_int.pt`) and `generator.pt2` (a float debugging export: its weights
+are stored as floats), against the teacher generator in eager torch (float32 state dict) and in ONNX Runtime. Either for a compact run of the pipeline (default: the latest
 under --out; its teacher comes from the run's lineage, or a float Generator of --teacher-widths stands in), or for
 a synthetic compact model of the given widths (--synthetic-widths: random weights, no pipeline run needed; cost
 does not depend on the weights) to see which widths meet the goals:
 
-    artifact bytes <= 1/20 of the teacher's float bytes, throughput >= 4x the teacher's.
+    runtime artifact bytes <= 1/20 of the teacher's float bytes, throughput >= 4x the teacher's (eager torch).
 
 Prints a table and writes JSON to benchmarks/results/ (git-ignored).
 """
@@ -30,6 +32,7 @@ from utils.cli import (UserError, add_common_args, make_parser, nonnegative_int,
 from utils.cost import measure_speed  # noqa: E402
 from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
                           format_table, load_program, save_artifact, state_dict_bytes)
+from utils.runtime import RUNTIME_NAME, runtime_forward, save_runtime_artifact  # noqa: E402
 from utils.training import maybe_dry_run  # noqa: E402
 
 BYTES_GOAL = 1 / 20  # artifact bytes / teacher float bytes
@@ -83,9 +86,11 @@ def run_models(args):
 
 
 def deploy_files(compact, run_dir, scratch):
-    """Paths of the integer artifact and exported program: the run's own, or written to `scratch`."""
+    """Paths of the integer artifact, exported program and runtime artifact: the run's own, or written to
+    `scratch` (also the teacher's runtime artifact, for the same-runtime comparison)."""
     paths = {}
-    for name, write in ((ARTIFACT_NAME, save_artifact), (PROGRAM_NAME, export_program)):
+    for name, write in ((ARTIFACT_NAME, save_artifact), (PROGRAM_NAME, export_program),
+                        (RUNTIME_NAME, save_runtime_artifact)):
         path = os.path.join(run_dir, name) if run_dir else None
         if path is None or not os.path.isfile(path):
             path = os.path.join(scratch, name)
@@ -94,13 +99,25 @@ def deploy_files(compact, run_dir, scratch):
     return paths
 
 
+def teacher_runtime_file(teacher, scratch) -> str:
+    path = os.path.join(scratch, "teacher.onnx")
+    save_runtime_artifact(teacher, path)
+    return path
+
+
 def measure(args, compact, teacher, paths) -> dict:
     """Cost rows; the timings are medians over `--rounds` rounds that each time every model in turn, so that a
     change of machine load during the run hits all models alike."""
     artifact_bytes = os.path.getsize(paths[ARTIFACT_NAME])
+    threads = torch.get_num_threads()
     runs = {"teacher": (teacher, teacher, state_dict_bytes(teacher)),
-            "compact (pt2)": (compact, load_program(paths[PROGRAM_NAME]), artifact_bytes),
-            "compact (eager)": (compact, folded(compact), artifact_bytes)}
+            "teacher (ONNX Runtime)": (teacher, runtime_forward(paths["teacher"], threads),
+                                       os.path.getsize(paths["teacher"])),
+            "compact (ONNX Runtime)": (compact, runtime_forward(paths[RUNTIME_NAME], threads),
+                                       os.path.getsize(paths[RUNTIME_NAME])),
+            "compact (eager)": (compact, folded(compact), artifact_bytes),
+            "compact (pt2, float debug export)": (compact, load_program(paths[PROGRAM_NAME]),
+                                                  os.path.getsize(paths[PROGRAM_NAME]))}
     rows = {name: cost_row(model, size) for name, (model, _, size) in runs.items()}
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
              "throughput_batch": args.throughput_batch}
@@ -116,7 +133,7 @@ def measure(args, compact, teacher, paths) -> dict:
 
 
 def goals(rows: dict) -> dict:
-    compact = rows["compact (pt2)"]["vs_teacher"]
+    compact = rows["compact (ONNX Runtime)"]["vs_teacher"]
     result = {"bytes_ratio": compact["bytes"], "bytes_goal": BYTES_GOAL,
               "throughput_ratio": compact["images_per_s"], "throughput_goal": SPEEDUP_GOAL}
     result["bytes_ok"] = result["bytes_ratio"] <= BYTES_GOAL
@@ -132,7 +149,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     compact, teacher, source, run_dir = synthetic_models(args) if args.synthetic_widths else run_models(args)
     with tempfile.TemporaryDirectory() as scratch:
-        paths = deploy_files(compact, run_dir, scratch)
+        paths = {**deploy_files(compact, run_dir, scratch), "teacher": teacher_runtime_file(teacher, scratch)}
         rows = measure(args, compact, teacher, paths)
         program_bytes = os.path.getsize(paths[PROGRAM_NAME])
     result = {"source": source, "compact_widths": list(compact.channels), "bits": compact.bits,
@@ -143,8 +160,8 @@ def main(args):
     print(f"teacher: {source['teacher']}\ncompact: {source['compact']}")
     print(format_table(rows))
     g = result["goals"]
-    print(f"artifact / teacher float bytes = {g['bytes_ratio']:.4f} (goal <= {BYTES_GOAL:.3f}: "
-          f"{'met' if g['bytes_ok'] else 'MISSED'}); throughput = {g['throughput_ratio']:.2f}x the teacher "
+    print(f"{RUNTIME_NAME} / teacher float bytes = {g['bytes_ratio']:.4f} (goal <= {BYTES_GOAL:.3f}: "
+          f"{'met' if g['bytes_ok'] else 'MISSED'}); ONNX Runtime throughput = {g['throughput_ratio']:.2f}x the teacher "
           f"(goal >= {SPEEDUP_GOAL:g}x: {'met' if g['throughput_ok'] else 'MISSED'})")
     os.makedirs(args.results_dir, exist_ok=True)
     tag = "synthetic-{}-{}-{}".format(*compact.channels) if args.synthetic_widths else "run"
