@@ -206,4 +206,4 @@ def test_pareto_front_of_the_sweep():
     base = {"bytes": 100, "latency_ms": 1.0, "images_per_s": 10.0, "fd": 20.0, "downstream_accuracy": 0.7}
     rows = [dict(base), {**base, "bytes": 50}, {**base, "bytes": 50, "fd": 30.0}, {**base, "bytes": 200, "fd": 10.0},
             {**base, "bytes": 200, "fd": 25.0}]
-    assert bench.pareto_flags(rows) == [False, True, True, True, False]
+    assert bench.pareto_flags(rows) == [False, True, False, True, False]
