@@ -86,7 +86,7 @@ def test_integer_weights_inside_and_only_blocks_0_and_to_image_in_float(artifact
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_file_size_is_parameters_times_bits_plus_scales(tmp_path, bits):
-    model = Generator(channels=(32, 16, 8), bits=bits).eval()
+    model = Generator(channels=(64, 32, 16), bits=bits).eval()
     size = runtime.save_runtime_artifact(model, str(tmp_path / "g.onnx"))
     weights = sum(conv.weight.numel() for conv in [b.conv for b in model.blocks()] + [model.to_image])
     assert weights > 0.97 * count_parameters(model)

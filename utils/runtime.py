@@ -17,10 +17,12 @@ arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
 * block1 and block2 (4x4 transposed convs, stride 2; ONNX Runtime's CPU provider has no integer transposed conv)
   are rewritten exactly as sub-pixel convolutions: one QLinearConv with 2x2 kernels and 4x the output channels
   (each of the 16 taps of the transposed kernel lands in exactly one of 4 phases), DepthToSpace, and a one-pixel
-  crop. uint8 activations x int8 weights, int32 accumulation, requantised straight to the next activation.
+  crop. Integer products, int32 accumulation, requantised straight to the next activation. The weights run as
+  uint8 (q + 128, zero point 128): with int8 weights, ONNX Runtime's x86 kernels without VNNI add pairs of uint8 x
+  int8 products in saturating int16 (255 x 127 x 2 > 32767), which moved activations of full-range weights.
   The folded bias is an int32 on the accumulator's grid (activation step x weight scale); to make that grid finer,
-  weights of fewer than 8 bits are multiplied by K = 127 // qmax (`weight_multiplier`; 18 at 4 bits) when the
-  session loads, and their scale divided by K.
+  each channel's weights are multiplied by K = 127 // max |q| (`weight_multipliers`; >= 18 at 4 bits) when the
+  session loads, and its scale divided by K.
 * block0 (the latent vector is a float input) and to_image (its output is a float image) run in float: their
   integer weights are cast to float once when the session loads (Cast of an initializer is constant-folded), and
   the per-channel scale multiplies the matmul / conv output.
@@ -45,7 +47,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from models import Generator
-from models.quant import ACT_RANGE, weight_qmax, weight_to_int
+from models.quant import ACT_RANGE, weight_to_int
 from utils.ort_runner import generate, load_session, measure_speed
 
 RUNTIME_NAME = "generator.onnx"
@@ -54,7 +56,7 @@ FORMAT = "device-gan-generator-onnx"
 OPSET = 21  # INT4 initializers and Cast from INT4
 TOLERANCE = 0.05  # max |runtime - compact| over the verification samples, images in [-1, 1] (see verify_runtime)
 FLOAT_LAYERS = ("block0", "to_image")  # integer weights, float arithmetic (see the module docstring)
-INTEGER_LAYERS = ("block1", "block2")  # QLinearConv: uint8 x int8 -> int32
+INTEGER_LAYERS = ("block1", "block2")  # QLinearConv: uint8 x uint8 (zero point 128) -> int32
 
 
 def supports(bits: int) -> bool:
@@ -174,35 +176,43 @@ def _block0(g: _Graph, x: str, folded: FoldedConv, name: str = "block0") -> str:
     return _quantize_activation(g, y, name)
 
 
-def weight_multiplier(bits: int) -> int:
-    """K: the integer weights are multiplied by K (still int8) and their scale divided by K, which leaves the
-    weights unchanged but makes the int32 bias's grid (one unit = activation step x weight scale) K times finer.
-    127 // (2^(bits-1) - 1): 1 at 8 bits, 18 at 4 bits."""
-    return max(1, 127 // weight_qmax(bits))
+def weight_multipliers(ints: np.ndarray) -> np.ndarray:
+    """K per output channel of a (out, ...) integer kernel: the integers are multiplied by K (still within int8)
+    and their scale divided by K, which leaves the weights unchanged but makes the int32 bias's grid (one unit =
+    activation step x weight scale) K times finer. K = 127 // max |q| of the channel: 1 for a full 8-bit channel,
+    >= 18 at 4 bits, and large where the student's scale came from a weight of a removed input channel."""
+    max_abs = np.abs(ints).reshape(len(ints), -1).max(axis=1)
+    return 127 // np.maximum(max_abs, 1).astype(np.int64)
 
 
-def _runtime_int8_weight(g: _Graph, ints: np.ndarray, name: str) -> str:
-    """The stored integers (INT8 or INT4) as the int8 tensor QLinearConv reads: times K, computed once when the
-    session loads (constant folding of Cast and Mul on an initializer)."""
-    weight, multiplier = g.int_weight(f"{name}.weight_int", ints), weight_multiplier(g.bits)
-    if multiplier == 1 and g.bits > 4:
-        return weight
-    wide = g.node("Cast", [weight], f"{name}.weight_int32", to=TensorProto.INT32)
-    wide = g.node("Mul", [wide, g.const(f"{name}.multiplier", np.int32(multiplier))], f"{name}.weight_scaled")
-    return g.node("Cast", [wide], f"{name}.weight", to=TensorProto.INT8)
+WEIGHT_OFFSET = 128  # QLinearConv reads the weights as uint8 K * q + 128, zero point 128 (see the docstring)
+
+
+def _runtime_weight(g: _Graph, ints: np.ndarray, multipliers: np.ndarray, name: str) -> str:
+    """The stored integers (INT8 or INT4) as the uint8 tensor QLinearConv reads, K * q + 128, computed once when
+    the session loads (constant folding of Cast, Mul and Add on initializers)."""
+    wide = g.node("Cast", [g.int_weight(f"{name}.weight_int", ints)], f"{name}.weight_int32", to=TensorProto.INT32)
+    k = g.node("Cast", [g.const(f"{name}.multiplier", multipliers.astype(np.uint8).reshape(-1, 1, 1, 1))],
+               f"{name}.multiplier_int32", to=TensorProto.INT32)
+    wide = g.node("Mul", [wide, k], f"{name}.weight_scaled")
+    wide = g.node("Add", [wide, g.const(f"{name}.offset", np.int32(WEIGHT_OFFSET))], f"{name}.weight_offset")
+    return g.node("Cast", [wide], f"{name}.weight", to=TensorProto.UINT8)
 
 
 def _qlinear_block(g: _Graph, x: str, folded: FoldedConv, name: str) -> str:
-    """uint8 activation -> uint8 activation through the sub-pixel QLinearConv (see `subpixel_kernel`): uint8 x int8
+    """uint8 activation -> uint8 activation through the sub-pixel QLinearConv (see `subpixel_kernel`): integer
     products summed in int32 with an int32 bias, requantised straight to the next activation's step."""
-    scale = np.tile(folded.scale, 4) / weight_multiplier(g.bits)
+    kernel = subpixel_kernel(folded.ints)
+    multipliers = np.tile(weight_multipliers(folded.ints.transpose(1, 0, 2, 3)), 4)
+    scale = np.tile(folded.scale, 4) / multipliers
     bias = np.rint(np.tile(folded.bias, 4) / (g.step * scale))
     if np.abs(bias).max(initial=0) >= 2 ** 31 - 1:
         raise ValueError(f"{name}: a folded bias does not fit int32 at this weight scale")
     step, zero = g.const(f"{name}.step", np.float32(g.step)), g.const(f"{name}.zero", np.uint8(0))
-    inputs = [x, step, zero, _runtime_int8_weight(g, subpixel_kernel(folded.ints), name),
-              g.const(f"{name}.scale", scale.astype(np.float32)),
-              g.const(f"{name}.weight_zero", np.zeros(len(scale), np.int8)), step, zero,
+    weight_zero = np.full(len(scale), WEIGHT_OFFSET, np.uint8)
+    inputs = [x, step, zero, _runtime_weight(g, kernel, multipliers, name),
+              g.const(f"{name}.scale", scale.astype(np.float32)), g.const(f"{name}.weight_zero", weight_zero),
+              step, zero,
               g.const(f"{name}.bias", bias.astype(np.int32))]
     y = g.node("QLinearConv", inputs, f"{name}.phases", kernel_shape=[2, 2], pads=[1, 1, 1, 1])
     if g.bits < 8:
