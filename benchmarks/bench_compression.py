@@ -24,7 +24,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import QUANT_BITS, Generator  # noqa: E402
-from utils.checkpoint import build_generator, latest_run, load_checkpoint, write_json  # noqa: E402
+from utils.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import (UserError, add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
                        run_script, set_seed)
 from utils.cost import measure_speed  # noqa: E402

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every stage script (DESIGN section 3).
+"""Command-line conventions shared by every script (docs/DESIGN.md, "Scripts and the command line").
 
 `UserError` is a problem with the user's input (a path, a checkpoint, a number): `run_script` turns it into one
 line on stderr and exit code 2, never a traceback.
@@ -11,6 +11,10 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+# progress reports when the output is a file, not a terminal: one line every this many seconds
+LOG_INTERVAL_S = 30
 
 
 class UserError(Exception):
@@ -90,6 +94,13 @@ def add_common_args(parser: argparse.ArgumentParser):
 def add_resume_arg(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (default: this stage's latest run)")
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm as every script uses it: live on a terminal, one report every LOG_INTERVAL_S seconds in a log file."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def print_config(args):
