@@ -20,7 +20,7 @@ from utils.checkpoint import build_discriminator, build_generator, load_checkpoi
 from utils.cli import run_script
 from utils.data import load_split
 from utils.privacy import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
-from utils.training import save_run_checkpoint
+from utils.training import Run
 
 DELTA = 1e-5
 COMPACT_WIDTHS = (12, 8, 4)
@@ -41,7 +41,7 @@ def write_compact(out, ledger, discriminator=True, seed=0) -> str:
         checkpoint["model_args"]["discriminator"] = D.model_args()
         checkpoint["discriminator"] = unwrapped_state_dict(D)
     run_dir = new_run_dir(str(out), "compact", "x")
-    save_run_checkpoint(run_dir, checkpoint)
+    Run(run_dir, "compact").save(checkpoint)
     return run_dir
 
 
