@@ -22,8 +22,8 @@ from utils.files import atomic_write
 CHECKPOINT_NAME = "checkpoint.pt"
 PROJECT_VERSION = "0.1.0"
 WRAPPER_PREFIXES = ("_module.", "module.", "_orig_mod.")
-PATH_FIELDS = ("parent", "teacher")  # checkpoint entries naming other runs
-PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir")  # the same among its args
+PATH_FIELDS = ("parent", "teacher", "runs")  # checkpoint entries naming other runs (a path or a list of paths)
+PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir", "teacher", "runs")  # in its args
 LINEAGE_STAGES = ("teacher", "distill", "student")
 
 
@@ -118,12 +118,14 @@ def absolute_from_root(path, root: str):
 
 def _convert_paths(checkpoint: dict, root: str, convert) -> dict:
     """A shallow copy of `checkpoint` with its PATH_FIELDS and PATH_ARGS converted by `convert(path, root)`."""
-    converted = dict(checkpoint)
-    for key in PATH_FIELDS:
-        if key in converted:
-            converted[key] = convert(converted[key], root)
+    def each(value):
+        if isinstance(value, (list, tuple)):
+            return [each(item) for item in value]
+        return convert(value, root) if isinstance(value, str) else value
+
+    converted = {key: each(value) if key in PATH_FIELDS else value for key, value in checkpoint.items()}
     if isinstance(converted.get("args"), dict):
-        converted["args"] = {key: convert(value, root) if key in PATH_ARGS and isinstance(value, str) else value
+        converted["args"] = {key: each(value) if key in PATH_ARGS else value
                              for key, value in converted["args"].items()}
     return converted
 
@@ -148,9 +150,9 @@ def data_fields(split) -> dict:
             "source": split.source}
 
 
-def save_checkpoint(run_dir: str, checkpoint: dict) -> str:
+def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME) -> str:
     """Write atomically (temp file, fsync, rename), paths to other runs stored relative to the pipeline root."""
-    path = os.path.join(run_dir, CHECKPOINT_NAME)
+    path = os.path.join(run_dir, name)
     stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)
     stored.pop("run_dir", None)  # where it was loaded from: never part of the file
     with atomic_write(path, "wb") as handle:
