@@ -18,8 +18,8 @@ import torch
 
 from models import Generator
 from utils.checkpoint import build_generator, checkpoint_fields, input_run, latest_run, lineage, load_checkpoint
-from utils.cli import UserError, add_common_args, make_parser, nonnegative_int, positive_int, resolve_device, \
-    run_script, set_seed
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, nonnegative_int, positive_int,
+                       resolve_device, run_script, set_seed, set_threads)
 from utils.compress import MAX_ABS_DIFF, compress, max_abs_difference, summary
 from utils.deploy import (ARTIFACT_NAME, add_ratios, cost_row, folded, format_table, state_dict_bytes,
                           write_device_artifacts)
@@ -37,9 +37,8 @@ def parse_args(argv=None):
     parser = make_parser(__doc__, "python compress_student.py                      # <out>/student/latest\n"
                                   "  python compress_student.py --student-dir checkpoints/student/00003-slim")
     group = parser.add_argument_group("compression")
-    group.add_argument("--student-dir", default=None,
-                       help="student run directory, `latest` link or checkpoint file (default: STUDENT_DIR at the "
-                            "top of this script, else <out>/student/latest)")
+    add_input_arg(group, "--student-dir", "STUDENT_DIR", "student run directory, `latest` link or checkpoint file",
+                  "<out>/student/latest")
     group.add_argument("--check-samples", type=positive_int, default=4096,
                        help="fixed (z, label) pairs on which compact must equal student")
     group.add_argument("--latency-repeats", type=positive_int, default=50, help="timed batch-1 calls per model")
@@ -92,8 +91,7 @@ def compress_checked(student, args):
 # ---------------------------------------------------------------- report
 
 def cost_report(args, teacher, student, compact, artifact_bytes: int) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
              "throughput_batch": args.throughput_batch}
     deployed = folded(compact)  # what generator.pt2 runs: weight quantisation folded in

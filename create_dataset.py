@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from utils.checkpoint import build_generator, checkpoint_fields, input_run, load_checkpoint
-from utils.cli import add_common_args, make_parser, positive_int, progress_bar, resolve_device, run_script, UserError
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_int, progress_bar,
+                       resolve_device, run_script)
 from utils.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decode_images, encode_images, nbytes
 from utils.files import write_json
 from utils.plots import save_samples
@@ -29,9 +30,7 @@ def parse_args(argv=None):
     parser = make_parser(__doc__, "python create_dataset.py --teacher-dir checkpoints/teacher/latest "
                                   "--num-samples 200000")
     group = parser.add_argument_group("distillation set")
-    group.add_argument("--teacher-dir", default=None,
-                       help="teacher run directory (default: TEACHER_DIR at the top of this script, else "
-                            "<out>/teacher/latest)")
+    add_input_arg(group, "--teacher-dir", "TEACHER_DIR", "teacher run directory", "<out>/teacher/latest")
     group.add_argument("--num-samples", type=positive_int, default=200000, help="number of (z, label, image) triples")
     group.add_argument("--batch-size", type=positive_int, default=1000, help="teacher batch size while sampling")
     group.add_argument("--image-dtype", choices=sorted(IMAGE_ENCODINGS), default="uint8",

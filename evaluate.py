@@ -29,7 +29,7 @@ import torch
 
 from utils import deploy
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
-from utils.cli import (UserError, add_common_args, make_parser, positive_float, positive_int, progress_bar,
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int, progress_bar,
                        resolve_device, run_script, set_seed)
 from utils.data import add_data_args, load_split, to_unit_range
 from utils.files import write_json, write_text
@@ -71,9 +71,8 @@ def parse_args(argv=None):
                         help="run directories (or checkpoints) to evaluate; default: RUNS at the top of this "
                              f"script, else <out>/<stage>/latest of every stage in {', '.join(GENERATOR_STAGES)} "
                              "that exists")
-    parser.add_argument("--teacher", default=None, metavar="RUN",
-                        help="baseline of the cost ratios; default: TEACHER_DIR at the top of this script, else "
-                             "the evaluated teacher, else the evaluated runs' teacher, else <out>/teacher/latest")
+    add_input_arg(parser, "--teacher", "TEACHER_DIR", "baseline of the cost ratios",
+                  "the evaluated teacher, else the evaluated runs' teacher, else <out>/teacher/latest")
     group = parser.add_argument_group("quality")
     group.add_argument("--quick", action="store_true", help="fewer samples and one classifier epoch (fast pipeline)")
     add_preset_option(group, "num_fd_samples", "generated samples for the Frechet distance")

@@ -22,8 +22,8 @@ import torch
 
 from models import Discriminator
 from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, load_checkpoint
-from utils.cli import add_common_args, add_resume_arg, make_parser, positive_float, positive_int, resolve_device, \
-    run_script, set_seed
+from utils.cli import (add_common_args, add_input_arg, add_resume_arg, make_parser, positive_float, positive_int,
+                       resolve_device, run_script, set_seed)
 from utils.data import add_data_args, load_split
 from utils.deploy import write_device_artifacts
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
@@ -44,9 +44,8 @@ def parse_args(argv=None):
                                   "  python fine_tune.py --noise-multiplier 1.0 --accountant rdp --max-steps 200 "
                                   "--desc quick")
     group = parser.add_argument_group("input")
-    group.add_argument("--generator-dir", default=None,
-                       help="compact (or private) run to fine-tune (default: GENERATOR_DIR at the top of this "
-                            "script, else <out>/compact/latest)")
+    add_input_arg(group, "--generator-dir", "GENERATOR_DIR", "compact (or private) run to fine-tune",
+                  "<out>/compact/latest")
     add_data_args(parser, default_split="private")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_float, default=20,

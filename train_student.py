@@ -13,8 +13,8 @@ import torch
 
 from models import PRUNABLE_LAYERS, QUANT_BITS, Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
-from utils.cli import (add_common_args, add_resume_arg, make_parser, nonnegative_float, positive_float,
-                       positive_int, quant_bits, resolve_device, run_script, set_seed, UserError)
+from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, make_parser, nonnegative_float,
+                       positive_float, positive_int, quant_bits, resolve_device, run_script, set_seed)
 from utils.data import EpochBatches
 from utils.distill import load_distill_set
 from utils.files import write_json
@@ -36,12 +36,9 @@ def parse_args(argv=None):
     parser = make_parser(__doc__, "python train_student.py --epochs 20 --batch-size 128 --rho 0.01\n"
                                   "  python train_student.py --max-steps 200 --rho 0.05 --desc quick   # a quick look")
     group = parser.add_argument_group("inputs")
-    group.add_argument("--distill-dir", default=None,
-                       help="distillation set (default: DISTILL_DIR at the top of this script, else "
-                            "<out>/distill/latest)")
-    group.add_argument("--teacher-dir", default=None,
-                       help="teacher run, for initialisation and sample grids (default: TEACHER_DIR at the top of "
-                            "this script, else the distillation set's teacher, else <out>/teacher/latest)")
+    add_input_arg(group, "--distill-dir", "DISTILL_DIR", "distillation set", "<out>/distill/latest")
+    add_input_arg(group, "--teacher-dir", "TEACHER_DIR", "teacher run, for initialisation and sample grids",
+                  "the distillation set's teacher, else <out>/teacher/latest")
     group = parser.add_argument_group("student")
     group.add_argument("--quant-bits", type=quant_bits, default=QUANT_BITS, help="weight and activation bits")
     group.add_argument("--width-mult", type=positive_float, default=1.0, help="student widths = teacher's * this")

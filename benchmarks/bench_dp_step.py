@@ -32,7 +32,7 @@ from models import QUANT_BITS, Discriminator, Generator  # noqa: E402
 from utils import dp, gan  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.cli import (add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
-                       run_script, set_seed)
+                       run_script, set_seed, set_threads)
 from utils.data import ImageSplit  # noqa: E402
 from utils.training import maybe_dry_run  # noqa: E402
 
@@ -204,8 +204,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     split = synthetic_split(args.private_size, args.seed)

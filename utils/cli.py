@@ -66,7 +66,10 @@ quant_bits = _checked(int, lambda v: 2 <= v <= 8 or v in (16, 32), "a bit width 
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, description and examples kept as written."""
+    """Defaults shown (but None, which the help text explains), description and examples kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -89,6 +92,20 @@ def add_common_args(parser: argparse.ArgumentParser):
     group.add_argument("--max-steps", type=positive_int, default=None,
                        help="stop after this many optimiser steps or batches (quick runs and tests)")
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def add_input_arg(group, flag: str, constant: str, what: str, fallback: str):
+    """The flag naming an earlier stage's run. Its default is the script's editable constant `constant` (a
+    clearly marked `..._DIR = None` near the top), else `fallback`; the flag wins over both."""
+    group.add_argument(flag, default=None, metavar="RUN",
+                       help=f"{what}; default: {constant} at the top of this script if set, else {fallback} "
+                            f"(this flag wins over both)")
+
+
+def set_threads(threads: int):
+    """torch's CPU threads for timings; 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def add_resume_arg(parser: argparse.ArgumentParser):
