@@ -1,4 +1,5 @@
-"""Evaluate generators of any stage side by side: quality, device cost and privacy (docs/DESIGN.md, "Evaluation").
+"""Evaluate generators of any stage side by side: quality, device cost and privacy (docs/DESIGN.md,
+"Evaluation").
 
 Inputs: the latest run of every generator stage found under --out (teacher, student, compact, private), or the
 runs named with --runs (or in RUNS at the top of this script). For each generator:
@@ -29,8 +30,8 @@ import torch
 
 from utils import deploy
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
-from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int, progress_bar,
-                       resolve_device, run_script, set_seed)
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
+                       progress_bar, resolve_device, run_script, set_seed)
 from utils.data import add_data_args, load_split, to_unit_range
 from utils.files import write_json, write_text
 from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc, predict,

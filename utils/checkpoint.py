@@ -134,7 +134,8 @@ def _convert_paths(checkpoint: dict, root: str, convert) -> dict:
 
 def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: dict = None, ledger=None,
                       data=None) -> dict:
-    """The fields every stage's checkpoint has (the table of each stage's extra fields is in docs/DESIGN.md).
+    """The fields every stage's checkpoint has (each stage's extra fields: docs/DESIGN.md,
+    "Checkpoints").
     `models` maps a name ("generator", "discriminator") to a network that has `model_args()`."""
     models = models or {}
     fields = {"stage": stage, "step": int(step), "args": dict(vars(args)), "parent": parent,

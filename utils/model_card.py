@@ -1,7 +1,7 @@
 """The model card of a DP fine-tuned generator: `MODEL_CARD.md` for people, `model_card.json` for programs.
 
 It states what the model is and costs on a device, which data shaped it, and the privacy guarantee with every
-number needed to check it (docs/DESIGN.md, "Privacy" and "Evaluation"): the total epsilon over every stage's mechanism and this
+number needed to check it (docs/DESIGN.md, "Privacy"): the total epsilon over every stage's mechanism and this
 stage's own, delta, the accountant, each mechanism (sigma, q, steps, C), the public data used, the non-DP reads of
 the private split (any one makes the total infinite, said plainly), and the noise generator used. In the JSON an
 infinite epsilon is the string "inf" (JSON has no infinity). Runs are named relative to the pipeline root

@@ -1,4 +1,4 @@
-"""The privacy ledger carried in every checkpoint (DESIGN section 4).
+"""The privacy ledger carried in every checkpoint (docs/DESIGN.md, "Privacy").
 
 The guarantee is (epsilon, delta)-DP, add/remove-one adjacency, with respect to one private split, named by its
 fingerprint. The ledger lists every DP mechanism applied to that split (sigma, sample rate q, steps, clipping

@@ -1,5 +1,5 @@
-"""GAN Slimming (docs/DESIGN.md, "Stage 3"): the student's step, the L1 proximal step on the channel scales and
-dead channels.
+"""GAN Slimming (docs/DESIGN.md, "GAN Slimming and compression"): the student's step, the L1 proximal step on
+the channel scales and dead channels.
 
 The channel scales are the gammas (weights) of the `PrunableBatchNorm2d` of every block in `PRUNABLE_LAYERS`.
 After each optimiser step they are soft-thresholded, `g <- sign(g) * max(|g| - lr * rho, 0)`. A channel whose
