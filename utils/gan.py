@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.trainer import TrainingStep
-from utils.training import batches_from, rng_from
+from utils.training import batches_from
 
 
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class NonPrivateStep(TrainingStep):
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device):
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
         self.epoch_batches, self.ledger, self.device = batches, ledger, device
-        self.rng = rng_from(None, "train", seed)
+        self.rng = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batches)
         self.planned_steps = epochs * len(batches)
 

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, fields
 
-import torch
 from tqdm import tqdm
 
 from utils.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
@@ -117,14 +116,6 @@ class Run:
     def finish(self, summary: str) -> str:
         tqdm.write(f"{self.stage}: {summary}; run directory {self.run_dir}")
         return self.run_dir
-
-
-def rng_from(checkpoint, key: str, seed: int) -> torch.Generator:
-    """A CPU generator seeded with `seed`, or restored from a checkpoint's saved state."""
-    rng = torch.Generator().manual_seed(seed)
-    if checkpoint is not None and key in checkpoint.get("rng", {}):
-        rng.set_state(checkpoint["rng"][key])
-    return rng
 
 
 def batches_from(batches, step: int, total: int):
