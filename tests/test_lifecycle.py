@@ -78,3 +78,12 @@ def test_progress_reports_slowly_when_output_is_not_a_terminal(monkeypatch):
     bar = progress_bar(total=3)
     assert bar.mininterval == LOG_INTERVAL_S >= 30
     bar.close()
+
+
+def test_training_log_is_short_when_output_is_a_file(tiny_data_root, tmp_path, capfd):
+    import train_teacher
+    from conftest import teacher_argv
+    argv = teacher_argv(tiny_data_root, str(tmp_path), "--max-steps", "8", "--log-every", "1")
+    train_teacher.main(train_teacher.parse_args(argv))
+    err = capfd.readouterr().err
+    assert err.count("teacher:") <= 3, err  # the first report and the last, not one per step

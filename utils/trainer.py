@@ -115,7 +115,7 @@ class Trainer:
             self.step += 1
             progress.update(1)
             progress.set_postfix(epoch=self.epoch(), **{k: f"{v:.3f}" for k, v in self.losses.items()},
-                                 **self.impl.postfix())
+                                 **self.impl.postfix(), refresh=False)  # shown at the bar's own interval
             self.after_step()
         progress.close()
         if self.run.checkpoint is not None and self.step == self.start:

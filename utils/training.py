@@ -69,9 +69,10 @@ def maybe_dry_run(args) -> bool:
 class Run:
     """One run directory of a stage: where its files go, its metrics log, its checkpoints."""
 
-    def __init__(self, run_dir: str, stage: str, checkpoint: dict = None):
+    def __init__(self, run_dir: str, stage: str, checkpoint: dict = None, publish_as: tuple = None):
         self.run_dir, self.stage = run_dir, stage
         self.checkpoint = checkpoint  # the checkpoint a resumed run continues from; None for a new run
+        self.publish_as = publish_as  # a staged run: (out, desc) of the numbered directory `publish` moves it to
         self.metrics = MetricsLog(run_dir)
 
     @classmethod
@@ -83,22 +84,22 @@ class Run:
             run = cls(checkpoint["run_dir"], stage, checkpoint)
             run.metrics.truncate_after(checkpoint["step"])
             return run
+        desc = args.desc or desc
         if staged:
             stage_dir = os.path.join(args.out, stage)
             os.makedirs(stage_dir, exist_ok=True)
             run_dir = tempfile.mkdtemp(prefix=".partial-", dir=stage_dir)  # never numbered: never taken for a run
             os.chmod(run_dir, 0o755)  # mkdtemp makes it private; a run directory is not
         else:
-            run_dir = new_run_dir(args.out, stage, args.desc or desc)
+            run_dir = new_run_dir(args.out, stage, desc)
         write_json(os.path.join(run_dir, "args.json"), vars(args))
-        run = cls(run_dir, stage)
-        run.desc, run.out = args.desc or desc, args.out
-        return run
+        return cls(run_dir, stage, publish_as=(args.out, desc) if staged else None)
 
     def publish(self):
         """Move a staged run, now complete, to its numbered place (a rename onto a freshly reserved, empty
         directory: atomic on POSIX)."""
-        run_dir = new_run_dir(self.out, self.stage, self.desc)
+        out, desc = self.publish_as
+        run_dir = new_run_dir(out, self.stage, desc)
         os.replace(self.run_dir, run_dir)
         self.run_dir, self.metrics = run_dir, MetricsLog(run_dir)
 
