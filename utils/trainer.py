@@ -113,10 +113,10 @@ class Trainer:
             self.losses = self.impl.optimize_parameters(batch, self.step + 1)
             check_finite(self.step + 1, **self.losses)
             self.step += 1
-            progress.update(1)
+            self.after_step()
             progress.set_postfix(epoch=self.epoch(), **{k: f"{v:.3f}" for k, v in self.losses.items()},
                                  **self.impl.postfix(), refresh=False)  # shown at the bar's own interval
-            self.after_step()
+            progress.update(1)
         progress.close()
         if self.run.checkpoint is not None and self.step == self.start:
             self.save()

@@ -115,7 +115,8 @@ class Run:
         mark_latest(self.run_dir)
 
     def finish(self, summary: str) -> str:
-        tqdm.write(f"{self.stage}: {summary}; run directory {self.run_dir}")
+        """The run's last words: what it did, and where it is."""
+        tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
         return self.run_dir
 
 
