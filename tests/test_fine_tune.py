@@ -12,7 +12,7 @@ import torch
 
 import fine_tune
 import train_teacher
-from conftest import TINY_PUBLIC, teacher_argv, tiny_data_args
+from conftest import TINY_PUBLIC, check_sample_grid, teacher_argv, tiny_data_args
 from models import Discriminator, Generator
 from utils import dp
 from utils.checkpoint import build_discriminator, build_generator, load_checkpoint, new_run_dir, \
@@ -99,7 +99,9 @@ def test_outputs_metrics_and_model_card(public_route_run):
                  "model_card.json", "generator_int.pt", "generator.pt2"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, 13))  # --log-every 1
     assert [r["step"] for r in records if "epsilon" in r] == [12]  # once per epoch (one epoch here)
+    check_sample_grid(os.path.join(run_dir, "samples.png"), tiles=100)
     card = json.load(open(os.path.join(run_dir, "model_card.json")))
     privacy = card["privacy"]
     assert privacy["guarantee"] is True and privacy["epsilon_total"] == pytest.approx(records[-1]["epsilon"])
