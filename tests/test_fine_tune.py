@@ -196,7 +196,7 @@ def test_non_dp_ledger_runs_but_says_no_guarantee(tiny_data_root, tmp_path, caps
     assert epsilon(load_checkpoint(run_dir, "private")["privacy"], DELTA, "rdp") == math.inf
 
 
-def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts):
+def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts, capsys):
     out = str(tmp_path / "out")
     argv = teacher_argv(tiny_data_root, out, "--dp", "--split", "private", "--accountant", "rdp",
                         "--target-epsilon", "3", "--batch-size", "32")
@@ -222,6 +222,7 @@ def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts):
     assert records[-1]["epsilon_stage"] == pytest.approx(own, rel=1e-9) and own < total - 0.1
     card = json.load(open(os.path.join(run_dir, "model_card.json")))["privacy"]
     assert card["epsilon_total"] == pytest.approx(total, rel=1e-9)
+    assert f"({total:.3f}, {DELTA:g})-differential privacy" in capsys.readouterr().out  # what the script prints
 
 
 def test_teacher_dp_needs_private_split(tiny_data_root, tmp_path, capsys):
