@@ -32,9 +32,9 @@ class Break:
     meaning: str
 
 
-R, N, F, T, E, C, D = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
-                       "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
-                       "tests/test_data.py")
+R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
+                          "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
+                          "tests/test_data.py", "tests/test_lifecycle.py")
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -94,6 +94,14 @@ BREAKS = [
           "    if checkpoint is not None:\n        Run.open(args, STAGE, None, checkpoint)\n",
           (R + "::test_resume_with_the_dataset_gone_changes_nothing",),
           "train_teacher.py --resume cuts metrics.jsonl back before the dataset is found"),
+    # ------------------------------------------------------------ the run life cycle (issue 10)
+    Break("paths-stored-absolute", "utils/checkpoint.py",
+          "stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)", "stored = dict(checkpoint)",
+          (L + "::test_paths_are_stored_relative_and_a_moved_pipeline_resolves",),
+          "checkpoints name other runs by absolute path: a moved pipeline directory no longer resolves"),
+    Break("progress-refreshes-every-step", "utils/trainer.py", "refresh=False)", "refresh=True)",
+          (L + "::test_training_log_is_short_when_output_is_a_file",),
+          "a log file gets one progress line per training step"),
     # ------------------------------------------------------------ what is reported
     Break("stage-epsilon-reported-as-total", "utils/dp.py", "is_private(ledger) and history(ledger) == own_history",
           "is_private(ledger) and True", (F + "::test_dp_teacher_route_composes",),
