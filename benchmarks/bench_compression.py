@@ -33,9 +33,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import QUANT_BITS, Generator  # noqa: E402
-from utils.checkpoint import build_generator, latest_run, load_checkpoint, write_json  # noqa: E402
+from utils.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import (UserError, add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
-                       positive_int, quant_bits, run_script, set_seed)
+                       positive_int, quant_bits, run_script, set_seed, set_threads)
 from utils.cost import measure_speed  # noqa: E402
 from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
                           format_table, load_program, save_artifact, state_dict_bytes)
@@ -85,6 +86,8 @@ def add_sweep_args(parser):
     group.add_argument("--classifier-epochs", type=positive_int, default=1)
     group.add_argument("--data-root", default=None, help="passed to evaluate.py (None: its default)")
     group.add_argument("--public-size", type=positive_int, default=None, help="passed to evaluate.py")
+    group.add_argument("--audit-samples", type=positive_int, default=None, help="passed to evaluate.py")
+    group.add_argument("--audit-members", type=positive_int, default=None, help="passed to evaluate.py")
     group.add_argument("--sweep-out", default=None, help="root of the sweep's runs (None: <out>/sweep)")
 
 
@@ -220,7 +223,7 @@ def evaluate_runs(args, runs: list, root: str) -> dict:
             "--num-fd-samples", str(args.num_fd_samples), "--num-downstream-samples",
             str(args.num_downstream_samples), "--classifier-epochs", str(args.classifier_epochs),
             "--latency-repeats", "1", "--throughput-repeats", "1"]
-    for flag in ("data_root", "public_size"):
+    for flag in ("data_root", "public_size", "audit_samples", "audit_members", "max_steps"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     eval_dir = evaluate.main(evaluate.parse_args(argv))
@@ -359,8 +362,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.sweep:
         return run_sweep(args)
     compact, teacher, source, run_dir = synthetic_models(args) if args.synthetic_widths else run_models(args)

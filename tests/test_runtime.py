@@ -227,3 +227,41 @@ def test_runtime_cost_row_of_a_model_without_a_file():
                                                    "throughput_batch": 4}, threads=1)
     assert row["parameters"] == count_parameters(teacher) and row["macs"] == count_macs(teacher)
     assert abs(row["bytes"] - runtime.expected_bytes(teacher)) / row["bytes"] < 0.1 and row["images_per_s"] > 0
+
+
+# ---------------------------------------------------------------- through the stage scripts
+
+@pytest.fixture(scope="module")
+def four_bit_compact_run(tiny_distill_run, tmp_path_factory):
+    """A 4-bit, cost-weighted tiny student (stage 3) compressed by stage 4."""
+    import compress_student
+    import train_student
+    from conftest import student_argv
+    _, distill_dir = tiny_distill_run
+    out = str(tmp_path_factory.mktemp("four-bit"))
+    student = train_student.main(train_student.parse_args(
+        student_argv(out, distill_dir, "--rho", "2.5", "--quant-bits", "4", "--penalty", "cost")))
+    compact = compress_student.main(compress_student.parse_args(
+        ["--out", out, "--student-dir", student, "--check-samples", "64", "--latency-repeats", "1",
+         "--throughput-repeats", "1", "--throughput-batch", "4"]))
+    return student, compact
+
+
+def test_four_bit_end_to_end_through_the_stages(four_bit_compact_run, tmp_path):
+    from utils.checkpoint import build_generator, load_checkpoint
+    student_dir, compact_dir = four_bit_compact_run
+    assert load_checkpoint(student_dir, "student")["args"]["penalty"] == "cost" and student_dir.endswith("-cost")
+    compact = build_generator(load_checkpoint(compact_dir, "compact")).eval()
+    assert compact.bits == 4
+    path = os.path.join(compact_dir, runtime.RUNTIME_NAME)
+    types, _ = initializer_types(path)
+    assert all(types[f"{layer}.weight_int"][0] == TensorProto.INT4
+               for layer in ("block0", "block1", "block2", "to_image"))
+    assert abs(os.path.getsize(path) - runtime.expected_bytes(compact)) < 6000  # tiny model: the graph is most
+    z, labels = compact.sample_inputs(30, generator=torch.Generator().manual_seed(9))
+    np.savez(tmp_path / "zy.npz", z=z.numpy(), labels=labels.numpy())
+    runner = os.path.join(compact_dir, runtime.RUNNER_NAME)  # the copy that ships beside the artifact
+    assert open(runner).read() == open(RUNNER).read()
+    run_runtime_only([path, "--inputs", str(tmp_path / "zy.npz"), "--out", str(tmp_path / "x.npy")])
+    with torch.no_grad():
+        assert np.abs(np.load(tmp_path / "x.npy") - compact(z, labels).numpy()).max() <= runtime.TOLERANCE

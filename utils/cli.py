@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every stage script (DESIGN section 3).
+"""Command-line conventions shared by every script (docs/DESIGN.md, "Scripts and the command line").
 
 `UserError` is a problem with the user's input (a path, a checkpoint, a number): `run_script` turns it into one
 line on stderr and exit code 2, never a traceback.
@@ -11,6 +11,10 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+# progress reports when the output is a file, not a terminal: one line every this many seconds
+LOG_INTERVAL_S = 30
 
 
 class UserError(Exception):
@@ -62,7 +66,10 @@ quant_bits = _checked(int, lambda v: 2 <= v <= 8 or v in (16, 32), "a bit width 
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, description and examples kept as written."""
+    """Defaults shown (but None, which the help text explains), description and examples kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,9 +94,46 @@ def add_common_args(parser: argparse.ArgumentParser):
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def add_input_arg(group, flag: str, constant: str, what: str, fallback: str):
+    """The flag naming an earlier stage's run. Its default is the script's editable constant `constant` (a
+    clearly marked `..._DIR = None` near the top), else `fallback`; the flag wins over both."""
+    group.add_argument(flag, default=None, metavar="RUN",
+                       help=f"{what}; default: {constant} at the top of this script if set, else {fallback} "
+                            f"(this flag wins over both)")
+
+
+def add_speed_args(parser: argparse.ArgumentParser):
+    """The timing settings of the cost report (stages 4 and 5)."""
+    group = parser.add_argument_group("cost report")
+    group.add_argument("--latency-repeats", type=positive_int, default=50, help="timed batch-1 calls per model")
+    group.add_argument("--throughput-repeats", type=positive_int, default=10, help="timed big-batch calls per model")
+    group.add_argument("--throughput-batch", type=positive_int, default=256, help="batch size of the throughput test")
+    group.add_argument("--threads", type=nonnegative_int, default=0,
+                       help="CPU threads for the timings (0: torch's default)")
+
+
+def speed_settings(args) -> dict:
+    """utils.cost.measure_speed's keyword arguments from `add_speed_args`' flags."""
+    return {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
+            "throughput_batch": args.throughput_batch}
+
+
+def set_threads(threads: int):
+    """torch's CPU threads for timings; 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def add_resume_arg(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (default: this stage's latest run)")
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm as every script uses it: live on a terminal, one report every LOG_INTERVAL_S seconds in a log file."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def print_config(args):

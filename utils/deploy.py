@@ -1,4 +1,7 @@
-"""The compact generator as it ships: weights stored as real integers, and a self-contained exported program.
+"""The compact generator as it ships: the on-device artifact, the integer weight file and a debugging export.
+
+What a device runs is `generator.onnx` (utils/runtime.py: ONNX Runtime, integer weights inside, a torch-free
+runner `ort_runner.py` beside it); `write_device_artifacts` writes and checks all three files.
 
 Integer artifact (`generator_int.pt`, read with `torch.load(weights_only=True)`): a dict
 
@@ -13,7 +16,8 @@ zero pad nibble when the count is odd) for <= 4 bits, `int16` for 9-16 bits. A f
 entirely in `float`. Loading sets each float weight to q * scale: exactly the fake-quantised weight the compact
 model uses in eval mode, so the reloaded model's eval output is bit-identical.
 
-Exported program (`generator.pt2`): `torch.export` of the eval-mode compact generator with the weight
+Exported program (`generator.pt2`), a float debugging export (its weights are stored as floats, so it is as large
+as a float model): `torch.export` of the eval-mode compact generator with the weight
 quantisation folded in (weights replaced by their dequantised values q * scale, so no rounding of weights at run
 time; activation quantisation stays, it is part of the function). Inputs: z float32 [N, nz], labels int64 [N],
 N dynamic. A process with only torch runs it: `torch.export.load(path).module()(z, labels)`.
@@ -26,12 +30,15 @@ import torch
 
 from models import Generator
 from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_weight, weight_to_int
+from utils.files import atomic_write
 
 FORMAT = "device-gan-generator-int"
 FORMAT_VERSION = 1
 ARTIFACT_NAME = "generator_int.pt"
 PROGRAM_NAME = "generator.pt2"
+PROGRAM_NOTE = "float debugging export (weights stored as floats); the device artifact is generator.onnx"
 INT4_OFFSET = 8
+DEPLOY_TOLERANCE = 1e-6  # a reloaded artifact or exported program vs the model it was written from
 
 
 # ---------------------------------------------------------------- integer packing
@@ -125,9 +132,8 @@ def artifact_dict(generator: Generator) -> dict:
 
 def save_artifact(generator: Generator, path: str) -> int:
     """Write the integer artifact atomically; returns its size in bytes."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(artifact_dict(generator), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(artifact_dict(generator), handle)
     return os.path.getsize(path)
 
 
@@ -191,15 +197,38 @@ def export_program(generator: Generator, path: str = None, example_batch: int = 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(model, (z, labels), dynamic_shapes={"z": {0: batch}, "labels": {0: batch}})
     if path is not None:
-        tmp = f"{path}.tmp.{os.getpid()}.pt2"
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as handle:
+            torch.export.save(program, handle)
     return program
 
 
 def load_program(path: str) -> torch.nn.Module:
     """The exported generator as a callable module: module(z, labels) -> images."""
     return torch.export.load(path).module()
+
+
+@torch.no_grad()
+def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) -> dict:
+    """The integer artifact and the exported program of stages 4 and 5, each reloaded and checked against the
+    eval-mode generator on fixed seeded inputs (RuntimeError above DEPLOY_TOLERANCE), and the on-device artifact
+    with its runner, checked in ONNX Runtime (`utils.runtime.write_runtime_files`, its own tolerance)."""
+    from utils.runtime import VerifySettings, write_runtime_files
+    model = copy.deepcopy(generator).cpu().eval()
+    artifact_path, program_path = os.path.join(run_dir, ARTIFACT_NAME), os.path.join(run_dir, PROGRAM_NAME)
+    artifact_bytes = save_artifact(model, artifact_path)
+    export_program(model, program_path)
+    z, labels = model.sample_inputs(257, generator=torch.Generator().manual_seed(seed + 1))
+    expected = model(z, labels)
+    diffs = {name: (load(path)(z, labels) - expected).abs().max().item()
+             for name, load, path in (("artifact", load_artifact, artifact_path),
+                                      ("program", load_program, program_path))}
+    for name, diff in diffs.items():
+        if not diff <= DEPLOY_TOLERANCE:
+            raise RuntimeError(f"the reloaded {name} differs from the generator it was written from by {diff:.3g}")
+    runtime = write_runtime_files(model, run_dir, VerifySettings(seed=seed + 2))
+    return {"artifact": ARTIFACT_NAME, "artifact_bytes": artifact_bytes, "program": PROGRAM_NAME,
+            "program_bytes": os.path.getsize(program_path), "program_note": PROGRAM_NOTE,
+            "max_abs_diff_artifact": diffs["artifact"], "max_abs_diff_program": diffs["program"], **runtime}
 
 
 # ---------------------------------------------------------------- device cost report
@@ -211,6 +240,7 @@ COST_METRICS = {  # key -> (label, format); ratios are always value / reference 
     "latency_ms": ("latency ms (b=1)", "{:.3f}"),
     "images_per_s": ("images/s (big batch)", "{:,.1f}"),
 }
+COST_KEYS = tuple(COST_METRICS)
 
 
 def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None) -> dict:
@@ -223,12 +253,13 @@ def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None)
     return row
 
 
-def add_ratios(rows: dict, reference: str = "teacher") -> dict:
-    """Adds `vs_<reference>`: each metric divided by the reference's (latency < 1 and images/s > 1 are better)."""
-    base = rows[reference]
+def add_ratios(rows: dict, reference: str = "teacher", baseline: dict = None) -> dict:
+    """Adds `vs_<reference>` to every row: each cost divided by the baseline's (default: `rows[reference]`;
+    latency < 1 and images/s > 1 are better), or None where there is no baseline."""
+    base = rows.get(reference) if baseline is None else baseline
     for row in rows.values():
-        row[f"vs_{reference}"] = {key: row[key] / base[key] for key in COST_METRICS
-                                  if key in row and base.get(key)}
+        row[f"vs_{reference}"] = ({key: row[key] / base[key] for key in COST_KEYS if key in row and base.get(key)}
+                                  if base else None)
     return rows
 
 
@@ -246,27 +277,3 @@ def format_table(rows: dict, reference: str = "teacher") -> str:
     text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
     return "\n".join([text[0], "-" * len(text[0])] + text[1:]) + f"\n(x = ratio to the {reference})"
-
-
-def plot_cost_bars(rows: dict, path: str, title: str = "", reference: str = "teacher"):
-    """One bar chart per metric, one bar per model, each labelled with its ratio to the reference."""
-    from utils.plots import plt
-    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6), squeeze=False)
-    names = list(rows)
-    for ax, key in zip(axes[0], keys):
-        values = [rows[name][key] for name in names]
-        bars = ax.bar(names, values, color=["#777777", "#4c72b0", "#dd8452", "#55a868"][:len(names)])
-        for bar, name in zip(bars, names):
-            ratio = rows[name].get(f"vs_{reference}", {}).get(key)
-            if ratio is not None:
-                ax.annotate(f"{ratio:.3g}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-        ax.set_title(COST_METRICS[key][0], fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.margins(y=0.15)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

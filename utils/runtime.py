@@ -411,3 +411,33 @@ def runtime_cost_row(model: Generator, path: str = None, speed: dict = None, thr
             return runtime_cost_row(model, path, speed, threads)
     return {"parameters": count_parameters(model), "macs": count_macs(model),
             **runtime_cost(path, threads, speed)}
+
+
+def shipped_cost_rows(teacher: Generator, name: str, model: Generator, run_dir: str, speed: dict,
+                      others: dict = None) -> dict:
+    """Cost rows measured in this process, ratios to the teacher in eager torch: the teacher (float32 state dict;
+    eager, and as a float ONNX model in ONNX Runtime), `others` ({name: generator}, eager, state dict bytes),
+    `model` in eager torch (weight quantisation folded in; bytes of its integer weight file) and, where `run_dir`
+    has one, its `generator.onnx` in ONNX Runtime: what ships."""
+    from utils.deploy import ARTIFACT_NAME, add_ratios, cost_row, folded, state_dict_bytes
+    rows = {"teacher": cost_row(teacher, state_dict_bytes(teacher), speed=speed),
+            "teacher (ONNX Runtime)": runtime_cost_row(teacher, speed=speed)}
+    for other_name, other in (others or {}).items():
+        rows[other_name] = cost_row(other, state_dict_bytes(other), speed=speed)
+    rows[f"{name} (eager)"] = cost_row(model, os.path.getsize(os.path.join(run_dir, ARTIFACT_NAME)),
+                                       run=folded(model), speed=speed)
+    path = os.path.join(run_dir, RUNTIME_NAME)
+    if os.path.isfile(path):
+        rows[f"{name} (ONNX Runtime)"] = runtime_cost_row(model, path, speed)
+    return add_ratios(rows)
+
+
+def shipped_summary(rows: dict, name: str, artifacts: dict) -> str:
+    """One line on what ships, as ratios to the teacher in eager torch."""
+    if f"{name} (ONNX Runtime)" not in rows:
+        return f"no on-device artifact: {artifacts.get('runtime_note')}"
+    r = rows[f"{name} (ONNX Runtime)"]["vs_teacher"]
+    return (f"{RUNTIME_NAME} (ONNX Runtime, what ships): {r['bytes']:.4f}x the teacher's float bytes "
+            f"(1/{1 / r['bytes']:.1f}), latency (b=1) {r['latency_ms']:.3f}x, throughput (b=256) "
+            f"{r['images_per_s']:.2f}x; max |runtime - model| {artifacts['runtime_max_abs_diff']:.3g}; layers in "
+            f"float: {', '.join(artifacts['runtime_float_layers'])}")
