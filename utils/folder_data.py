@@ -172,15 +172,20 @@ def list_cifar10(root: str) -> Listing:
 
 # ---------------------------------------------------------------- decoding
 
+def unreadable(path: str, exc: Exception) -> UserError:
+    if isinstance(exc, UnidentifiedImageError):
+        return UserError(f"cannot read image {path}: not a PNG, JPEG or BMP image that PIL can decode")
+    return UserError(f"cannot read image {path}: corrupt or truncated ({exc or type(exc).__name__})")
+
+
 def open_image(path: str) -> Image.Image:
     """The fully decoded image, or one line naming the file when it cannot be read."""
     try:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc or type(exc).__name__} (unreadable, truncated or not "
-                        f"an image)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # OSError: also unidentified
+        raise unreadable(path, exc) from exc
 
 
 def header(path: str) -> tuple:
@@ -188,8 +193,8 @@ def header(path: str) -> tuple:
     try:
         with Image.open(path) as image:
             return image.mode, image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc or type(exc).__name__} (not an image)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise unreadable(path, exc) from exc
 
 
 def resolve_folder_shape(listing: Listing, request: ImageRequest) -> tuple:
@@ -236,7 +241,7 @@ def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
 class _NumpyOnly(pickle.Unpickler):
     """CIFAR-10's batches are pickles: allow only what rebuilds NumPy arrays, never arbitrary code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
