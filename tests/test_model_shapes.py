@@ -129,3 +129,15 @@ def test_compression_and_artifact_of_a_64_pixel_grey_student():
     reloaded = generator_from_artifact(artifact_dict(compact))
     z, labels = compact.sample_inputs(4)
     assert torch.equal(reloaded(z, labels), compact(z, labels))
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 1)])
+def test_reference_classifier_follows_the_image_shape_and_reloads(tmp_path, size, channels):
+    from utils.metrics import predict, reference_classifier
+    images = torch.rand(24, channels, size, size) * 2 - 1
+    labels = torch.arange(24) % 3
+    settings = {"epochs": 1, "seed": 0, "max_steps": 2}
+    model, info = reference_classifier(str(tmp_path), "folder", (images, labels), (images, labels), settings)
+    assert model.head.out_features == 3 and not info["cached"]
+    again, cached = reference_classifier(str(tmp_path), "folder", (images, labels), (images, labels), settings)
+    assert cached["cached"] and torch.equal(predict(model, images), predict(again, images))
