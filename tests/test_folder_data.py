@@ -261,3 +261,18 @@ def test_a_size_that_no_model_has_asks_for_image_size(tmp_path):
     root = write_image_folder(str(tmp_path / "images"), num_classes=2, per_class=3, size=40)
     with pytest.raises(UserError, match="are 40x40: pass --image-size 28, 32 or 64"):
         load_split("folder", "all", root, 2)
+
+
+def test_models_built_for_the_data_and_a_mismatch_is_refused(rgb_folder, tiny_data_root):
+    from models import Discriminator, Generator
+    from utils.data import check_data_fits, model_shape
+    split = load_split("folder", "private", rgb_folder, PUBLIC)
+    G = Generator(channels=(8, 6, 5, 4), **model_shape(split))
+    D = Discriminator(channels=(4, 5, 6), **model_shape(split))
+    images, labels = split.batch(torch.arange(6))
+    assert G(*G.sample_inputs(6)).shape == images.shape and D(images, labels).shape == (6,)
+    check_data_fits(split, G.model_args())
+    fashion = load_split("fashion-mnist", "private", tiny_data_root, 200)
+    check_data_fits(fashion, {"nz": 100})  # model_args written before image sizes existed: 28x28 grey, 10 classes
+    with pytest.raises(UserError, match="3x32x32 with 3 classes, but the model was built for 1x28x28 with 10"):
+        check_data_fits(split, Generator().model_args())

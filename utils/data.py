@@ -238,6 +238,25 @@ def image_request(args, model_args: dict = None) -> ImageRequest:
                         args.channels or built_for.get("image_channels"))
 
 
+def model_shape(split: ImageSplit) -> dict:
+    """The shape arguments a Generator or Discriminator for this data takes (and records in its model_args)."""
+    channels, height, width = split.image_shape
+    return {"num_classes": split.num_classes, "image_channels": channels, "image_size": height}
+
+
+def check_data_fits(split: ImageSplit, model_args: dict):
+    """Refuse data of another shape or class count than the model was built for (one line, naming both)."""
+    built_for = {"num_classes": model_args.get("num_classes", NUM_CLASSES),
+                 "image_channels": model_args.get("image_channels", 1), "image_size": model_args.get("image_size", 28)}
+    if model_shape(split) != built_for:
+        have, want = model_shape(split), built_for
+        raise UserError(f"the {split.dataset} data is {have['image_channels']}x{have['image_size']}x"
+                        f"{have['image_size']} with {have['num_classes']} classes, but the model was built for "
+                        f"{want['image_channels']}x{want['image_size']}x{want['image_size']} with "
+                        f"{want['num_classes']}: use the --dataset, --data-root and --image-size/--channels of "
+                        f"the first stage")
+
+
 class EpochBatches:
     """Seeded shuffled mini-batches over a split: epoch `e` has the same order on every run (resume-safe)."""
 
