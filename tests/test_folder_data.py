@@ -10,6 +10,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import train_teacher
+from conftest import ROOT
 from image_folders import write_image_folder
 from utils import folder_data
 from utils.cli import UserError, run_script
@@ -276,3 +277,14 @@ def test_models_built_for_the_data_and_a_mismatch_is_refused(rgb_folder, tiny_da
     check_data_fits(fashion, {"nz": 100})  # model_args written before image sizes existed: 28x28 grey, 10 classes
     with pytest.raises(UserError, match="3x32x32 with 3 classes, but the model was built for 1x28x28 with 10"):
         check_data_fits(split, Generator().model_args())
+
+
+def test_shapes_tool_writes_a_folder_the_loader_reads(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_shapes", os.path.join(ROOT, "tools", "make_shapes.py"))
+    make_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shapes)
+    make_shapes.main(make_shapes.parse_args(["--out", str(tmp_path / "shapes"), "--per-class", "4"]))
+    split = load_split("folder", "all", str(tmp_path / "shapes"), 2)
+    assert split.classes == tuple(sorted(make_shapes.SHAPES)) and split.image_shape == (3, 32, 32)
+    assert len(split) == 12  # one of every four held out per class
