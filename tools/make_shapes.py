@@ -1,9 +1,10 @@
 """Write a small RGB image folder to try `--dataset folder` on: coloured shapes, one class per shape.
 
-Each image is a shape (circle, square, triangle or cross) of a random bright colour, size and position on a
-random dark, slightly noisy background, drawn at 4x and downsampled (antialiased), saved as PNG in
-`<out>/<shape>/<index>.png` (torchvision's ImageFolder layout). The classes differ by shape only, never by colour,
-so a class-conditional generator has to learn the shapes.
+Each image is one shape (circle, square, triangle or cross: the class) of a random size, near the centre, on a random
+dark, slightly noisy background, drawn at 4x and downsampled (antialiased), saved as PNG in
+`<out>/<shape>/<index>.png` (torchvision's ImageFolder layout). Each class has its own hue (red, green, blue,
+yellow; jittered, with random saturation and brightness), so a short run already shows whether the generator is
+class-conditional, and a longer one whether it learns the shapes.
 """
 import argparse
 import colorsys
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross")
+HUES = (0.0, 0.33, 0.62, 0.15)  # red, green, blue, yellow
 SUPERSAMPLE = 4
 
 
@@ -25,8 +27,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def bright_colour(rng: np.random.Generator) -> tuple:
-    red, green, blue = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.8, 1.0))
+def bright_colour(hue: float, rng: np.random.Generator) -> tuple:
+    hue = (hue + rng.uniform(-0.04, 0.04)) % 1.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
     return int(red * 255), int(green * 255), int(blue * 255)
 
 
@@ -43,16 +46,17 @@ def outline(shape: str, cx: float, cy: float, r: float) -> list:
 
 
 def draw(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
+    colour = bright_colour(HUES[SHAPES.index(shape)], rng)
     big = size * SUPERSAMPLE
     background = tuple(int(v) for v in rng.integers(0, 70, 3))
     image = Image.new("RGB", (big, big), background)
-    r = rng.uniform(0.22, 0.38) * big
-    cx, cy = rng.uniform(r, big - r, 2)
+    r = rng.uniform(0.25, 0.38) * big
+    cx, cy = big / 2 + rng.uniform(-0.12, 0.12, 2) * big  # near the centre, so that short runs can learn shapes
     canvas = ImageDraw.Draw(image)
     if shape == "circle":
-        canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=bright_colour(rng))
+        canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     else:
-        canvas.polygon(outline(shape, cx, cy, r), fill=bright_colour(rng))
+        canvas.polygon(outline(shape, cx, cy, r), fill=colour)
     small = np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.int16)
     noisy = small + rng.integers(-8, 9, small.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
