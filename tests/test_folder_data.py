@@ -288,3 +288,12 @@ def test_shapes_tool_writes_a_folder_the_loader_reads(tmp_path):
     split = load_split("folder", "all", str(tmp_path / "shapes"), 2)
     assert split.classes == tuple(sorted(make_shapes.SHAPES)) and split.image_shape == (3, 32, 32)
     assert len(split) == 12  # one of every four held out per class
+
+
+def test_a_later_stage_asking_for_the_resolved_shape_reuses_the_first_cache(rgb_folder, monkeypatch):
+    first = load_split("folder", "all", rgb_folder, PUBLIC)  # no shape given: the folder's own, 32x32 RGB
+    decoded = count_decodes(monkeypatch)
+    again = load_split("folder", "all", rgb_folder, PUBLIC, request=ImageRequest(32, 3))
+    assert not decoded and torch.equal(first.images, again.images) and first.fingerprint == again.fingerprint
+    grey = load_split("folder", "all", rgb_folder, PUBLIC, request=ImageRequest(32, 1))  # another shape: decoded
+    assert len(decoded) == 120 and grey.image_shape == (1, 32, 32)

@@ -234,8 +234,9 @@ def image_request(args, model_args: dict = None) -> ImageRequest:
     """The image shape to load: --image-size/--channels when given, else (folder/cifar10) the shape the model in
     `model_args` was built for, so that a later stage reads the data as the first stage did with no flags."""
     built_for = model_args if model_args and args.dataset in IMAGE_SET_DATASETS else {}
-    return ImageRequest(args.image_size or built_for.get("image_size"),
-                        args.channels or built_for.get("image_channels"))
+    # getattr: the saved args of a run from before image sizes existed have neither option
+    return ImageRequest(getattr(args, "image_size", None) or built_for.get("image_size"),
+                        getattr(args, "channels", None) or built_for.get("image_channels"))
 
 
 def model_shape(split: ImageSplit) -> dict:

@@ -294,8 +294,20 @@ def cache_paths(root: str, request: ImageRequest) -> dict:
     return {name: f"{stem}.{name}" for name in ("json", "images.npy", "labels.npy", "test.npy")}
 
 
-def read_cache(paths: dict, listing: Listing):
-    """The cached ImageSet if it was decoded from exactly this file list, else None."""
+def caches_to_try(root: str, request: ImageRequest) -> list:
+    """The cache of this request first; for a fully given shape also the others, any of which may hold the same
+    pixels (e.g. the first stage's '<native>-<auto>' cache when a later stage asks for the shape it resolved to)."""
+    own = cache_paths(root, request)
+    if not (request.image_size and request.channels):
+        return [own]
+    others = sorted(name[:-len(".json")] for name in os.listdir(root)
+                    if name.startswith(CACHE_PREFIX) and name.endswith(".json"))
+    return [own] + [{key: os.path.join(root, f"{stem}.{key}") for key in own} for stem in others
+                    if os.path.join(root, f"{stem}.json") != own["json"]]
+
+
+def read_cache(paths: dict, listing: Listing, request: ImageRequest = ImageRequest()):
+    """The cached ImageSet if it was decoded from exactly this file list at the requested shape, else None."""
     try:
         with open(paths["json"]) as handle:
             meta = json.load(handle)
@@ -306,6 +318,8 @@ def read_cache(paths: dict, listing: Listing):
     except (OSError, ValueError):
         return None
     if list(images.shape) != meta.get("shape") or not len(images) == len(labels) == len(is_test):
+        return None
+    if (request.channels or images.shape[1], request.image_size or images.shape[2]) != images.shape[1:3]:
         return None
     return ImageSet(images, labels, is_test, listing.classes, listing.fingerprint, f"{listing.root} (cached)")
 
@@ -375,5 +389,8 @@ def load_image_set(kind: str, root: str, request: ImageRequest = ImageRequest())
     if not os.path.isdir(root):
         raise UserError(f"--data-root {root} is not a directory")
     listing = list_folder(root) if kind == "folder" else list_cifar10(root)
-    paths = cache_paths(root, request)
-    return read_cache(paths, listing) or decode(listing, request, paths)
+    for paths in caches_to_try(root, request):
+        cached = read_cache(paths, listing, request)
+        if cached is not None:
+            return cached
+    return decode(listing, request, cache_paths(root, request))
