@@ -32,8 +32,8 @@ from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
 from utils.gan import fixed_inputs, generate
 from utils.model_card import build_card, write_model_card
 from utils.plots import plot_curves, save_samples
-from utils.privacy import inherit, is_private, warn_if_not_private
-from utils.training import maybe_dry_run, open_run, save_run_checkpoint
+from utils.privacy import check_same_partition, inherit, is_private, warn_if_not_private
+from utils.training import maybe_dry_run, open_run, resume_args, save_run_checkpoint, start_run
 
 STAGE = "private"
 PARENT_STAGES = ("compact", "private")  # a fine-tuned model can be fine-tuned again: its ledger composes
@@ -146,11 +146,14 @@ def describe_run(args) -> str:
 
 def prepare(args):
     """(args, run_dir, resumed checkpoint or None, metrics, source checkpoint, parent dir, ledger, split, plan).
-    A fresh run is checked (delta, partition, budget) before its run directory exists."""
+    Every input is checked (checkpoint, dataset, partition; for a fresh run delta and budget too) before anything
+    under --out is touched: a resumed run's metrics are cut back only then."""
     if args.resume:
-        args, run_dir, checkpoint, metrics = open_run(args, STAGE, None)
+        args, checkpoint = resume_args(args, STAGE)
         warn_if_not_private(checkpoint["privacy"])
         split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
+        check_same_partition(checkpoint["privacy"], split)
+        run_dir, metrics = start_run(args, STAGE, None, checkpoint)
         return args, run_dir, checkpoint, metrics, checkpoint, checkpoint["parent"], checkpoint["privacy"], split, None
     parent = load_parent(args)
     ledger = inherit(parent["privacy"])

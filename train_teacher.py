@@ -18,7 +18,7 @@ from utils.data import EpochBatches, add_data_args, load_split
 from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
 from utils.gan import check_finite, discriminator_step, fixed_inputs, generate, generator_step
 from utils.plots import plot_curves, save_samples
-from utils.privacy import new_ledger, record_data_read, warn_if_not_private
+from utils.privacy import check_same_partition, new_ledger, record_data_read, warn_if_not_private
 from utils.training import (batches_from, checkpoint_due, maybe_dry_run, resume_args, rng_from,
                             save_run_checkpoint, start_run)
 
@@ -147,6 +147,8 @@ def main(args):
     args, checkpoint = resume_args(args, STAGE)
     split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
     plan = plan_run(args, split, new_ledger(split.partition)) if args.dp and checkpoint is None else None
+    if args.dp and checkpoint is not None:
+        check_same_partition(checkpoint["privacy"], split)  # refused before the resumed metrics are cut back
     run_dir, metrics = start_run(args, STAGE, desc, checkpoint)  # only now, once the input is known to be good
     return train(args, run_dir, checkpoint, metrics, split, device, plan)
 

@@ -171,3 +171,24 @@ def tiny_student_run(tiny_distill_run):
     out, distill_dir = tiny_distill_run
     argv = student_argv(out, distill_dir, "--rho", "2.5")
     return out, train_student.main(train_student.parse_args(argv))
+
+
+def check_sample_grid(path, tiles: int, nrow: int = 10) -> np.ndarray:
+    """A sample grid PNG (utils/plots.save_samples: 28x28 tiles, 2-pixel white padding) holds `tiles` tiles in
+    rows of `nrow` (the white padding lines sit where that layout puts them), the image is not constant and not
+    every tile is the same image; returns the tiles as a (tiles, 28, 28) array. (A barely trained generator's
+    tiles may each be nearly flat grey once saved as 8 bits, so single tiles are not required to vary.)"""
+    from PIL import Image
+    grid = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    rows, step = -(-tiles // nrow), 28 + 2
+    assert grid.shape == (rows * step + 2, nrow * step + 2), grid.shape
+    padding = np.ones_like(grid, dtype=bool)
+    for r in range(rows):
+        for c in range(nrow):
+            padding[2 + step * r: step * (r + 1), 2 + step * c: step * (c + 1)] = False
+    assert (grid[padding] == 255).all(), "the tiles are not laid out as expected"
+    cells = np.stack([grid[2 + step * r: step * (r + 1), 2 + step * c: step * (c + 1)]
+                      for r in range(rows) for c in range(nrow)][:tiles])
+    assert cells.std() > 0 and (cells != 255).any(), "a blank or constant grid"
+    assert np.abs(cells - cells[0]).max() > 0, "every tile is the same image"
+    return cells

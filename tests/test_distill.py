@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import create_dataset
-from conftest import distill_argv
+from conftest import check_sample_grid, distill_argv
 from utils.checkpoint import build_generator, load_checkpoint
 from utils.cli import UserError, run_script
 from utils.distill import load_distill_set
@@ -35,7 +35,7 @@ def test_set_reloads_with_shapes_and_ledger(tiny_teacher_run, tiny_distill_run):
     assert checkpoint["parent"] == distill.teacher_dir == teacher["run_dir"]
     assert checkpoint["step"] == distill.meta["count"] == 200
     assert distill.meta["image_encoding"]["max_abs_error"] == pytest.approx(1 / 255)
-    assert os.path.isfile(os.path.join(distill.run_dir, "samples.png"))
+    check_sample_grid(os.path.join(distill.run_dir, "samples.png"), tiles=100)  # 10 per class
     assert not [name for name in os.listdir(os.path.dirname(distill.run_dir)) if name.startswith(".")]
 
 
