@@ -274,7 +274,7 @@ def test_models_built_for_the_data_and_a_mismatch_is_refused(rgb_folder, tiny_da
     assert G(*G.sample_inputs(6)).shape == images.shape and D(images, labels).shape == (6,)
     check_data_fits(split, G.model_args())
     fashion = load_split("fashion-mnist", "private", tiny_data_root, 200)
-    check_data_fits(fashion, {"nz": 100})  # model_args written before image sizes existed: 28x28 grey, 10 classes
+    check_data_fits(fashion, {"nz": 100, "num_classes": 10})  # model_args from before image sizes: 28x28 grey
     with pytest.raises(UserError, match="3x32x32 with 3 classes, but the model was built for 1x28x28 with 10"):
         check_data_fits(split, Generator().model_args())
 

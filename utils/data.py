@@ -25,14 +25,13 @@ from utils.folder_data import ImageRequest, load_image_set
 
 DATASETS = {
     "fashion-mnist": {"torchvision": "FashionMNIST", "debian": "/usr/share/datasets/fashion-mnist",
-                      "package": "dataset-fashion-mnist"},
-    "mnist": {"torchvision": "MNIST", "debian": None, "package": None},
+                      "package": "dataset-fashion-mnist", "num_classes": 10},
+    "mnist": {"torchvision": "MNIST", "debian": None, "package": None, "num_classes": 10},
 }
 IMAGE_SET_DATASETS = ("folder", "cifar10")  # read by utils/folder_data.py, any size and colour
 SPLITS = ("all", "public", "private")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-NUM_CLASSES = 10
 
 
 @dataclass
@@ -57,7 +56,7 @@ class ImageSplit:
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes) if self.classes else NUM_CLASSES
+        return len(self.classes) if self.classes else DATASETS[self.dataset]["num_classes"]
 
     @property
     def image_shape(self) -> tuple:
@@ -247,7 +246,7 @@ def model_shape(split: ImageSplit) -> dict:
 
 def check_data_fits(split: ImageSplit, model_args: dict):
     """Refuse data of another shape or class count than the model was built for (one line, naming both)."""
-    built_for = {"num_classes": model_args.get("num_classes", NUM_CLASSES),
+    built_for = {"num_classes": model_args["num_classes"],
                  "image_channels": model_args.get("image_channels", 1), "image_size": model_args.get("image_size", 28)}
     if model_shape(split) != built_for:
         have, want = model_shape(split), built_for
