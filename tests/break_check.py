@@ -32,16 +32,16 @@ class Break:
     meaning: str
 
 
-R, N, F, T, E, C, D = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
-                       "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
-                       "tests/test_data.py")
+R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
+                          "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
+                          "tests/test_data.py", "tests/test_lifecycle.py")
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
     Break("noise-not-added", "utils/dp.py", "noise_multiplier=noise_multiplier,", "noise_multiplier=0.0,",
           (N,), "Opacus is given sigma 0: the clipped mean alone is applied while the ledger records sigma"),
-    Break("ledger-sigma-not-used", "utils/dp.py", "args.batch_size, self.plan.noise_multiplier,",
-          "args.batch_size, 0.5 * self.plan.noise_multiplier,",
+    Break("ledger-sigma-not-used", "utils/dp.py", "train.batch_size, plan.noise_multiplier,",
+          "train.batch_size, 0.5 * plan.noise_multiplier,",
           (N + "::test_the_ledgers_sigma_is_the_sigma_used",),
           "the training loop adds half the noise of the sigma its ledger (and epsilon) is computed from"),
     Break("noise-unseeded", "utils/dp.py", "noise_generator=self.noise_rng, ", "",
@@ -50,50 +50,58 @@ BREAKS = [
     Break("ghost-without-wrapper", "utils/dp.py", "if self.criterion is None:", "if True:",
           (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
           "ghost mode's loss bypasses Opacus's per-sample loss wrapper: no clipping at all"),
-    Break("clipping-off", "utils/dp.py", "max_grad_norm=max_grad_norm, poisson_sampling",
+    Break("clipping-off", "utils/dp.py", "max_grad_norm=config.max_grad_norm, poisson_sampling",
           "max_grad_norm=1e6, poisson_sampling", (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
           "per-sample gradients are clipped to a norm that never binds"),
     # ------------------------------------------------------------ killed and resumed equals uninterrupted
-    Break("dp-teacher-checkpoint-without-dp-state", "train_teacher.py",
-          "save_run_checkpoint(run_dir, {**state, **trainer.checkpoint_state()})", "save_run_checkpoint(run_dir, state)",
+    Break("dp-teacher-checkpoint-without-dp-state", "utils/trainer.py", "**own, **self.extra)", "**self.extra)",
           (R + "::test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run",),
-          "the --dp teacher's checkpoint lacks the accountant history, plan and DP optimizer state"),
-    Break("dp-teacher-checkpoint-without-sampler-noise-rng", "train_teacher.py",
-          "{**state, **trainer.checkpoint_state()}", "{**trainer.checkpoint_state(), **state}",
+          "the --dp teacher's checkpoint lacks the accountant history, plan and losses of its DP step"),
+    Break("dp-teacher-checkpoint-without-sampler-noise-rng", "utils/dp.py",
+          '{"train": self.rng.get_state(), **self.pd.rng_states()}', '{"train": self.rng.get_state()}',
           (R + "::test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run",),
           "the --dp teacher's checkpoint keeps only the training generator, losing the sampler's and noise's"),
     Break("resumed-order-empty", "utils/data.py", "for i in range(start, len(self)):",
           "for i in range(start, len(self) if start == 0 else 0):", (D + "::test_epoch_order_is_seeded_and_resumable",),
           "a resumed epoch yields no batches (a test comparing with all() over zip() would pass vacuously)"),
     # ------------------------------------------------------------ atomic writes
-    Break("checkpoint-not-atomic", "utils/checkpoint.py", 'tmp = f"{path}.tmp.{os.getpid()}"', "tmp = path",
+    Break("checkpoint-not-atomic", "utils/files.py", 'tmp = f"{path}.tmp.{os.getpid()}"', "tmp = path",
           (R + "::test_a_failed_save_keeps_the_previous_checkpoint_and_latest",),
           "checkpoint.pt is written in place: a save failing midway destroys the previous checkpoint"),
     Break("latest-before-checkpoint", "utils/training.py",
-          "    save_checkpoint(run_dir, checkpoint)\n    mark_latest(run_dir)",
-          "    mark_latest(run_dir)\n    save_checkpoint(run_dir, checkpoint)",
+          "        save_checkpoint(self.run_dir, checkpoint)\n        mark_latest(self.run_dir)",
+          "        mark_latest(self.run_dir)\n        save_checkpoint(self.run_dir, checkpoint)",
           (R + "::test_a_failed_save_keeps_the_previous_checkpoint_and_latest",),
           "`latest` moves to a run before its checkpoint is complete"),
     # ------------------------------------------------------------ refusals change nothing on disk
     Break("evaluate-run-dir-before-checks", "evaluate.py", "    data = load_data(args)\n",
-          '    data = load_data(args)\n    new_run_dir(args.out, STAGE, "early")\n',
+          '    data = load_data(args)\n    Run.open(args, STAGE, "early")\n',
           (R + "::test_evaluate_refuses_delta_and_partition_before_writing",),
           "evaluate.py creates its run directory before checking --delta and the partition"),
-    Break("refusal-leaves-empty-run-dir", "fine_tune.py", "    plan = plan_run(args, split, ledger)\n",
-          '    os.makedirs(os.path.join(args.out, STAGE, "00099-x"), exist_ok=True)\n'
-          "    plan = plan_run(args, split, ledger)\n",
-          (R + "::test_nonsense_numbers",), "a refused fine-tuning (bad --delta) leaves an empty run directory"),
+    Break("refusal-leaves-empty-run-dir", "fine_tune.py", "    plan = plan_for(checkpoint, config, train, split, ledger)",
+          '    Run.open(args, STAGE, "early")\n'
+          "    plan = plan_for(checkpoint, config, train, split, ledger)",
+          (R + "::test_nonsense_numbers",), "a refused fine-tuning (bad --delta) leaves a run directory"),
     Break("fine-tune-resume-cuts-metrics-before-checks", "fine_tune.py",
-          "        warn_if_not_private(checkpoint[\"privacy\"])\n",
-          "        warn_if_not_private(checkpoint[\"privacy\"])\n        start_run(args, STAGE, None, checkpoint)\n",
+          "    args, checkpoint = resume_args(args, STAGE)\n",
+          "    args, checkpoint = resume_args(args, STAGE)\n"
+          "    if checkpoint is not None:\n        Run.open(args, STAGE, None, checkpoint)\n",
           (R + "::test_resume_with_the_dataset_gone_changes_nothing",),
           "fine_tune.py --resume cuts metrics.jsonl back before the dataset is found (the issue-16 defect)"),
     Break("teacher-resume-cuts-metrics-before-checks", "train_teacher.py",
           "    args, checkpoint = resume_args(args, STAGE)\n",
           "    args, checkpoint = resume_args(args, STAGE)\n"
-          "    if checkpoint is not None:\n        start_run(args, STAGE, desc, checkpoint)\n",
+          "    if checkpoint is not None:\n        Run.open(args, STAGE, None, checkpoint)\n",
           (R + "::test_resume_with_the_dataset_gone_changes_nothing",),
           "train_teacher.py --resume cuts metrics.jsonl back before the dataset is found"),
+    # ------------------------------------------------------------ the run life cycle (issue 10)
+    Break("paths-stored-absolute", "utils/checkpoint.py",
+          "stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)", "stored = dict(checkpoint)",
+          (L + "::test_paths_are_stored_relative_and_a_moved_pipeline_resolves",),
+          "checkpoints name other runs by absolute path: a moved pipeline directory no longer resolves"),
+    Break("progress-refreshes-every-step", "utils/trainer.py", "refresh=False)", "refresh=True)",
+          (L + "::test_training_log_is_short_when_output_is_a_file",),
+          "a log file gets one progress line per training step"),
     # ------------------------------------------------------------ what is reported
     Break("stage-epsilon-reported-as-total", "utils/dp.py", "is_private(ledger) and history(ledger) == own_history",
           "is_private(ledger) and True", (F + "::test_dp_teacher_route_composes",),

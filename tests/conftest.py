@@ -116,7 +116,7 @@ def write_handmade_run(out, stage, generator, parent=None, teacher=None, discrim
     """A checkpoint of `stage` holding `generator` (and a tiny discriminator), saved as the stage scripts do."""
     from models import Discriminator
     from utils.checkpoint import new_run_dir, unwrapped_state_dict
-    from utils.training import save_run_checkpoint
+    from utils.training import Run
     run_dir = new_run_dir(str(out), stage, "x")
     checkpoint = {"stage": stage, "step": 7, "args": {"seed": 0}, "parent": parent, "privacy": tiny_ledger(),
                   "model_args": {"generator": generator.model_args()}, "generator": unwrapped_state_dict(generator)}
@@ -127,7 +127,7 @@ def write_handmade_run(out, stage, generator, parent=None, teacher=None, discrim
         checkpoint["model_args"]["discriminator"] = D.model_args()
         checkpoint["discriminator"] = unwrapped_state_dict(D)
     checkpoint.update(extra or {})
-    save_run_checkpoint(run_dir, checkpoint)
+    Run(run_dir, stage).save(checkpoint)
     return run_dir
 
 

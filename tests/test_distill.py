@@ -95,7 +95,8 @@ def test_not_enough_disk_space_is_refused(tiny_teacher_run, tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match="not enough disk space"):
         make_set(tmp_path, tiny_teacher_run[1])
-    assert os.listdir(tmp_path / "distill") == []  # no run directory, no partial files
+    # refused before anything is written under --out: no run directory, no partial files, no stage directory
+    assert not os.path.exists(tmp_path / "distill")
 
 
 def test_failure_mid_write_leaves_no_run(tiny_teacher_run, tmp_path, monkeypatch):

@@ -2,10 +2,10 @@
 C exactly, Gaussian noise of standard deviation sigma*C/B is really added to the applied update, it comes from the
 run's own seeded noise generator, and the sigma the ledger records is the sigma that is used.
 
-Each test drives the discriminator the training loop builds (DPGANTrainer -> PrivateDiscriminator) through one
+Each test drives the discriminator the training loop builds (DPStep -> PrivateDiscriminator) through one
 optimizer step on a fixed batch, with plain SGD at learning rate 1 so that the applied update is the DP gradient.
 """
-import argparse
+import os
 
 import pytest
 import torch
@@ -15,15 +15,17 @@ from models import Discriminator, Generator
 from utils import dp
 from utils.data import load_split
 from utils.privacy import new_ledger
+from utils.training import Run, TrainConfig
 
 BATCH = 4  # expected batch B; the fixed batch has exactly B pairs
 CLIP = 0.05  # C: small enough that every pair's gradient is clipped
 
 
-def dp_args(seed=0, grad_sample_mode=dp.DEFAULT_GRAD_SAMPLE_MODE) -> argparse.Namespace:
-    return argparse.Namespace(batch_size=BATCH, epochs=1, max_steps=None, delta=1e-5, max_grad_norm=CLIP,
-                              accountant="rdp", d_steps_per_g_step=5, grad_sample_mode=grad_sample_mode, seed=seed,
-                              log_every=1, checkpoint_every=100, noise_multiplier=None, target_epsilon=None)
+def dp_settings(seed=0, grad_sample_mode=dp.DEFAULT_GRAD_SAMPLE_MODE) -> tuple:
+    """(DP config, training config) of the tests' private discriminator."""
+    return (dp.DPConfig(delta=1e-5, max_grad_norm=CLIP, accountant="rdp", d_steps_per_g_step=5,
+                        grad_sample_mode=grad_sample_mode),
+            TrainConfig(batch_size=BATCH, epochs=1, seed=seed, log_every=1, checkpoint_every=100))
 
 
 def build_trainer(data_root, sigma, seed=0, grad_sample_mode=dp.DEFAULT_GRAD_SAMPLE_MODE):
@@ -33,11 +35,10 @@ def build_trainer(data_root, sigma, seed=0, grad_sample_mode=dp.DEFAULT_GRAD_SAM
     G, D = Generator(channels=(12, 8, 4), bits=8), Discriminator(channels=(8, 8))
     plan = dp.DPPlan(sample_rate=BATCH / len(split), steps_per_epoch=len(split) // BATCH, planned_steps=10,
                      noise_multiplier=sigma, calibrated=False)
-    trainer = dp.DPGANTrainer(stage="private", run_name="00000-test", G=G, D=D,
-                              g_optimizer=torch.optim.SGD(G.parameters(), lr=1.0),
-                              d_optimizer=torch.optim.SGD(D.parameters(), lr=1.0), split=split,
-                              ledger=new_ledger(split.partition), args=dp_args(seed, grad_sample_mode),
-                              device="cpu", plan=plan)
+    optimizers = {"g": torch.optim.SGD(G.parameters(), lr=1.0), "d": torch.optim.SGD(D.parameters(), lr=1.0)}
+    run = Run(os.path.join("never-written", "00000-test"), "private")  # names the mechanism; nothing is saved
+    trainer = dp.DPStep(G, D, optimizers, split, new_ledger(split.partition), plan, *dp_settings(seed, grad_sample_mode),
+                        run)
     return trainer, G, D, split
 
 
@@ -114,7 +115,8 @@ def test_noise_comes_from_the_runs_seeded_generator(tiny_data_root):
 def test_the_ledgers_sigma_is_the_sigma_used(tiny_data_root):
     """The noise multiplier the ledger (and so the epsilon) is computed from is the one whose noise is added."""
     noise, trainer = noise_of_one_step(tiny_data_root, 0.6)
-    (mechanism,) = trainer.checkpoint_state()["privacy"]["mechanisms"]
+    trainer.extra_state()  # what a checkpoint saves: the ledger brought up to date
+    (mechanism,) = trainer.ledger["mechanisms"]
     assert mechanism["steps"] == 1 and mechanism["max_grad_norm"] == CLIP
     recorded = mechanism["noise_multiplier"]
     assert recorded == 0.6

@@ -20,7 +20,7 @@ from utils.checkpoint import build_discriminator, build_generator, load_checkpoi
 from utils.cli import run_script
 from utils.data import load_split
 from utils.privacy import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
-from utils.training import save_run_checkpoint
+from utils.training import Run
 
 DELTA = 1e-5
 COMPACT_WIDTHS = (12, 8, 4)
@@ -41,7 +41,7 @@ def write_compact(out, ledger, discriminator=True, seed=0) -> str:
         checkpoint["model_args"]["discriminator"] = D.model_args()
         checkpoint["discriminator"] = unwrapped_state_dict(D)
     run_dir = new_run_dir(str(out), "compact", "x")
-    save_run_checkpoint(run_dir, checkpoint)
+    Run(run_dir, "compact").save(checkpoint)
     return run_dir
 
 
@@ -235,8 +235,9 @@ def test_teacher_dp_needs_private_split(tiny_data_root, tmp_path, capsys):
 def tiny_private_discriminator(data_root, batch_size=32, noise=1.0, clip=1.0):
     torch.manual_seed(0)
     G, D = Generator(channels=COMPACT_WIDTHS, bits=8), Discriminator(channels=(8, 8))
+    config = dp.DPConfig(max_grad_norm=clip, accountant="rdp", grad_sample_mode=dp.DEFAULT_GRAD_SAMPLE_MODE)
     pd = dp.PrivateDiscriminator(D, torch.optim.Adam(D.parameters()), private_split(data_root), batch_size, noise,
-                                 clip, dp.DEFAULT_GRAD_SAMPLE_MODE, "rdp", 0)
+                                 config, seed=0)
     return G, D, pd
 
 
@@ -244,11 +245,11 @@ def test_generator_step_takes_no_accountant_step(tiny_data_root):
     G, D, pd = tiny_private_discriminator(tiny_data_root)
     rng = torch.Generator().manual_seed(0)
     real, labels = pd.next_batch()
-    dp.discriminator_step(pd, G, real, labels, rng)
+    dp.dp_discriminator_step(pd, G, real, labels, rng)
     assert pd.history == [(1.0, 32 / 400, 1)]
     d_before = [(p.detach().clone(), p.grad.clone(), p.grad_sample) for p in D.parameters()]
     g_before = [p.detach().clone() for p in G.parameters()]
-    dp.generator_step(pd, G, torch.optim.Adam(G.parameters()), 32, rng, "cpu")
+    dp.dp_generator_step(pd, G, torch.optim.Adam(G.parameters()), 32, rng, "cpu")
     assert pd.history == [(1.0, 32 / 400, 1)]
     for (value, grad, grad_sample), p in zip(d_before, D.parameters()):  # D untouched, hooks were off
         assert torch.equal(value, p) and torch.equal(grad, p.grad) and p.grad_sample is grad_sample

@@ -149,13 +149,14 @@ def test_distill_set_that_does_not_match_its_teacher(pipeline_copy, capsys, tiny
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data_root, tmp_path, monkeypatch, capsys):
-    real_step, calls = train_teacher.discriminator_step, []
+    from utils import gan
+    real_step, calls = gan.nonprivate_discriminator_step, []
 
     def failing_step(*args):
         calls.append(1)
         return float("nan") if len(calls) == 5 else real_step(*args)
 
-    monkeypatch.setattr(train_teacher, "discriminator_step", failing_step)
+    monkeypatch.setattr(gan, "nonprivate_discriminator_step", failing_step)
     argv = teacher_argv(tiny_data_root, str(tmp_path), "--max-steps", "8", "--checkpoint-every", "2")
     assert run_script(train_teacher.main, train_teacher.parse_args, argv) == 2
     err = capsys.readouterr().err

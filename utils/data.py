@@ -1,4 +1,4 @@
-"""Datasets and the public/private partition (DESIGN sections 1 and 4).
+"""Datasets and the public/private partition (docs/DESIGN.md, "Data and the partition").
 
 Built-in sets (Fashion-MNIST, MNIST), in order: `--data-root` (raw IDX files, with or without .gz, directly there
 or in torchvision's `<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's
@@ -213,6 +213,8 @@ def load_split(dataset: str, split: str, data_root: str = "data", public_size: i
 
 
 def add_data_args(parser, default_split: str = "public"):
+    """--dataset, --data-root, the partition's flags and --split (none with `default_split=None`: a script that
+    reads several splits, like evaluate.py)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS) + list(IMAGE_SET_DATASETS),
                        help="'folder': your own images, one sub-folder per class under --data-root; 'cifar10': "
@@ -222,8 +224,9 @@ def add_data_args(parser, default_split: str = "public"):
                        help="folder/cifar10: resize and centre-crop to this square (default: the images' own size)")
     group.add_argument("--channels", type=int, choices=(1, 3), default=None,
                        help="folder/cifar10: 1 (grey) or 3 (RGB) (default: 1 if every image is grey, else 3)")
-    group.add_argument("--split", default=default_split, choices=SPLITS,
-                       help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
+    if default_split is not None:
+        group.add_argument("--split", default=default_split, choices=SPLITS,
+                           help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
     group.add_argument("--public-size", type=int, default=10000, help="size of the public part of the partition")
     group.add_argument("--partition-seed", type=int, default=0,
                        help="seed of the public/private partition (keep it fixed across stages)")
