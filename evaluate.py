@@ -32,7 +32,7 @@ from utils import deploy, runtime
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
                        progress_bar, resolve_device, run_script, set_seed)
-from utils.data import add_data_args, load_split, to_unit_range
+from utils.data import add_data_args, check_data_fits, image_request, load_split, to_unit_range
 from utils.files import write_json, write_text
 from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc, predict,
                            reference_classifier)
@@ -136,11 +136,12 @@ def row_labels(runs) -> list:
             for c in runs]
 
 
-def load_data(args) -> dict:
-    """Real data as [-1, 1] tensors: the whole training set, the test set, and the audit's members/non-members."""
-    train = load_split(args.dataset, "all", args.data_root, args.public_size, args.partition_seed)
-    test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed)
-    private = load_split(args.dataset, "private", args.data_root, args.public_size, args.partition_seed)
+def load_data(args, built_for: dict) -> dict:
+    """Real data as [-1, 1] tensors, read at the shape the generators were built for (`built_for`: their
+    model_args): the whole training set, the test set, and the audit's members/non-members."""
+    request = image_request(args, built_for)
+    train, test, private = (load_split(args.dataset, split, args.data_root, args.public_size, args.partition_seed,
+                                       request) for split in ("all", "test", "private"))
     count = min(args.audit_members, len(private), len(test))
     rng = torch.Generator().manual_seed(args.seed + 1)
     members = torch.randperm(len(private), generator=rng)[:count]
@@ -396,9 +397,10 @@ def load_inputs(args) -> tuple:
     """(generator checkpoints, real data), checked against delta and the partition: every refusal comes here,
     before anything is written."""
     runs = load_runs(run_paths(args))
-    data = load_data(args)
+    data = load_data(args, runs[0]["model_args"]["generator"])
     check_delta(args.delta, len(data["private"]))
     for checkpoint in runs:
+        check_data_fits(data["private"], checkpoint["model_args"]["generator"])
         check_same_partition(checkpoint["privacy"], data["private"])
     return runs, data
 

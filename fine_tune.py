@@ -29,7 +29,7 @@ from models import Discriminator
 from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
 from utils.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
                        positive_int, resolve_device, run_script, set_seed, set_threads, speed_settings)
-from utils.data import add_data_args, load_split
+from utils.data import add_data_args, check_data_fits, image_request, load_split
 from utils.deploy import format_table, write_device_artifacts
 from utils.files import write_json
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
@@ -92,7 +92,7 @@ def build_models(source: dict, device):
     if "discriminator" in source:
         D = build_discriminator(source)
     else:
-        D = Discriminator(**source["model_args"].get("discriminator", {"num_classes": G.num_classes}))
+        D = Discriminator(**source["model_args"].get("discriminator", model_shape_of(G)))
     return G.to(device).train(), D.to(device).train()
 
 
@@ -144,13 +144,27 @@ def cost_report(run_dir: str, G, checkpoint: dict, args, artifacts: dict):
     return rows
 
 
+def model_shape_of(G) -> dict:
+    """The shape arguments of a discriminator for the data G was built for."""
+    return {key: G.model_args()[key] for key in ("num_classes", "image_channels", "image_size")}
+
+
+def load_data(args, source: dict):
+    """The private split, read at the shape the generator of `source` was built for, and checked against it."""
+    built_for = source["model_args"]["generator"]
+    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed,
+                       image_request(args, built_for))
+    check_data_fits(split, built_for)
+    return split
+
+
 def main(args):
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)
     args, checkpoint = resume_args(args, STAGE)
     source = load_source(args, checkpoint)
-    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
+    split = load_data(args, source)
     config, train = DPConfig.from_args(args), TrainConfig.from_args(args)
     ledger = source["privacy"] if checkpoint is not None else inherit(source["privacy"])
     plan = plan_for(checkpoint, config, train, split, ledger)  # checks delta, partition and budget

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from models import PRUNABLE_LAYERS, QUANT_BITS, Discriminator, Generator
+from models import QUANT_BITS, Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
 from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, make_parser, nonnegative_float,
                        positive_float, positive_int, quant_bits, resolve_device, run_script, set_seed)
@@ -151,11 +151,12 @@ def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
     side_by_side_samples({"teacher (float)": teacher, f"student ({G.bits}-bit, {sum(active)}/{sum(total)} "
                           f"channels)": G}, os.path.join(run_dir, "samples.png"), "same z and labels", device)
     plot_losses(run_dir, ["d_loss", "g_loss", "distill_loss"], "student losses")
-    layers = [{"step": r["step"], **dict(zip(PRUNABLE_LAYERS, r["active_channels"]))}
+    layers = [{"step": r["step"], **dict(zip(G.prunable_layers, r["active_channels"]))}
               for r in read_metrics(run_dir) if "active_channels" in r]
-    plot_curves(layers, PRUNABLE_LAYERS, os.path.join(run_dir, "sparsity.png"), "live channels per layer",
+    plot_curves(layers, G.prunable_layers, os.path.join(run_dir, "sparsity.png"), "live channels per layer",
                 ylabel="active channels")
-    summary = {"active_channels": dict(zip(PRUNABLE_LAYERS, active)), "channels": dict(zip(PRUNABLE_LAYERS, total)),
+    summary = {"active_channels": dict(zip(G.prunable_layers, active)),
+               "channels": dict(zip(G.prunable_layers, total)),
                "bits": G.bits, f"eval_{args.distill_loss}_distill_loss": eval_distill_loss(G, distill, args, device)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

@@ -35,6 +35,7 @@ class Break:
 R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
                           "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
                           "tests/test_data.py", "tests/test_lifecycle.py")
+I, S = "tests/test_folder_data.py", "tests/test_model_shapes.py"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -120,6 +121,17 @@ BREAKS = [
           "evaluate.py reports a membership AUC of 0.5 whatever the generator"),
     Break("auc-half", "utils/metrics.py", "return rank_auc(member_scores.numpy(), nonmember_scores.numpy())",
           "return 0.5", (E,), "the membership AUC is always 0.5"),
+    # ------------------------------------------------------------ your own images (issue 15)
+    Break("private-fingerprint-ignores-file-list", "utils/data.py", "digest.update(list_fingerprint.encode())",
+          "digest.update(b'')", (I + "::test_partition_fingerprint_covers_the_file_list",),
+          "two different folders (or a changed one) give the same private fingerprint: the ledger would cover both"),
+    Break("cache-ignores-file-list", "utils/folder_data.py",
+          ' or meta.get("fingerprint") != listing.fingerprint:', ":",
+          (I + "::test_a_changed_file_is_noticed_and_decoded_again",),
+          "a changed folder is read from the stale decode cache"),
+    Break("default-28-layout-changed", "models/shapes.py", "28: (256, 128, 64)", "28: (256, 128, 32)",
+          (S + "::test_default_28_grey_models_keep_the_original_layout",),
+          "the default 28x28 generator changes shape: existing checkpoints no longer load"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc")
