@@ -83,15 +83,19 @@ def test_randomized_response_is_rarely_caught_above_its_epsilon():
 
 def test_guesses_take_the_k_highest_and_lowest():
     scores = np.array([0.1, 5.0, -3.0, 2.0, 0.0, -1.0])
-    assert guesses(scores, 2).tolist() == [0, 1, -1, 1, 0, -1]
-    assert count_correct(scores, [False, True, False, False, False, True], 2) == (4, 2)
+    assert guesses(scores, 2, 2).tolist() == [0, 1, -1, 1, 0, -1]
+    assert guesses(scores, 1, 0).tolist() == [0, 1, 0, 0, 0, 0]
+    assert guesses(scores, 0, 3).tolist() == [0, 0, -1, 0, -1, -1]
+    assert count_correct(scores, [False, True, False, False, False, True], 2, 2) == (4, 2)
+    assert count_correct(scores, [False, True, False, False, False, True], 1, 0) == (1, 1)
     with pytest.raises(ValueError):
-        guesses(scores, 4)
+        guesses(scores, 4, 3)
 
 
-def test_guess_counts_are_fixed_fractions_of_m():
-    assert AuditSettings(canaries=1000).guess_counts() == [20, 50, 100, 200, 500]
-    assert AuditSettings(canaries=10).guess_counts() == [1, 2, 5]
+def test_guess_plans_are_fixed_fractions_of_m_two_and_one_sided():
+    plans = AuditSettings(canaries=1000).guess_plans()
+    assert plans == [(k, k_minus) for k in (20, 50, 100, 200, 500) for k_minus in (k, 0)]
+    assert AuditSettings(canaries=10).guess_plans() == [(1, 1), (1, 0), (2, 2), (2, 0), (5, 5), (5, 0)]
 
 
 def test_separable_scores_give_a_positive_bound_and_the_claim_check_raises():
@@ -100,10 +104,11 @@ def test_separable_scores_give_a_positive_bound_and_the_claim_check_raises():
     scores = included + 0.3 * rng.normal(size=1000)
     result = audit_attack("separable", scores, included, 1e-5, AuditSettings(canaries=1000))
     assert result.epsilon_lower_bound > 2 and result.auc > 0.95
-    assert result.correct == max(row["correct"] for row in result.per_k if row["k"] == result.k)
-    # the reported k's bound is computed at significance 0.05 / 5 (Bonferroni over the five k)
+    assert result.epsilon_lower_bound == max(row["epsilon_lower_bound"] for row in result.per_plan)
+    assert (result.guesses, result.correct) == count_correct(scores, included, result.k_plus, result.k_minus)
+    # the reported plan's bound is computed at significance 0.05 / 10 (Bonferroni over the ten plans)
     assert result.epsilon_lower_bound == pytest.approx(
-        epsilon_lower_bound(1000, result.guesses, result.correct, 1e-5, 0.01), abs=1e-9)
+        epsilon_lower_bound(1000, result.guesses, result.correct, 1e-5, 0.005), abs=1e-9)
     check_claim(math.inf, [result])
     check_claim(result.epsilon_lower_bound + 0.01, [result])
     with pytest.raises(AuditFailure, match="AUDIT FAILED"):
@@ -233,5 +238,17 @@ def test_reports_table_and_histogram(tmp_path):
     table = audit_markdown(rows)
     assert table.count("\n") == 2 + 3 and "∞ (no DP)" in table and "| white-box |" in table
     assert f"{results[0].correct} / {results[0].guesses}" in table
+    assert f"| {results[0].k_plus} / {results[0].k_minus} |" in table
     plot_scores(scores, included, str(tmp_path / "audit.png"))
     assert (tmp_path / "audit.png").stat().st_size > 1000
+
+
+def test_a_signal_only_at_the_top_is_caught_by_one_sided_guesses():
+    """As in a short run: 40% of the members were sampled and stand out, the rest look like non-members."""
+    rng = np.random.default_rng(5)
+    included = rng.random(1000) < 0.5
+    seen = included & (rng.random(1000) < 0.4)
+    scores = rng.normal(size=1000) + 4.0 * seen
+    result = audit_attack("top only", scores, included, 1e-5, AuditSettings(canaries=1000))
+    two_sided = [row for row in result.per_plan if row["k_minus"] > 0]
+    assert result.k_minus == 0 and result.epsilon_lower_bound > max(row["epsilon_lower_bound"] for row in two_sided)

@@ -18,11 +18,16 @@ is an empirical LOWER bound on the true epsilon.
   discriminator the stage started from where given (the public starting point: removing each canary's prior
   score leaves what training added); black-box, minus the L2 distance of the canary to its nearest generated
   sample of the canary's label.
+- Guesses: "in" on the k+ highest scores, "out" on the k- lowest, abstain on the rest (r = k+ + k-). A canary
+  the training never sampled looks like a non-member, so membership shows mostly at the top: besides k+ = k-,
+  the one-sided k- = 0 is tried (as in the paper's experiments).
 - Bound: Theorem 3.1 of the paper, computed as in its Algorithm 2 (the p-value of v correct guesses out of r
   under the (eps, delta)-DP null, searched for the largest rejected eps). The paper tries several k and reports
-  the best; here the k are fixed in advance (`AuditSettings.guess_fractions`) and the significance is split
+  the best; here the (k+, k-) are fixed in advance (`AuditSettings.guess_plans`) and the significance is split
   among them (Bonferroni), so the reported maximum is itself a valid 95% lower bound (one per attack: with both
-  attacks reported, the chance that either is wrong is at most 10%).
+  attacks reported, the chance that either is wrong is at most 10%). With m canaries the bound cannot exceed
+  what m correct guesses give (about 5.1 for m = 1000, ten plans, delta = 1e-5): a larger claimed epsilon cannot be
+  refuted, only a smaller one.
 - AUC of each attack (members = included canaries) with a 95% Hanley-McNeil (1982) interval.
 """
 import math
@@ -45,12 +50,13 @@ CANARY_SOURCE = "test"
 class AuditSettings:
     canaries: int = 1000  # m
     seed: int = 0
-    guess_fractions: tuple = (0.02, 0.05, 0.1, 0.2, 0.5)  # k = fraction * m on each side, fixed in advance
+    guess_fractions: tuple = (0.02, 0.05, 0.1, 0.2, 0.5)  # k+ = fraction * m, fixed in advance
     significance: float = SIGNIFICANCE
 
-    def guess_counts(self) -> list:
-        """The k (guesses on each side) tried: distinct, at least 1, at most m // 2."""
-        return sorted({min(self.canaries // 2, max(1, round(f * self.canaries))) for f in self.guess_fractions})
+    def guess_plans(self) -> list:
+        """The (k+, k-) tried: for each k+ = fraction * m (at least 1, at most m // 2), k- = k+ and k- = 0."""
+        ks = sorted({min(self.canaries // 2, max(1, round(f * self.canaries))) for f in self.guess_fractions})
+        return [(k, k_minus) for k in ks for k_minus in (k, 0)]
 
 
 # ---------------------------------------------------------------- canaries and their inclusion
@@ -134,20 +140,20 @@ def generator_scores(canaries: Canaries, generated: torch.Tensor, generated_labe
 
 # ---------------------------------------------------------------- guesses and the bound
 
-def guesses(scores, k: int) -> np.ndarray:
-    """+1 ("in") on the k highest scores, -1 ("out") on the k lowest, 0 (abstain) elsewhere; ties by position."""
+def guesses(scores, k_plus: int, k_minus: int) -> np.ndarray:
+    """+1 ("in") on the k+ highest scores, -1 ("out") on the k- lowest, 0 (abstain) elsewhere; ties by position."""
     scores = np.asarray(scores, np.float64)
-    if not 0 <= 2 * k <= len(scores):
-        raise ValueError(f"{k} guesses on each side need at least {2 * k} scores, got {len(scores)}")
+    if min(k_plus, k_minus) < 0 or k_plus + k_minus > len(scores):
+        raise ValueError(f"{k_plus} + {k_minus} guesses need at least as many scores, got {len(scores)}")
     order = np.argsort(-scores, kind="stable")
     out = np.zeros(len(scores), np.int8)
-    out[order[:k]], out[order[len(scores) - k:]] = 1, -1
+    out[order[:k_plus]], out[order[len(scores) - k_minus:]] = 1, -1
     return out
 
 
-def count_correct(scores, included, k: int) -> tuple:
-    """(r, v): the number of guesses (2k) and of correct ones."""
-    guess = guesses(scores, k)
+def count_correct(scores, included, k_plus: int, k_minus: int) -> tuple:
+    """(r, v): the number of guesses (k+ + k-) and of correct ones."""
+    guess = guesses(scores, k_plus, k_minus)
     truth = np.where(np.asarray(included, bool), 1, -1)
     return int(np.count_nonzero(guess)), int(np.sum(guess == truth))
 
@@ -203,34 +209,37 @@ class AttackResult:
     attack: str
     canaries: int  # m
     members: int
-    k: int  # guesses on each side, of the best k tried
-    guesses: int  # r = 2k
+    k_plus: int  # "in" guesses on the highest scores, of the best plan tried
+    k_minus: int  # "out" guesses on the lowest scores
+    guesses: int  # r = k+ + k-
     correct: int  # v
     epsilon_lower_bound: float
     auc: float
     auc_low: float
     auc_high: float
-    per_k: list = field(default_factory=list)  # [{k, guesses, correct, epsilon_lower_bound}] for every k tried
+    per_plan: list = field(default_factory=list)  # {k_plus, k_minus, guesses, correct, epsilon_lower_bound} each
 
     def as_dict(self) -> dict:
         return dict(vars(self))
 
 
 def audit_attack(attack: str, scores, included, delta: float, settings: AuditSettings) -> AttackResult:
-    """Guesses at every k fixed in advance, each bound at significance / (number of k); the best k reported."""
+    """Guesses by every (k+, k-) fixed in advance, each bound at significance / (number of plans); the best
+    plan reported (the smallest r among equal bounds)."""
     scores, included = np.asarray(scores, np.float64), np.asarray(included, bool)
     if len(scores) != len(included) or included.all() or not included.any():
         raise ValueError("an audit needs one score per canary and both members and non-members")
-    m, ks = len(scores), settings.guess_counts()
-    per_k = []
-    for k in ks:
-        r, v = count_correct(scores, included, k)
-        per_k.append({"k": k, "guesses": r, "correct": v,
-                      "epsilon_lower_bound": epsilon_lower_bound(m, r, v, delta, settings.significance / len(ks))})
-    best = max(per_k, key=lambda row: (row["epsilon_lower_bound"], -row["k"]))
+    m, plans = len(scores), settings.guess_plans()
+    per_plan = []
+    for k_plus, k_minus in plans:
+        r, v = count_correct(scores, included, k_plus, k_minus)
+        bound = epsilon_lower_bound(m, r, v, delta, settings.significance / len(plans))
+        per_plan.append({"k_plus": k_plus, "k_minus": k_minus, "guesses": r, "correct": v,
+                         "epsilon_lower_bound": bound})
+    best = max(per_plan, key=lambda row: (row["epsilon_lower_bound"], -row["guesses"]))
     auc, low, high = auc_interval(scores[included], scores[~included])
-    return AttackResult(attack, m, int(included.sum()), best["k"], best["guesses"], best["correct"],
-                        best["epsilon_lower_bound"], auc, low, high, per_k)
+    return AttackResult(attack, m, int(included.sum()), best["k_plus"], best["k_minus"], best["guesses"],
+                        best["correct"], best["epsilon_lower_bound"], auc, low, high, per_plan)
 
 
 class AuditFailure(RuntimeError):
@@ -255,13 +264,13 @@ def format_epsilon(value: float) -> str:
 
 def audit_markdown(rows) -> str:
     """One table: a row per (run, attack) from `run_rows`, with the claimed epsilon beside the lower bound."""
-    lines = ["| run | claimed epsilon | attack | epsilon lower bound (95%) | AUC [95% CI] | m | members | k | "
+    lines = ["| run | claimed epsilon | attack | epsilon lower bound (95%) | AUC [95% CI] | m | members | k+ / k- | "
              "correct / guesses |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['run']} | {format_epsilon(row['claimed_epsilon'])} | {row['attack']} | "
                      f"{row['epsilon_lower_bound']:.3f} | {row['auc']:.3f} [{row['auc_low']:.3f}, "
-                     f"{row['auc_high']:.3f}] | {row['canaries']} | {row['members']} | {row['k']} | "
-                     f"{row['correct']} / {row['guesses']} |")
+                     f"{row['auc_high']:.3f}] | {row['canaries']} | {row['members']} | {row['k_plus']} / "
+                     f"{row['k_minus']} | {row['correct']} / {row['guesses']} |")
     return "\n".join(lines) + "\n"
 
 
