@@ -252,3 +252,10 @@ def test_a_signal_only_at_the_top_is_caught_by_one_sided_guesses():
     result = audit_attack("top only", scores, included, 1e-5, AuditSettings(canaries=1000))
     two_sided = [row for row in result.per_plan if row["k_minus"] > 0]
     assert result.k_minus == 0 and result.epsilon_lower_bound > max(row["epsilon_lower_bound"] for row in two_sided)
+
+
+def test_a_mechanism_without_noise_has_infinite_epsilon():
+    from utils.privacy import compose_epsilon
+    for accountant in ("prv", "rdp"):
+        assert compose_epsilon([(1.0, 0.01, 10), (0.0, 0.01, 5)], 1e-5, accountant) == math.inf
+    assert compose_epsilon([(1.0, 0.01, 10)], 1e-5, "rdp") < math.inf

@@ -82,9 +82,12 @@ def make_accountant(name: str, accountant_history=()):
 
 
 def compose_epsilon(accountant_history, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of a list of (sigma, q, steps) mechanisms composed by one accountant; 0 for an empty list."""
+    """Epsilon of a list of (sigma, q, steps) mechanisms composed by one accountant; 0 for an empty list, infinite
+    when a mechanism that took steps had no noise (an audit's control run; PRV cannot take sigma = 0)."""
     if not accountant_history:
         return 0.0
+    if any(sigma == 0 and steps > 0 for sigma, _, steps in accountant_history):
+        return math.inf
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # PRV's numerics warn far from the target
         warnings.simplefilter("ignore")
         value = float(make_accountant(accountant, accountant_history).get_epsilon(delta))
