@@ -202,18 +202,26 @@ def test_audit_ledger_is_marked_and_a_normal_one_is_not(splits):
 
 # ---------------------------------------------------------------- attacks and reports
 
-def test_discriminator_scores_are_logits_relative_to_the_start(splits):
+def test_discriminator_scores_are_logits_relative_to_the_start_and_the_other_labels(splits):
     from models import Discriminator
     test, _ = splits
     canaries = make_canaries(test, AuditSettings(30))
     torch.manual_seed(0)
     D, start = Discriminator(channels=(8, 8)), Discriminator(channels=(8, 8))
-    scores = discriminator_scores(D, canaries, batch_size=7)
+    images = canaries.images.float().unsqueeze(1) / 127.5 - 1
     with torch.no_grad():
-        expected = D((canaries.images.float().unsqueeze(1) / 127.5 - 1), canaries.labels).numpy()
-    assert scores.shape == (30,) and np.allclose(scores, expected, atol=1e-6)
+        table = torch.stack([D(images, torch.full((30,), y)) - start(images, torch.full((30,), y))
+                             for y in range(10)], dim=1).numpy()
+    raw = discriminator_scores(D, canaries, label_control=False, batch_size=7)
+    with torch.no_grad():
+        assert np.allclose(raw, D(images, canaries.labels).numpy(), atol=1e-6)
+    relative = discriminator_scores(D, canaries, reference_D=start, label_control=False)
+    assert np.allclose(relative, table[np.arange(30), canaries.labels], atol=1e-6)
+    i, wrong, true = 3, int(canaries.labels[3]), int(canaries.true_labels[3])
+    others = [y for y in range(10) if y not in (wrong, true)]
+    controlled = discriminator_scores(D, canaries, reference_D=start)
+    assert controlled[i] == pytest.approx(table[i, wrong] - table[i, others].mean(), abs=1e-5)
     assert np.allclose(discriminator_scores(D, canaries, reference_D=D), 0.0)
-    assert not np.allclose(discriminator_scores(D, canaries, reference_D=start), scores)
 
 
 def test_generator_scores_find_a_copied_canary(splits):
@@ -239,7 +247,8 @@ def test_reports_table_and_histogram(tmp_path):
     assert table.count("\n") == 2 + 3 and "∞ (no DP)" in table and "| white-box |" in table
     assert f"{results[0].correct} / {results[0].guesses}" in table
     assert f"| {results[0].k_plus} / {results[0].k_minus} |" in table
-    plot_scores(scores, included, str(tmp_path / "audit.png"))
+    assert rows[-1]["claimed_epsilon"] == "inf" and rows[0]["claimed_epsilon"] == 10.0
+    plot_scores({"audit eps 10": (scores, included), "control": (scores, included)}, str(tmp_path / "audit.png"))
     assert (tmp_path / "audit.png").stat().st_size > 1000
 
 

@@ -16,7 +16,8 @@ is an empirical LOWER bound on the true epsilon.
   carries an "audits" entry (`utils.privacy.record_audit`) with the seed and which canaries went in.
 - Attacks: white-box, the final discriminator's logit on (canary, wrong label), minus the logit of the
   discriminator the stage started from where given (the public starting point: removing each canary's prior
-  score leaves what training added); black-box, minus the L2 distance of the canary to its nearest generated
+  score leaves what training added), minus the same change on the canary's image under its other wrong labels
+  (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its nearest generated
   sample of the canary's label.
 - Guesses: "in" on the k+ highest scores, "out" on the k- lowest, abstain on the rest (r = k+ + k-). A canary
   the training never sampled looks like a non-member, so membership shows mostly at the top: besides k+ = k-,
@@ -118,18 +119,36 @@ def audit_split(private: ImageSplit, canaries: Canaries) -> ImageSplit:
 # ---------------------------------------------------------------- attack scores (higher = more likely a member)
 
 @torch.no_grad()
-def discriminator_scores(D, canaries: Canaries, reference_D=None, device="cpu", batch_size: int = 500) -> np.ndarray:
-    """White-box: D's logit on each (canary, wrong label), minus `reference_D`'s (the starting point) if given."""
-    def logits(model):
-        model.eval()
-        out = []
-        for i in range(0, len(canaries), batch_size):
-            images = to_unit_range(canaries.images[i:i + batch_size]).to(device)
-            out.append(model(images, canaries.labels[i:i + batch_size].to(device)).float().cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+def label_logits(D, canaries: Canaries, device="cpu", batch_size: int = 500) -> np.ndarray:
+    """D's logit on every canary image under every label: (m, classes), D in eval mode."""
+    D.eval()
+    out = []
+    for i in range(0, len(canaries), batch_size):
+        images = to_unit_range(canaries.images[i:i + batch_size]).to(device)
+        per_label = [D(images, torch.full((len(images),), label, dtype=torch.long, device=device)).float().cpu()
+                     for label in range(NUM_CLASSES)]
+        out.append(torch.stack(per_label, dim=1))
+    return torch.cat(out).numpy().astype(np.float64)
 
-    scores = logits(D)
-    return scores if reference_D is None else scores - logits(reference_D)
+
+def discriminator_scores(D, canaries: Canaries, reference_D=None, device="cpu", label_control: bool = True,
+                         batch_size: int = 500) -> np.ndarray:
+    """White-box: D's logit on each (canary, wrong label), minus `reference_D`'s (the starting point) if given.
+
+    With `label_control`, minus the same change on the canary's image under the labels it was not inserted with
+    (all but its true and its wrong label): training moves D's logit on an image whatever the label, and that
+    drift, the same for members and non-members, would drown what inserting the pair itself did."""
+    change = label_logits(D, canaries, device, batch_size)
+    if reference_D is not None:
+        change = change - label_logits(reference_D, canaries, device, batch_size)
+    rows = np.arange(len(canaries))
+    wrong, true = canaries.labels.numpy(), canaries.true_labels.numpy()
+    scores = change[rows, wrong]
+    if not label_control:
+        return scores
+    others = np.ones_like(change, dtype=bool)
+    others[rows, wrong] = others[rows, true] = False
+    return scores - (change * others).sum(axis=1) / others.sum(axis=1)
 
 
 def generator_scores(canaries: Canaries, generated: torch.Tensor, generated_labels: torch.Tensor) -> np.ndarray:
@@ -258,8 +277,8 @@ def check_claim(claimed_epsilon: float, results) -> None:
 
 # ---------------------------------------------------------------- reports
 
-def format_epsilon(value: float) -> str:
-    return "∞ (no DP)" if math.isinf(value) else f"{value:.2f}"
+def format_epsilon(value) -> str:
+    return "∞ (no DP)" if value == "inf" or value == math.inf else f"{value:.2f}"
 
 
 def audit_markdown(rows) -> str:
@@ -275,26 +294,29 @@ def audit_markdown(rows) -> str:
 
 
 def run_rows(run: str, claimed_epsilon: float, results) -> list:
-    """Flat rows (audit.json, the table) for one audited run."""
-    return [{"run": run, "claimed_epsilon": claimed_epsilon, **result.as_dict()} for result in results]
+    """Flat rows (audit.json, the table) for one audited run; an infinite claim is the string "inf" (JSON)."""
+    claim = "inf" if math.isinf(claimed_epsilon) else claimed_epsilon
+    return [{"run": run, "claimed_epsilon": claim, **result.as_dict()} for result in results]
 
 
-def plot_scores(scores: dict, included, path: str, title: str = "canary scores"):
-    """`audit.png`: per attack (name -> scores), histograms of the members' and the non-members' scores."""
+def plot_scores(runs: dict, path: str):
+    """`audit.png`: a row per run (name -> (scores by attack, included)), a panel per attack, each with the
+    histograms of the members' and the non-members' scores."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    included = np.asarray(included, bool)
-    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 3.8), squeeze=False)
-    for ax, (name, values) in zip(axes[0], scores.items()):
-        values = np.asarray(values, np.float64)
-        bins = np.histogram_bin_edges(values, bins=40)
-        ax.hist(values[~included], bins=bins, alpha=0.6, label=f"non-members ({int((~included).sum())})")
-        ax.hist(values[included], bins=bins, alpha=0.6, label=f"members ({int(included.sum())})")
-        ax.set_title(name)
-        ax.set_xlabel("score (higher: guessed member)")
-        ax.legend()
-    fig.suptitle(title)
+    columns = max(len(scores) for scores, _ in runs.values())
+    fig, axes = plt.subplots(len(runs), columns, figsize=(5.5 * columns, 3.6 * len(runs)), squeeze=False)
+    for row, (run, (scores, included)) in zip(axes, runs.items()):
+        included = np.asarray(included, bool)
+        for ax, (attack, values) in zip(row, scores.items()):
+            values = np.asarray(values, np.float64)
+            bins = np.histogram_bin_edges(values, bins=40)
+            ax.hist(values[~included], bins=bins, alpha=0.6, label=f"non-members ({int((~included).sum())})")
+            ax.hist(values[included], bins=bins, alpha=0.6, label=f"members ({int(included.sum())})")
+            ax.set_title(f"{run}: {attack}")
+            ax.set_xlabel("score (higher: guessed member)")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
