@@ -31,17 +31,22 @@ def mechanism_rows(ledger: dict, delta: float, accountant: str) -> list:
     return rows
 
 
-def statement(ledger: dict, total: float, own: float, delta: float, accountant: str) -> str:
+def _epsilon_text(value) -> str:
+    return "inf" if value == "inf" or not math.isfinite(value) else f"{value:.3f}"
+
+
+def statement(ledger: dict, total: float, own, delta: float, accountant: str) -> str:
+    """The guarantee in one sentence; `own` (this stage's mechanism alone) may be "inf" (no noise)."""
     size, dataset = ledger.get("private_size"), ledger.get("dataset")
     if not is_private(ledger):
         reads = ", ".join(f"{r['stage']} ({r['split']} split, run {r['run']})" for r in ledger["non_dp_reads"])
         return (f"NO differential-privacy guarantee: epsilon = inf, because {reads} read the private split without "
-                f"DP. This stage's own DP-SGD mechanism alone has epsilon {own:.3f} at delta {delta:g}; that bounds "
-                f"only what this stage added, not the model.")
+                f"DP. This stage's own DP-SGD mechanism alone has epsilon {_epsilon_text(own)} at delta {delta:g}; "
+                f"that bounds only what this stage added, not the model.")
     return (f"({total:.3f}, {delta:g})-differential privacy with respect to the private split of {dataset} "
             f"({size} images, fingerprint {ledger.get('private_fingerprint')}), add/remove-one adjacency, "
             f"{len(ledger['mechanisms'])} DP-SGD mechanism(s) composed by the {accountant.upper()} accountant "
-            f"(this stage alone: epsilon {own:.3f}).")
+            f"(this stage alone: epsilon {_epsilon_text(own)}).")
 
 
 def privacy_section(ledger: dict, delta: float, accountant: str, stage: str, run: str) -> dict:
