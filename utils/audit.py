@@ -17,8 +17,8 @@ is an empirical LOWER bound on the true epsilon.
 - Attacks: white-box, the final discriminator's logit on (canary, wrong label), minus the logit of the
   discriminator the stage started from where given (the public starting point: removing each canary's prior
   score leaves what training added), minus the same change on the canary's image under its other wrong labels
-  (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its nearest generated
-  sample of the canary's label.
+  (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its
+  nearest generated sample of the canary's label.
 - Guesses: "in" on the k+ highest scores, "out" on the k- lowest, abstain on the rest (r = k+ + k-). A canary
   the training never sampled looks like a non-member, so membership shows mostly at the top: besides k+ = k-,
   the one-sided k- = 0 is tried (as in the paper's experiments).
@@ -45,6 +45,8 @@ from utils.metrics import nearest_distances, rank_auc
 SIGNIFICANCE = 0.05  # the paper's 95% confidence
 CANARY_SEED_OFFSET = 15485863  # canary draws differ from --seed's other generators
 CANARY_SOURCE = "test"
+# an audit run's DP machinery: as configured, switched off (no clipping, no noise), or noise with clipping off
+AUDIT_CONTROLS = ("none", "no-dp", "no-clip")
 
 
 @dataclass

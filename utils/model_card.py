@@ -82,6 +82,7 @@ def build_card(*, checkpoint: dict, generator, delta: float, accountant: str, ar
                      "lr_d": args.get("lr_d"), "target_epsilon": args.get("target_epsilon"),
                      "noise_multiplier_given": args.get("noise_multiplier"), "seed": args.get("seed")},
         "versions": checkpoint.get("versions", {}),
+        "audit": ledger.get("audits", []),
     }
 
 
@@ -99,11 +100,18 @@ def _table(rows: list, columns: list) -> list:
     return lines
 
 
+def audit_lines(audits) -> list:
+    """The plain note of an audit run (utils/audit.py): canaries went into its private data."""
+    return [f"**AUDIT run, not a released model**: {a['canaries']} canaries ({a['kind']}), {a['included']} of them "
+            f"inserted into the private split (seed {a['seed']}), DP control: {a.get('control', 'none')}. "
+            f"Score it with audit.py." for a in audits or []] + ([""] if audits else [])
+
+
 def render_markdown(card: dict) -> str:
     m, d, p, t, a = card["model"], card["data"], card["privacy"], card["training"], card["artifacts"]
     headline = "**Differential privacy**" if p["guarantee"] else "**WARNING**"
     lines = [f"# Model card: {os.path.basename(m['run_dir'])}", "", m["description"] + ".", "",
-             "## Privacy", "", f"{headline}: {p['statement']}", "",
+             "## Privacy", "", f"{headline}: {p['statement']}", "", *audit_lines(card.get("audit")),
              f"- epsilon (total, all stages): {_fmt(p['epsilon_total'])}",
              f"- epsilon (this stage's mechanism alone): {_fmt(p['epsilon_this_stage'])}",
              f"- delta: {p['delta']:g}; accountant: {p['accountant'].upper()} (Opacus); adjacency: {p['adjacency']}",
