@@ -30,6 +30,10 @@ is an empirical LOWER bound on the true epsilon.
   what m correct guesses give (about 5.1 for m = 1000, ten plans, delta = 1e-5): a larger claimed epsilon cannot be
   refuted, only a smaller one.
 - AUC of each attack (members = included canaries) with a 95% Hanley-McNeil (1982) interval.
+
+Simplifications, stated: the (k+, k-) are fixed in advance with a Bonferroni correction instead of the paper's
+best k after the fact; the audit run's sample rate is B / (N + included canaries), so it moves with the draw by
+about 1 part in 100 for m = 1000 (the accountant, as for every run, takes q as given).
 """
 import math
 from dataclasses import dataclass, field
