@@ -43,7 +43,7 @@ import scipy.stats
 import torch
 
 from utils.cli import UserError
-from utils.data import NUM_CLASSES, ImageSplit, index_fingerprint, to_unit_range
+from utils.data import ImageSplit, index_fingerprint, to_unit_range
 from utils.metrics import nearest_distances, rank_auc
 
 SIGNIFICANCE = 0.05  # the paper's 95% confidence
@@ -105,9 +105,10 @@ def make_canaries(test: ImageSplit, settings: AuditSettings) -> Canaries:
     if not 2 <= settings.canaries <= len(test):
         raise UserError(f"--audit-canaries {settings.canaries} must be between 2 and the test set's {len(test)}")
     chosen = torch.randperm(len(test), generator=canary_generator(settings.seed, 0))[:settings.canaries]
-    offsets = torch.randint(1, NUM_CLASSES, (settings.canaries,), generator=canary_generator(settings.seed, 1))
+    classes = int(test.labels.max()) + 1
+    offsets = torch.randint(1, classes, (settings.canaries,), generator=canary_generator(settings.seed, 1))
     true_labels = test.labels[chosen]
-    return Canaries(test.images[chosen], (true_labels + offsets) % NUM_CLASSES, true_labels, test.indices[chosen],
+    return Canaries(test.images[chosen], (true_labels + offsets) % classes, true_labels, test.indices[chosen],
                     inclusion_draw(settings.canaries, settings.seed), settings.seed)
 
 
@@ -132,7 +133,7 @@ def label_logits(D, canaries: Canaries, device="cpu", batch_size: int = 500) -> 
     for i in range(0, len(canaries), batch_size):
         images = to_unit_range(canaries.images[i:i + batch_size]).to(device)
         per_label = [D(images, torch.full((len(images),), label, dtype=torch.long, device=device)).float().cpu()
-                     for label in range(NUM_CLASSES)]
+                     for label in range(D.num_classes)]
         out.append(torch.stack(per_label, dim=1))
     return torch.cat(out).numpy().astype(np.float64)
 
