@@ -18,6 +18,14 @@ device runs in ONNX Runtime, with ort_runner.py; generator_int.pt; generator.pt2
 cost.json (bytes, latency at batch 1 and throughput at batch 256 of generator.onnx in ONNX Runtime and of the
 model in eager torch, ratios to the teacher of its lineage measured in the same process), MODEL_CARD.md and
 model_card.json.
+
+Audit mode (--audit-canaries M, utils/audit.py; scored by audit.py): M canaries (mislabelled test images) are each
+inserted into the private split with probability 1/2 from a seeded draw (--seed), and the run goes to its own
+directory <out>/audit/<NNNNN>-<desc>/ (stage "audit", its own `latest`, no device artifact): it never replaces a
+released model, never moves <out>/private/latest, and its ledger and model card say it is an audit.
+--audit-control switches the DP machinery off for that audit run only, to show that the audit can fail: "no-dp"
+(no clipping, no noise: epsilon infinite) or "no-clip" (the calibrated noise, but a clipping norm no gradient
+reaches, while the ledger still claims the calibrated epsilon, as a bug would).
 """
 import copy
 import os
@@ -35,12 +43,15 @@ from utils.files import write_json
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
-from utils.privacy import inherit, is_private, warn_if_not_private
+from utils.audit import AUDIT_CONTROLS, AuditSettings, audit_split, make_canaries
+from utils.privacy import inherit, is_private, record_audit, record_data_read, warn_if_not_private
 from utils.runtime import shipped_cost_rows, shipped_summary
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
 STAGE = "private"
+AUDIT_STAGE = "audit"
+NO_CLIP_NORM = 1e6  # a clipping norm no per-sample gradient reaches: clipping switched off (audit controls only)
 PARENT_STAGES = ("compact", "private")  # a fine-tuned model can be fine-tuned again: its ledger composes
 # The generator this stage fine-tunes, editable here: None means <out>/compact/latest; --generator-dir overrides it.
 GENERATOR_DIR = None
@@ -66,12 +77,25 @@ def parse_args(argv=None):
                        help="D steps between checkpoints (also at every epoch end)")
     add_dp_args(parser, default_target_epsilon=10.0)
     add_speed_args(parser)
+    add_audit_args(parser)
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)
     if args.split != "private":
         parser.error("--split: DP fine-tuning reads only the private split (the split the guarantee is about)")
+    if args.audit_control != "none" and not args.audit_canaries:
+        parser.error("--audit-control: only for an audit run (give --audit-canaries M)")
     return args
+
+
+def add_audit_args(parser):
+    group = parser.add_argument_group("privacy audit (a separate run under <out>/audit/, never a released model)")
+    group.add_argument("--audit-canaries", type=positive_int, default=None, metavar="M",
+                       help="insert M canaries (mislabelled test images), each with probability 1/2 (seeded by "
+                            "--seed), and train an audit run; score it with audit.py")
+    group.add_argument("--audit-control", choices=AUDIT_CONTROLS, default="none",
+                       help="none: DP as configured; no-dp: no clipping and no noise; no-clip: the calibrated "
+                            "noise with clipping switched off (the ledger still claims the calibrated epsilon)")
 
 
 # ---------------------------------------------------------------- inputs and models
@@ -112,11 +136,56 @@ def describe_run(config: DPConfig, dataset: str) -> str:
     return f"{dataset}-{budget}-{config.accountant}"
 
 
+# ---------------------------------------------------------------- audit runs
+
+def run_stage(args) -> str:
+    """Where the run goes: <out>/private/, or <out>/audit/ for an audit run (never a released model)."""
+    return AUDIT_STAGE if getattr(args, "audit_canaries", None) else STAGE
+
+
+def training_split(args, source: dict) -> tuple:
+    """(split, canaries): the private split, with the included canaries appended in an audit run (else None)."""
+    split = load_data(args, source)
+    if not getattr(args, "audit_canaries", None):
+        return split, None
+    test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed,
+                      image_request(args, source["model_args"]["generator"]))
+    canaries = make_canaries(test, AuditSettings(canaries=args.audit_canaries, seed=args.seed))
+    return audit_split(split, canaries), canaries
+
+
+def switch_off_dp(args):
+    """The no-dp audit control: no noise and a clipping norm no gradient reaches (both recorded in args.json)."""
+    if getattr(args, "audit_control", "none") == "no-dp":
+        args.noise_multiplier, args.max_grad_norm = 0.0, NO_CLIP_NORM
+
+
+def broken_clipping_norm(args):
+    return NO_CLIP_NORM if getattr(args, "audit_control", "none") == "no-clip" else None
+
+
+def mark_audit(ledger: dict, args, run: Run, split, canaries):
+    """The audit's entry in the ledger; a no-dp control is also a read of the private split without DP."""
+    name = os.path.basename(run.run_dir)
+    record_audit(ledger, AUDIT_STAGE, name, {**canaries.record(), "control": args.audit_control})
+    if args.audit_control == "no-dp":
+        record_data_read(ledger, AUDIT_STAGE, "private", len(split), name)
+
+
+def run_desc(args, config: DPConfig) -> str:
+    desc = describe_run(config, args.dataset)
+    if not getattr(args, "audit_canaries", None):
+        return desc
+    return f"{desc}-canaries{args.audit_canaries}" + ("" if args.audit_control == "none" else f"-{args.audit_control}")
+
+
+# ---------------------------------------------------------------- outputs and main
+
 def write_outputs(run: Run, G, config: DPConfig, device, args) -> dict:
-    """Figures, the device artifacts with their cost report, and the model card."""
+    """Figures, the device artifacts with their cost report (not for an audit run: never deployed), the card."""
     save_training_figures(run.run_dir, G, "DP fine-tuning", device, private=True)
-    artifacts = write_device_artifacts(run.run_dir, G)
-    checkpoint = load_checkpoint(run.run_dir, STAGE)
+    artifacts = write_device_artifacts(run.run_dir, G) if run.stage == STAGE else {}
+    checkpoint = load_checkpoint(run.run_dir, run.stage)
     if artifacts:
         artifacts["cost"] = cost_report(run.run_dir, G, checkpoint, args, artifacts)
     card = build_card(checkpoint=checkpoint, generator=G, delta=config.delta, accountant=config.accountant,
@@ -162,19 +231,25 @@ def main(args):
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)
-    args, checkpoint = resume_args(args, STAGE)
+    args, checkpoint = resume_args(args, run_stage(args))
     source = load_source(args, checkpoint)
-    split = load_data(args, source)
+    split, canaries = training_split(args, source)
+    if checkpoint is None:
+        switch_off_dp(args)
     config, train = DPConfig.from_args(args), TrainConfig.from_args(args)
     ledger = source["privacy"] if checkpoint is not None else inherit(source["privacy"])
     plan = plan_for(checkpoint, config, train, split, ledger)  # checks delta, partition and budget
-    run = Run.open(args, STAGE, describe_run(config, args.dataset), checkpoint)
-    say_not_private(ledger, config)
+    run = Run.open(args, run_stage(args), run_desc(args, config), checkpoint)
+    if canaries is not None and checkpoint is None:
+        mark_audit(ledger, args, run, split, canaries)
+    if run.stage == STAGE:
+        say_not_private(ledger, config)
     set_seed(args.seed)
     G, D = build_models(source, device)
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
-    step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run)
+    step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run,
+                  broken_clipping_norm=broken_clipping_norm(args))
     parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
     steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
     card = write_outputs(run, G, config, device, args)

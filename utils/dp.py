@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -277,15 +277,21 @@ def epsilon_fields(ledger: dict, plan: DPPlan, steps: int, delta: float, account
 class DPStep(TrainingStep):
     """The DP loop's step for `utils.trainer.Trainer`: D by DP-SGD on the private split (one Poisson batch a
     step), G every `d_steps_per_g_step` D steps. The ledger is updated in place (this run's mechanism, steps so
-    far); the stage's name and the run's are the mechanism's label."""
+    far); the stage's name and the run's are the mechanism's label. `broken_clipping_norm` (audit controls only,
+    fine_tune.py --audit-control no-clip) clips at that norm but keeps the noise of `config.max_grad_norm`, while
+    the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find."""
 
     def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
-                 train: TrainConfig, run):
+                 train: TrainConfig, run, broken_clipping_norm: float = None):
         self.name, self.run_name = run.stage, os.path.basename(run.run_dir)
         self.generator, self.ledger, self.plan, self.config, self.train = G, ledger, plan, config, train
         self.device = next(G.parameters()).device
-        self.pd = PrivateDiscriminator(D, optimizers["d"], split, train.batch_size, plan.noise_multiplier, config,
-                                       train.seed, self.device)
+        noise, engine = plan.noise_multiplier, config
+        if broken_clipping_norm is not None:  # an audit control: the noise of norm C, clipping that never binds
+            noise = noise * config.max_grad_norm / broken_clipping_norm
+            engine = replace(config, max_grad_norm=broken_clipping_norm)
+        self.pd = PrivateDiscriminator(D, optimizers["d"], split, train.batch_size, noise, engine, train.seed,
+                                       self.device)
         self.optimizers = {"g": optimizers["g"], "d": self.pd.optimizer}
         self.steps_per_epoch, self.planned_steps = plan.steps_per_epoch, plan.planned_steps
         self.rng = torch.Generator().manual_seed(train.seed)

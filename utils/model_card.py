@@ -33,17 +33,22 @@ def mechanism_rows(ledger: dict, delta: float, accountant: str) -> list:
     return rows
 
 
-def statement(ledger: dict, total: float, own: float, delta: float, accountant: str) -> str:
+def _epsilon_text(value) -> str:
+    return "inf" if value == "inf" or not math.isfinite(value) else f"{value:.3f}"
+
+
+def statement(ledger: dict, total: float, own, delta: float, accountant: str) -> str:
+    """The guarantee in one sentence; `own` (this stage's mechanism alone) may be "inf" (no noise)."""
     size, dataset = ledger.get("private_size"), ledger.get("dataset")
     if not is_private(ledger):
         reads = ", ".join(f"{r['stage']} ({r['split']} split, run {r['run']})" for r in ledger["non_dp_reads"])
         return (f"NO differential-privacy guarantee: epsilon = inf, because {reads} read the private split without "
-                f"DP. This stage's own DP-SGD mechanism alone has epsilon {own:.3f} at delta {delta:g}; that bounds "
-                f"only what this stage added, not the model.")
+                f"DP. This stage's own DP-SGD mechanism alone has epsilon {_epsilon_text(own)} at delta {delta:g}; "
+                f"that bounds only what this stage added, not the model.")
     return (f"({total:.3f}, {delta:g})-differential privacy with respect to the private split of {dataset} "
             f"({size} images, fingerprint {ledger.get('private_fingerprint')}), add/remove-one adjacency, "
             f"{len(ledger['mechanisms'])} DP-SGD mechanism(s) composed by the {accountant.upper()} accountant "
-            f"(this stage alone: epsilon {own:.3f}).")
+            f"(this stage alone: epsilon {_epsilon_text(own)}).")
 
 
 def privacy_section(ledger: dict, delta: float, accountant: str, stage: str, run: str) -> dict:
@@ -80,6 +85,7 @@ def build_card(*, checkpoint: dict, generator, delta: float, accountant: str, ar
                      "lr_d": args.get("lr_d"), "target_epsilon": args.get("target_epsilon"),
                      "noise_multiplier_given": args.get("noise_multiplier"), "seed": args.get("seed")},
         "versions": checkpoint.get("versions", {}),
+        "audit": ledger.get("audits", []),
     }
 
 
@@ -116,11 +122,18 @@ def _artifact_lines(a: dict) -> list:
     return lines
 
 
+def audit_lines(audits) -> list:
+    """The plain note of an audit run (utils/audit.py): canaries went into its private data."""
+    return [f"**AUDIT run, not a released model**: {a['canaries']} canaries ({a['kind']}), {a['included']} of them "
+            f"inserted into the private split (seed {a['seed']}), DP control: {a.get('control', 'none')}. "
+            f"Score it with audit.py." for a in audits or []] + ([""] if audits else [])
+
+
 def render_markdown(card: dict) -> str:
     m, d, p, t, a = card["model"], card["data"], card["privacy"], card["training"], card["artifacts"]
     headline = "**Differential privacy**" if p["guarantee"] else "**WARNING**"
     lines = [f"# Model card: {os.path.basename(m['run_dir'])}", "", m["description"] + ".", "",
-             "## Privacy", "", f"{headline}: {p['statement']}", "",
+             "## Privacy", "", f"{headline}: {p['statement']}", "", *audit_lines(card.get("audit")),
              f"- epsilon (total, all stages): {_fmt(p['epsilon_total'])}",
              f"- epsilon (this stage's mechanism alone): {_fmt(p['epsilon_this_stage'])}",
              f"- delta: {p['delta']:g}; accountant: {p['accountant'].upper()} (Opacus); adjacency: {p['adjacency']}",

@@ -1,7 +1,7 @@
 """Runs the generator's ONNX artifact with ONNX Runtime and numpy only: what a device needs, no torch, no code of
 this project (the file is self-contained: copy it beside `generator.onnx`).
 
-    python ort_runner.py generator.onnx --num-samples 16 --out images.npy      # images in [-1, 1], (N, 1, 28, 28)
+    python ort_runner.py generator.onnx --num-samples 16 --out images.npy      # images in [-1, 1], (N, C, H, W)
     python ort_runner.py generator.onnx --inputs zy.npz --out images.npy       # given z (N, nz), labels (N,)
     python ort_runner.py generator.onnx --bench                                # latency b=1, throughput b=256
 

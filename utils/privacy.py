@@ -5,6 +5,8 @@ fingerprint. The ledger lists every DP mechanism applied to that split (sigma, s
 norm C) and every stage that read it WITHOUT DP. `epsilon` composes all mechanisms with one Opacus accountant;
 a single non-DP read makes the total infinite. A stage copies its parent's ledger and appends to it; reading a
 disjoint public split, or only generator outputs, is post-processing and appends nothing to the mechanisms.
+An audit run (utils/audit.py) trains on the private split plus inserted canaries: its ledger, and that of
+anything derived from it, carries an "audits" entry, and such a model is never a released one.
 """
 import copy
 import math
@@ -52,6 +54,19 @@ def record_mechanism(ledger: dict, stage: str, noise_multiplier: float, sample_r
     return mechanism
 
 
+def record_audit(ledger: dict, stage: str, run: str, canaries: dict) -> dict:
+    """Mark the ledger as that of an audit run: `stage` trained on the private split plus the canaries described
+    by `canaries` (utils.audit.Canaries.record). Absent from every normal run's ledger."""
+    entry = {"stage": stage, "run": run, **canaries}
+    ledger.setdefault("audits", []).append(entry)
+    return entry
+
+
+def is_audit(ledger: dict) -> bool:
+    """True for an audit run and everything derived from one: canaries were inserted into its private data."""
+    return bool(ledger.get("audits"))
+
+
 def history(ledger: dict) -> list:
     """The mechanisms as Opacus accountant history: [(noise_multiplier, sample_rate, steps), ...]."""
     return [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in ledger["mechanisms"] if m["steps"] > 0]
@@ -67,9 +82,12 @@ def make_accountant(name: str, accountant_history=()):
 
 
 def compose_epsilon(accountant_history, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of a list of (sigma, q, steps) mechanisms composed by one accountant; 0 for an empty list."""
+    """Epsilon of a list of (sigma, q, steps) mechanisms composed by one accountant; 0 for an empty list, infinite
+    when a mechanism that took steps had no noise (an audit's control run; PRV cannot take sigma = 0)."""
     if not accountant_history:
         return 0.0
+    if any(sigma == 0 and steps > 0 for sigma, _, steps in accountant_history):
+        return math.inf
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # PRV's numerics warn far from the target
         warnings.simplefilter("ignore")
         value = float(make_accountant(accountant, accountant_history).get_epsilon(delta))
@@ -171,14 +189,16 @@ def check_same_partition(ledger: dict, split) -> None:
 
 
 def describe(ledger: dict, delta: float, accountant: str = "prv") -> str:
-    """One line for logs and reports, plain about an infinite epsilon."""
+    """One line for logs and reports, plain about an infinite epsilon and about an audit run."""
+    audit = " (AUDIT run: canaries were inserted into the private split)" if is_audit(ledger) else ""
     if ledger["non_dp_reads"]:
         stages = ", ".join(f"{r['stage']} ({r['split']} split)" for r in ledger["non_dp_reads"])
         return (f"epsilon = inf: NO differential-privacy guarantee, because {stages} read the private split "
-                f"without DP")
+                f"without DP" + audit)
     if not ledger["mechanisms"]:
-        return "epsilon = 0: the private split has not been read"
-    return f"epsilon = {epsilon(ledger, delta, accountant):.3f} at delta = {delta:g} ({accountant.upper()} accountant)"
+        return "epsilon = 0: the private split has not been read" + audit
+    return (f"epsilon = {epsilon(ledger, delta, accountant):.3f} at delta = {delta:g} ({accountant.upper()} "
+            f"accountant)" + audit)
 
 
 def warn_if_not_private(ledger: dict):

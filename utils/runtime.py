@@ -6,7 +6,7 @@ Why ONNX Runtime and not ExecuTorch: see benchmarks/results/runtime_choice.md.
 The graph is written directly from the compact `Generator`'s integer weights (no exporter, no fake-quantisation
 arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
 
-    z, labels -> Gather(embedding) ++ z -> block0 -> block1 -> block2 -> to_image -> Tanh
+    z, labels -> Gather(embedding) ++ z -> block0 -> block1 ... blockN -> to_image -> Tanh (N = 2 at 28x28, 3 at 32, 4 at 64)
 
 * Every BatchNorm is folded into its conv's per-output-channel weight scale and a bias: BN(conv(x, q * s)) =
   conv(x, q) * (s * a) + b with a = gamma / sqrt(var + eps), b = beta - mean * a. The integers q stay the
@@ -14,7 +14,7 @@ arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
 * An activation (ReLU, clamp to [0, ACT_RANGE], 2^bits - 1 uniform steps) IS a uint8 tensor with scale
   ACT_RANGE / (2^bits - 1) and zero point 0: QuantizeLinear / QLinearConv saturate at 0 and 255, which is the ReLU
   and, at 8 bits, the clamp (below 8 bits a Clip to 2^bits - 1 follows).
-* block1 and block2 (4x4 transposed convs, stride 2; ONNX Runtime's CPU provider has no integer transposed conv)
+* block1 to blockN (4x4 transposed convs, stride 2; ONNX Runtime's CPU provider has no integer transposed conv)
   are rewritten exactly as sub-pixel convolutions: one QLinearConv with 2x2 kernels and 4x the output channels
   (each of the 16 taps of the transposed kernel lands in exactly one of 4 phases), DepthToSpace, and a one-pixel
   crop. Integer products, int32 accumulation, requantised straight to the next activation. The weights run as
@@ -56,7 +56,6 @@ FORMAT = "device-gan-generator-onnx"
 OPSET = 21  # INT4 initializers and Cast from INT4
 TOLERANCE = 0.05  # max |runtime - compact| over the verification samples, images in [-1, 1] (see verify_runtime)
 FLOAT_LAYERS = ("block0", "to_image")  # integer weights, float arithmetic (see the module docstring)
-INTEGER_LAYERS = ("block1", "block2")  # QLinearConv: uint8 x uint8 (zero point 128) -> int32
 
 
 def supports(bits: int) -> bool:
@@ -159,7 +158,7 @@ def _quantize_activation(g: _Graph, x: str, name: str) -> str:
 
 
 def _block0(g: _Graph, x: str, folded: FoldedConv, name: str = "block0") -> str:
-    """The 7x7 transposed conv of a 1x1 input is a matmul: (N, in) @ (in, out * 49) -> (N, out, 7, 7)."""
+    """The kxk transposed conv of a 1x1 input is a matmul: (N, in) @ (in, out * k * k) -> (N, out, k, k)."""
     ints = folded.ints.reshape(folded.ints.shape[0], -1)
     if g.bits < 32:
         weight = g.node("Cast", [g.int_weight(f"{name}.weight_int", ints)], f"{name}.weight", to=TensorProto.FLOAT)
@@ -255,8 +254,8 @@ def _check_layout(generator: Generator):
         conv = block.conv
         if (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding)) != ((4, 4), (2, 2), (1, 1)):
             raise ValueError("the sub-pixel rewrite expects 4x4 transposed convs with stride 2 and padding 1")
-    if generator.block0.conv.kernel_size[0] != 7 or generator.block0.conv.padding != (0, 0):
-        raise ValueError("block0 must be a 7x7 transposed conv of the 1x1 latent input")
+    if tuple(generator.block0.conv.padding) != (0, 0):
+        raise ValueError("block0 must be a kxk transposed conv of the 1x1 latent input, without padding")
 
 
 @torch.no_grad()
@@ -270,7 +269,7 @@ def build_onnx(generator: Generator) -> onnx.ModelProto:
                       "embedded")
     x = g.node("Concat", ["z", embedded], "latent", axis=1)
     x = _block0(g, x, fold_conv(generator.block0.conv, generator.block0.norm))
-    for name in ("block1", "block2"):
+    for name in integer_layers(generator):
         block = getattr(generator, name)
         folded = fold_conv(block.conv, block.norm)
         x = _qlinear_block(g, x, folded, name) if g.bits < 32 else _float_block(g, x, folded, block.conv, name)
@@ -281,7 +280,8 @@ def build_onnx(generator: Generator) -> onnx.ModelProto:
 def _model(g: _Graph, generator: Generator) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", generator.nz]),
               helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"])]
-    outputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", generator.image_channels, 28, 28])]
+    outputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", generator.image_channels,
+                                                                             generator.image_size, generator.image_size])]
     graph = helper.make_graph(g.nodes, "generator", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=FORMAT)
     model.ir_version = 10
@@ -295,7 +295,12 @@ def _model(g: _Graph, generator: Generator) -> onnx.ModelProto:
 
 def float_layers(generator: Generator) -> list:
     """The layers that run in float arithmetic in the runtime (all of them for a float generator)."""
-    return list(FLOAT_LAYERS) if generator.bits < 32 else ["block0", "block1", "block2", "to_image"]
+    return list(FLOAT_LAYERS) if generator.bits < 32 else [*generator.prunable_layers, "to_image"]
+
+
+def integer_layers(generator: Generator) -> list:
+    """The upsampling blocks after block0: QLinearConv in the runtime (float ConvTranspose for a float model)."""
+    return list(generator.prunable_layers[1:])
 
 
 # ---------------------------------------------------------------- writing, verifying, measuring
@@ -313,7 +318,7 @@ def expected_bytes(generator: Generator) -> int:
     """What the artifact's tensors must take: every conv weight at its stored width (4 bits packed, else 8; 32
     for a float model) and every other parameter, scale and bias as a 4-byte number. The file adds only the graph
     (a few kB) and, in the sub-pixel layers, each channel's scale, bias and zero point once per phase."""
-    convs = [generator.block0.conv, generator.block1.conv, generator.block2.conv, generator.to_image]
+    convs = [block.conv for block in generator.blocks()] + [generator.to_image]
     weight_bits = 32 if generator.bits >= 32 else (4 if generator.bits <= 4 else 8)
     weights = sum(conv.weight.numel() for conv in convs)
     others = generator.embed.weight.numel() + sum(2 * conv.weight.shape[conv.out_dim] for conv in convs)
@@ -345,7 +350,7 @@ def verify_runtime(generator: Generator, path: str, settings: VerifySettings = V
         worst = max(worst, float(diff.max())) if np.isfinite(diff).all() else math.inf
         total += float(diff.sum())
     generator.train(was_training)
-    mean = total / (settings.num_samples * 28 * 28 * generator.image_channels)
+    mean = total / (settings.num_samples * generator.image_size ** 2 * generator.image_channels)
     return {"max_abs_diff": worst, "mean_abs_diff": mean, "num_samples": settings.num_samples,
             "tolerance": settings.tolerance, "ok": worst <= settings.tolerance}
 
@@ -380,7 +385,7 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
             "runtime_runner": RUNNER_NAME, "runtime_max_abs_diff": check["max_abs_diff"],
             "runtime_mean_abs_diff": check["mean_abs_diff"], "runtime_tolerance": settings.tolerance,
             "runtime_check_samples": settings.num_samples, "runtime_float_layers": float_layers(generator),
-            "runtime_integer_layers": [] if generator.bits >= 32 else list(INTEGER_LAYERS)}
+            "runtime_integer_layers": [] if generator.bits >= 32 else integer_layers(generator)}
 
 
 def ort_version() -> str:

@@ -1,0 +1,88 @@
+"""The audit run mode of fine_tune.py (--audit-canaries, --audit-control) and the audit.py report, end to end on
+the tiny dataset: where runs go, what their ledgers say, and the report's files."""
+import json
+import math
+import os
+
+import pytest
+
+import audit
+import fine_tune
+from test_fine_tune import ft_argv, public_ledger, write_compact
+from utils.checkpoint import load_checkpoint
+from utils.data import load_split
+from utils.privacy import epsilon, is_audit
+from conftest import TINY_PUBLIC
+
+CANARIES = 60
+
+
+@pytest.fixture(scope="module")
+def audit_runs(tiny_data_root, tmp_path_factory):
+    """(out, compact dir, {control: run dir}) of three 12-step audit runs: DP at epsilon 4, no-dp, no-clip."""
+    out = tmp_path_factory.mktemp("audit")
+    compact = write_compact(out, public_ledger(tiny_data_root))
+    runs = {}
+    for control in ("none", "no-dp", "no-clip"):
+        argv = ft_argv(tiny_data_root, out, "--target-epsilon", "4", "--audit-canaries", str(CANARIES),
+                       "--audit-control", control, "--desc", control)
+        runs[control] = fine_tune.main(fine_tune.parse_args(argv))
+    return str(out), compact, runs
+
+
+def test_audit_runs_have_their_own_directory_and_never_touch_private(audit_runs):
+    out, _, runs = audit_runs
+    assert all(os.path.dirname(run) == os.path.join(out, "audit") for run in runs.values())
+    assert not os.path.exists(os.path.join(out, "private"))
+    assert os.path.realpath(os.path.join(out, "audit", "latest")) == os.path.realpath(runs["no-clip"])
+    assert not os.path.exists(os.path.join(runs["none"], "generator_int.pt"))  # never deployed
+    with pytest.raises(Exception, match="expected"):
+        fine_tune.load_source(fine_tune.parse_args(["--generator-dir", runs["none"]]), None)
+
+
+def test_audit_ledger_split_and_controls(audit_runs, tiny_data_root):
+    _, _, runs = audit_runs
+    private = load_split("fashion-mnist", "private", tiny_data_root, TINY_PUBLIC)
+    dp_run = load_checkpoint(runs["none"], "audit")
+    (entry,) = dp_run["privacy"]["audits"]
+    assert is_audit(dp_run["privacy"]) and entry["canaries"] == CANARIES and entry["control"] == "none"
+    assert dp_run["data"]["size"] == len(private) + entry["included"] and 0 < entry["included"] < CANARIES
+    assert dp_run["data"]["fingerprint"] == private.fingerprint  # the partition a normal run uses
+    (mechanism,) = dp_run["privacy"]["mechanisms"]
+    assert mechanism["sample_rate"] == pytest.approx(32 / (len(private) + entry["included"]))
+    assert 3.9 <= epsilon(dp_run["privacy"], 1e-5, "rdp") <= 4.0
+    no_dp = load_checkpoint(runs["no-dp"], "audit")["privacy"]
+    assert epsilon(no_dp, 1e-5, "rdp") == math.inf and no_dp["non_dp_reads"][0]["stage"] == "audit"
+    assert no_dp["mechanisms"][0]["noise_multiplier"] == 0.0
+    no_clip = load_checkpoint(runs["no-clip"], "audit")
+    assert no_clip["privacy"]["mechanisms"][0]["max_grad_norm"] == 1.0  # the claim a bug would make
+    assert 3.9 <= epsilon(no_clip["privacy"], 1e-5, "rdp") <= 4.0
+    card = open(os.path.join(runs["none"], "MODEL_CARD.md")).read()
+    assert "AUDIT run, not a released model" in card
+
+
+def test_audit_report(audit_runs, tiny_data_root):
+    out, _, runs = audit_runs
+    argv = ["--out", out, "--data-root", tiny_data_root, "--num-samples", "200", "--device", "cpu"]
+    report = audit.main(audit.parse_args(argv))
+    data = json.load(open(os.path.join(report, "audit.json")))
+    assert len(data["rows"]) == 6 and {r["attack"] for r in data["rows"]} == {"white-box", "black-box"}
+    no_dp_rows = [r for r in data["rows"] if r["run"] == os.path.basename(runs["no-dp"])]
+    assert all(r["claimed_epsilon"] == "inf" and r["canaries"] == CANARIES for r in no_dp_rows)
+    table = open(os.path.join(report, "results.md")).read()
+    assert table.count("| white-box |") == 3 and "∞ (no DP)" in table
+    assert os.path.getsize(os.path.join(report, "audit.png")) > 1000
+    for run in runs.values():
+        assert "Empirical privacy audit" in open(os.path.join(run, "MODEL_CARD.md")).read()
+        assert json.load(open(os.path.join(run, "model_card.json")))["audit_result"]["report"] == report
+
+
+def test_audit_refuses_a_normal_run(tmp_path, tiny_data_root):
+    compact = write_compact(tmp_path, public_ledger(tiny_data_root))
+    assert audit.run_audit(["--runs", compact, "--out", str(tmp_path), "--data-root", tiny_data_root]) == 2
+    assert audit.run_audit(["--out", str(tmp_path / "empty"), "--data-root", tiny_data_root]) == 2
+
+
+def test_audit_control_needs_canaries():
+    with pytest.raises(SystemExit):
+        fine_tune.parse_args(["--audit-control", "no-dp"])
