@@ -47,10 +47,8 @@ def adam(module):
 def gan_steps_distributed() -> dict:
     """STEPS teacher steps (D then G) with this rank's part of every global batch of BATCH."""
     G, D = tiny_gan()
-    distributed.synchronise_batchnorm(G)
-    distributed.broadcast_from_writer(G), distributed.broadcast_from_writer(D)
     g_opt, d_opt = adam(G), adam(D)
-    distributed.average_gradients_before_step(g_opt), distributed.average_gradients_before_step(d_opt)
+    distributed.data_parallel([G, D], [g_opt, d_opt])
     rng, losses = torch.Generator().manual_seed(1), []
     batches = distributed.ShardedBatches(EpochBatches(tiny_split(), BATCH, seed=5))
     for real, labels in list(batches.epoch(0))[:STEPS]:
@@ -168,6 +166,7 @@ def worker(rank: int, port: int, out_dir: str):
     with distributed.distributed("cpu", distributed.DistributedSettings(timeout_s=60)):
         results = {name: scenario() for name, scenario in SCENARIOS.items()}
         results["rank"], results["world"] = distributed.rank(), distributed.world_size()
+        results["from_writer"] = distributed.from_writer(f"run-of-rank-{rank}")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -238,6 +237,7 @@ def test_synchronised_batchnorm_keeps_class_and_state_keys():
 
 def test_ranks_join_one_group(two_processes):
     assert [(r["rank"], r["world"]) for r in two_processes] == [(0, 2), (1, 2)]
+    assert [r["from_writer"] for r in two_processes] == ["run-of-rank-0"] * 2  # e.g. the run directory's name
 
 
 def test_two_process_gan_steps_match_one_process(two_processes, one_process):
@@ -309,3 +309,11 @@ def test_a_dead_peer_fails_the_collective_instead_of_hanging(tmp_path, one_proce
     mp.start_processes(worker_whose_peer_dies, args=(free_port(), str(tmp_path)), nprocs=WORLD,
                        start_method="fork", join=True)
     assert (tmp_path / "outcome").read_text().startswith("raised")
+
+
+def test_generation_scripts_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(distributed.UserError, match="runs in one process"):
+        distributed.single_process_device("cpu", "evaluate.py")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.single_process_device("cpu", "evaluate.py") == torch.device("cpu")

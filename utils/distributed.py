@@ -85,8 +85,18 @@ def init_distributed(device_name: str, settings: DistributedSettings = Distribut
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), init_method="env://", rank=int(env["RANK"]),
                                 world_size=int(env["WORLD_SIZE"]),
-                                timeout=datetime.timedelta(seconds=settings.timeout_s))
+                                timeout=datetime.timedelta(seconds=settings.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     return device
+
+
+def single_process_device(device_name: str, script: str) -> torch.device:
+    """The device of a script that stays in one process (generation and evaluation): refused under torchrun,
+    where every copy would write the same run."""
+    if launched_with_several_processes():
+        raise UserError(f"{script} runs in one process (one device: --device cuda uses a GPU): start it with "
+                        f"python, not torchrun")
+    return resolve_device(device_name)
 
 
 def shutdown():
@@ -122,9 +132,35 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def collective_device() -> torch.device:
+    """Where a tensor made only for a collective lives: nccl reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def from_writer(obj):
+    """Rank 0's value of a picklable object (a run directory's name, ...) on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class NoMetrics:
+    """The metrics log of a rank that does not write (every rank computes the same global records)."""
+
+    def append(self, **record):
+        pass
+
+    def truncate_after(self, step: int):
+        pass
 
 
 # ---------------------------------------------------------------- this process's part of a global batch
@@ -178,7 +214,7 @@ def global_mean(value: float, weight: float = 1.0) -> float:
     so every rank takes the same decisions, e.g. on a non-finite loss)."""
     if not is_distributed():
         return value
-    totals = torch.tensor([value * weight, weight], dtype=torch.float64)
+    totals = torch.tensor([value * weight, weight], dtype=torch.float64, device=collective_device())
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
@@ -212,6 +248,16 @@ def average_gradients_before_step(optimizer: torch.optim.Optimizer):
     def hook(opt, args, kwargs):
         all_reduce_mean([p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None])
     return optimizer.register_step_pre_hook(hook) if is_distributed() else None
+
+
+def data_parallel(models: list, optimizers: list = ()):
+    """Under torchrun: rank 0's weights on every rank, BatchNorm statistics of the global batch, and gradients
+    averaged before every step of `optimizers` (never a DP optimizer's own: Opacus reduces those, once)."""
+    for model in models:
+        synchronise_batchnorm(model)
+        broadcast_from_writer(model)
+    for optimizer in optimizers:
+        average_gradients_before_step(optimizer)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -293,6 +339,12 @@ def make_private_data_parallel(engine, module: nn.Module, optimizer, data_loader
                                   **make_private_kwargs)
     wrapped[1].expected_batch_size = expected_batch_size / world_size()  # Opacus's per-process convention
     return wrapped
+
+
+def unwrap_data_parallel(module: nn.Module) -> nn.Module:
+    """The module inside Opacus's DPDDP wrapper (itself when not wrapped)."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    return module.module if isinstance(module, DPDDP) else module
 
 
 def local_poisson_batch(indices) -> tuple:
