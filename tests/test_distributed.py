@@ -170,12 +170,19 @@ def worker(rank: int, port: int, out_dir: str):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def launch(function, *args):
+    """`function(rank, *args)` in WORLD processes forked from a fresh server process that imported torch, its
+    compiler stack and Opacus once (a plain fork of pytest is unsafe once autograd's threads run; a spawn imports
+    everything again in each process: seconds each on a loaded machine)."""
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "opacus", "models", "utils.distributed", "utils.gan"])
+    mp.start_processes(function, args=args, nprocs=WORLD, start_method="forkserver", join=True)
+
+
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, one_process):
-    """What each of 2 gloo processes computed, by rank. Forked after `one_process` ran: the children start with
-    torch, its compiler stack and Opacus already imported (seconds each on a loaded machine)."""
+def two_processes(tmp_path_factory):
+    """What each of 2 gloo processes computed, by rank."""
     out_dir = str(tmp_path_factory.mktemp("distributed"))
-    mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, start_method="fork", join=True)
+    launch(worker, free_port(), out_dir)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
@@ -305,9 +312,8 @@ def worker_whose_peer_dies(rank: int, port: int, out_dir: str):
     os._exit(0)  # the group cannot be destroyed cleanly with a dead member
 
 
-def test_a_dead_peer_fails_the_collective_instead_of_hanging(tmp_path, one_process):
-    mp.start_processes(worker_whose_peer_dies, args=(free_port(), str(tmp_path)), nprocs=WORLD,
-                       start_method="fork", join=True)
+def test_a_dead_peer_fails_the_collective_instead_of_hanging(tmp_path):
+    launch(worker_whose_peer_dies, free_port(), str(tmp_path))
     assert (tmp_path / "outcome").read_text().startswith("raised")
 
 
