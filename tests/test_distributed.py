@@ -17,7 +17,7 @@ from models import Discriminator, Generator
 from models.generator import PrunableBatchNorm2d
 from utils import distributed
 from utils.data import EpochBatches, ImageSplit
-from utils.gan import d_loss, discriminator_step, g_loss, generator_step
+from utils.gan import nonprivate_discriminator_step, nonprivate_generator_step
 
 WORLD = 2
 BATCH, STEPS = 8, 2
@@ -44,38 +44,28 @@ def adam(module):
     return torch.optim.Adam(module.parameters(), 1e-2, betas=(0.5, 0.999))
 
 
-def gan_steps_distributed() -> dict:
-    """STEPS teacher steps (D then G) with this rank's part of every global batch of BATCH."""
+def gan_steps(sharded: bool) -> dict:
+    """STEPS teacher steps (D then G) with utils/gan.py's steps: with `sharded`, on this rank's part of every global
+    batch of BATCH under `data_parallel`; otherwise the plain single-process code."""
     G, D = tiny_gan()
     g_opt, d_opt = adam(G), adam(D)
-    distributed.data_parallel([G, D], [g_opt, d_opt])
+    batches = EpochBatches(tiny_split(), BATCH, seed=5)
+    if sharded:
+        distributed.data_parallel([G, D], [g_opt, d_opt])
+        batches = distributed.ShardedBatches(batches)
     rng, losses = torch.Generator().manual_seed(1), []
-    batches = distributed.ShardedBatches(EpochBatches(tiny_split(), BATCH, seed=5))
     for real, labels in list(batches.epoch(0))[:STEPS]:
-        z, fake_labels = distributed.local_random_inputs(G, BATCH, rng, "cpu")
-        with torch.no_grad():
-            fake = G(z, fake_labels)
-        d_opt.zero_grad(set_to_none=True)
-        loss = d_loss(D(real, labels), D(fake, fake_labels))
-        loss.backward()
-        d_opt.step()
-        losses.append(distributed.global_mean(loss.item()))
-        z, fake_labels = distributed.local_random_inputs(G, BATCH, rng, "cpu")
-        g_opt.zero_grad(set_to_none=True)
-        g_loss(D(G(z, fake_labels), fake_labels)).backward()
-        g_opt.step()
+        losses.append(nonprivate_discriminator_step(G, D, d_opt, real, labels, rng))
+        nonprivate_generator_step(G, D, g_opt, BATCH, rng, "cpu")
     return {"G": G.state_dict(), "D": D.state_dict(), "d_losses": losses, "rng": rng.get_state()}
+
+
+def gan_steps_distributed() -> dict:
+    return gan_steps(sharded=True)
 
 
 def gan_steps_single_process() -> dict:
-    """The same steps with utils/gan.py's single-process functions."""
-    G, D = tiny_gan()
-    g_opt, d_opt = adam(G), adam(D)
-    rng, losses = torch.Generator().manual_seed(1), []
-    for real, labels in list(EpochBatches(tiny_split(), BATCH, seed=5).epoch(0))[:STEPS]:
-        losses.append(discriminator_step(G, D, d_opt, real, labels, rng))
-        generator_step(G, D, g_opt, BATCH, rng, "cpu")
-    return {"G": G.state_dict(), "D": D.state_dict(), "d_losses": losses, "rng": rng.get_state()}
+    return gan_steps(sharded=False)
 
 
 def private_linear(features: int, expected_batch: int, sigma: float, loader_size: int = 64):
@@ -223,7 +213,7 @@ def test_shards_cover_the_batch_once_in_order():
         assert max(s[1] - s[0] for s in parts) - min(s[1] - s[0] for s in parts) <= 1
 
 
-def test_single_process_gan_steps_are_utils_gan_steps(one_process):
+def test_data_parallel_path_is_the_identity_in_one_process(one_process):
     reference = gan_steps_single_process()
     assert_states_close(one_process["gan"]["G"], reference["G"], atol=0)
     assert_states_close(one_process["gan"]["D"], reference["D"], atol=0)

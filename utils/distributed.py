@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.cli import UserError, resolve_device
-from utils.gan import random_inputs
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waits this long for a dead or stuck peer before the run fails
 
@@ -200,13 +199,6 @@ class ShardedBatches:
         size = self.batches.batch_size
         for i in range(start, len(self)):
             yield self.batches.split.batch(local_part(order[i * size:(i + 1) * size]))
-
-
-def local_random_inputs(generator_model, n_global: int, rng: torch.Generator, device):
-    """This rank's part of the latent vectors and labels a single process would draw for n_global fakes (all
-    ranks draw all of them, so `rng` stays identical everywhere)."""
-    z, labels = random_inputs(generator_model, n_global, rng, "cpu")
-    return local_part(z).to(device), local_part(labels).to(device)
 
 
 def global_mean(value: float, weight: float = 1.0) -> float:

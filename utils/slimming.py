@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from utils.distributed import global_mean
 from utils.gan import d_loss, g_loss
 from utils.trainer import TrainingStep
 from utils.training import batches_from
@@ -101,7 +102,8 @@ def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distil
     optimizers["gamma"].step()
     proximal_step(G, optimizers["gamma"].param_groups[0]["lr"], rho)
     enforce_dead(G, (optimizers["g"], optimizers["gamma"]))
-    return {"d_loss": discriminator_loss.item(), "g_loss": adversarial.item(), "distill_loss": distill.item()}
+    return {"d_loss": global_mean(discriminator_loss.item()), "g_loss": global_mean(adversarial.item()),
+            "distill_loss": global_mean(distill.item())}  # the global batch's (equal parts under torchrun)
 
 
 class SlimmingStep(TrainingStep):
