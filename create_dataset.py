@@ -4,6 +4,9 @@ Labels are balanced over the classes and shuffled, z ~ N(0, I); both come from -
 teacher give identical files. The teacher runs in eval mode. Sampling a generator is post-processing, so the
 set's privacy ledger is the teacher's, unchanged. The files are written into a hidden temporary directory that
 is renamed to `<out>/distill/<NNNNN>-<desc>/` only once complete; `latest` then moves to it.
+
+One process, not torchrun: sampling runs on --device (auto: a GPU if there is one, else MPS, else the CPU's
+threads), which a 200k-sample set keeps busy for minutes, not hours.
 """
 import os
 import shutil
@@ -13,8 +16,9 @@ import torch
 
 from utils.checkpoint import build_generator, checkpoint_fields, input_run, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_int, progress_bar,
-                       resolve_device, run_script)
+                       run_script)
 from utils.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decode_images, encode_images, nbytes
+from utils.distributed import single_process_device
 from utils.files import write_json
 from utils.plots import save_samples
 from utils.privacy import inherit, warn_if_not_private
@@ -121,7 +125,7 @@ def main(args):
     args.teacher_dir = input_run(args.teacher_dir, TEACHER_DIR, args.out, "teacher")
     if maybe_dry_run(args):
         return None
-    device = resolve_device(args.device)
+    device = single_process_device(args.device, "create_dataset.py")
     teacher_checkpoint = load_checkpoint(args.teacher_dir, "teacher")
     args.teacher_dir = teacher_checkpoint["run_dir"]  # the run actually used, not a `latest` link that moves
     warn_if_not_private(teacher_checkpoint["privacy"])

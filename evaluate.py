@@ -19,6 +19,9 @@ real (also private) data: they are the data holder's measurements, not covered b
 Writes <out>/eval/<NNNNN>-<desc>/: results.json, results.md (one table), comparison.png (sample grids on the same
 z and labels), tradeoff.png (artifact bytes against downstream accuracy and FD), and last a small checkpoint.pt
 (stage "eval", the runs evaluated): `<out>/eval/latest` moves only to a complete evaluation.
+
+One process, not torchrun: generation, the reference and downstream classifiers run on --device (auto: a GPU if
+there is one, else MPS, else the CPU's threads); latency and throughput are always measured on the CPU.
 """
 import argparse
 import copy
@@ -31,8 +34,9 @@ import torch
 from utils import deploy, runtime
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
-                       progress_bar, resolve_device, run_script, set_seed)
+                       progress_bar, run_script, set_seed)
 from utils.data import add_data_args, check_data_fits, image_request, load_split, to_unit_range
+from utils.distributed import single_process_device
 from utils.files import write_json, write_text
 from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc, predict,
                            reference_classifier)
@@ -408,7 +412,7 @@ def load_inputs(args) -> tuple:
 def main(args):
     if maybe_dry_run(args):
         return None
-    device = resolve_device(args.device)
+    device = single_process_device(args.device, "evaluate.py")
     set_seed(args.seed)
     runs, data = load_inputs(args)
     run = Run.open(args, STAGE, f"{args.dataset}{'-quick' if args.quick else ''}")

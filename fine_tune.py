@@ -36,9 +36,10 @@ import torch
 from models import Discriminator
 from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
 from utils.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
-                       positive_int, resolve_device, run_script, set_seed, set_threads, speed_settings)
+                       positive_int, run_script, set_seed, set_threads, speed_settings)
 from utils.data import add_data_args, check_data_fits, image_request, load_split
 from utils.deploy import format_table, write_device_artifacts
+from utils.distributed import data_parallel, distributed, is_writer
 from utils.files import write_json
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
@@ -121,7 +122,7 @@ def build_models(source: dict, device):
 
 
 def say_not_private(ledger: dict, config: DPConfig):
-    if is_private(ledger):
+    if is_private(ledger) or not is_writer():
         return
     own = (f"is calibrated to epsilon {config.target_epsilon} alone" if config.noise_multiplier is None
            else f"(sigma {config.noise_multiplier}) has its own epsilon in the model card")
@@ -230,7 +231,12 @@ def load_data(args, source: dict):
 def main(args):
     if maybe_dry_run(args):
         return None
-    device = resolve_device(args.device)
+    with distributed(args.device) as device:  # under torchrun: this process's part of the group
+        return fine_tune(args, device)
+
+
+def fine_tune(args, device):
+    """From the resumed or new run to its model card, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, run_stage(args))
     source = load_source(args, checkpoint)
     split, canaries = training_split(args, source)
@@ -248,10 +254,13 @@ def main(args):
     G, D = build_models(source, device)
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
+    data_parallel([G, D], [optimizers["g"]])  # D's DP optimizer reduces its own gradients (utils/dp.py)
     step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run,
                   broken_clipping_norm=broken_clipping_norm(args))
     parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
     steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
+    if not is_writer():
+        return run.run_dir
     card = write_outputs(run, G, config, device, args)
     return run.finish(f"{steps} D steps; {card['privacy']['statement']}")
 

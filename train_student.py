@@ -15,9 +15,10 @@ import torch
 from models import QUANT_BITS, Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
 from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, make_parser, nonnegative_float,
-                       positive_float, positive_int, quant_bits, resolve_device, run_script, set_seed)
+                       positive_float, positive_int, quant_bits, run_script, set_seed)
 from utils.data import EpochBatches
 from utils.distill import load_distill_set
+from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.files import write_json
 from utils.gan import generate
 from utils.plots import plot_curves, plot_losses, side_by_side_samples
@@ -166,19 +167,27 @@ def make_step(args, run: Run, distill, teacher_checkpoint, device) -> SlimmingSt
     G, D = (m.to(device) for m in build_models(args, run.checkpoint, teacher_checkpoint))
     G.frozen_norm_stats = norm_stats_frozen(args, teacher_checkpoint)
     G.train()
+    optimizers = make_optimizers(args, G, D)
+    data_parallel([G, D], list(optimizers.values()))
     # generator outputs only: post-processing, nothing appended to the ledger
     ledger = run.checkpoint["privacy"] if run.checkpoint is not None else inherit(distill.ledger)
     warn_if_not_private(ledger)
-    return SlimmingStep(G, D, make_optimizers(args, G, D), EpochBatches(distill, args.batch_size, args.seed),
-                        args.epochs, ledger, SlimmingConfig.from_args(args), device)
+    batches = ShardedBatches(EpochBatches(distill, args.batch_size, args.seed))  # this rank's part of each batch
+    return SlimmingStep(G, D, optimizers, batches, args.epochs, ledger, SlimmingConfig.from_args(args), device)
 
 
 def main(args):
     inputs = None if args.resume else load_inputs(args)  # resolved before args.json is written
     if maybe_dry_run(args):
         return None
-    device = resolve_device(args.device)
+    with distributed(args.device) as device:  # under torchrun: this process's part of the group
+        return train_stage(args, inputs, device)
+
+
+def train_stage(args, inputs, device):
+    """From the resumed or new run to its reports, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, STAGE)
+    check_divisible(args.batch_size)
     distill, teacher_checkpoint = inputs or load_inputs(args)
     penalty = "-cost" if getattr(args, "penalty", "uniform") == "cost" else ""
     run = Run.open(args, STAGE, f"b{args.quant_bits}-rho{args.rho:g}{penalty}", checkpoint)
@@ -186,6 +195,8 @@ def main(args):
     step = make_step(args, run, distill, teacher_checkpoint, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, parent=args.distill_dir,
                     extra={"teacher": args.teacher_dir}).fit()
+    if not is_writer():
+        return run.run_dir
     summary = write_reports(run.run_dir, step.generator, build_generator(teacher_checkpoint), distill, args, device)
     return run.finish(f"{steps} steps, active channels {summary['active_channels']}")
 

@@ -12,8 +12,9 @@ import torch
 from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, data_fields
 from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
-                       resolve_device, run_script, set_seed)
+                       run_script, set_seed)
 from utils.data import EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape
+from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
@@ -81,14 +82,15 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
     G, D = (model.to(device) for model in build_models(args, run.checkpoint, split))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
+    data_parallel([G, D], [optimizers["g"]] if args.dp else list(optimizers.values()))
     train = TrainConfig.from_args(args)
     if args.dp:
         return DPStep(G, D, optimizers, split, ledger, plan, DPConfig.from_args(args), train, run)
     if run.checkpoint is None:
         record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
     warn_if_not_private(ledger)
-    return NonPrivateStep(G, D, optimizers, EpochBatches(split, args.batch_size, args.seed), args.epochs, ledger,
-                          args.seed, device)
+    batches = ShardedBatches(EpochBatches(split, args.batch_size, args.seed))  # this rank's part of each batch
+    return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device)
 
 
 def main(args):
@@ -96,8 +98,15 @@ def main(args):
         raise UserError("--dp trains the teacher on the private split under DP-SGD: add --split private")
     if maybe_dry_run(args):
         return None
-    device = resolve_device(args.device)
+    with distributed(args.device) as device:  # under torchrun: this process's part of the group
+        return train_stage(args, device)
+
+
+def train_stage(args, device):
+    """From the resumed or new run to its figures, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, STAGE)
+    if not args.dp:
+        check_divisible(args.batch_size)
     split = load_data(args, checkpoint)
     ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
     plan = plan_for(checkpoint, DPConfig.from_args(args), TrainConfig.from_args(args), split, ledger) \
@@ -106,8 +115,9 @@ def main(args):
     set_seed(args.seed)
     step = make_step(args, run, split, ledger, plan, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()
-    save_training_figures(run.run_dir, step.generator, "DP teacher" if args.dp else "teacher losses", device,
-                          private=args.dp)
+    if is_writer():
+        save_training_figures(run.run_dir, step.generator, "DP teacher" if args.dp else "teacher losses",
+                              device, private=args.dp)
     return run.finish(f"{steps} {'DP discriminator ' if args.dp else ''}steps")
 
 

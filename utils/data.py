@@ -270,9 +270,13 @@ class EpochBatches:
         full, rest = divmod(len(self.split), self.batch_size)
         return full if (self.drop_last or rest == 0) else full + 1
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """The positions of epoch `epoch` in batch order (a function of the seed and the epoch only)."""
+        return torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
     def epoch(self, epoch: int, start: int = 0):
         """Yield (images, labels) batches of `epoch`, skipping the first `start` batches."""
-        order = torch.randperm(len(self.split), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        order = self.order(epoch)
         for i in range(start, len(self)):
             yield self.split.batch(order[i * self.batch_size:(i + 1) * self.batch_size])
 

@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from utils.cli import UserError, open_unit_float, positive_float, positive_int
 from utils.data import SplitDataset
-from utils.gan import d_loss, g_loss, random_inputs
+from utils.distributed import (global_mean, is_writer, local_poisson_batch, make_private_data_parallel,
+                               unwrap_data_parallel)
+from utils.gan import d_loss, g_loss, local_random_inputs
 from utils.privacy import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
                            compose_epsilon, epsilon, history, is_private, record_mechanism)
 from utils.trainer import TrainingStep
@@ -139,8 +141,8 @@ class PrivateDiscriminator:
         with warnings.catch_warnings():  # "Secure RNG turned off": stated in the model card (SECURE_RNG_NOTE)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=config.accountant)
-        wrapped = self.engine.make_private(
-            module=D, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        wrapped = make_private_data_parallel(  # under torchrun: noise from rank 0 only, once per step
+            self.engine, D, optimizer, loader, batch_size, noise_multiplier=noise_multiplier,
             max_grad_norm=config.max_grad_norm, poisson_sampling=False,  # the loader above already samples, seeded
             noise_generator=self.noise_rng, grad_sample_mode=grad_sample_mode,
             criterion=torch.nn.BCEWithLogitsLoss())
@@ -149,15 +151,14 @@ class PrivateDiscriminator:
         else:
             (self.module, self.optimizer, self.loader), self.criterion = wrapped, None
         self.module.forbid_grad_accumulation()
-        self.optimizer.expected_batch_size = batch_size
         # make_private derives q from len(loader) = int(1/q); the accountant gets the exact q = B/N
         self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         self._indices = None
 
     @property
     def plain(self) -> torch.nn.Module:
-        """The discriminator itself, without Opacus's wrapper (its hooks still need `hooks_off`)."""
-        return self.module._module
+        """The discriminator itself, without Opacus's wrappers (its hooks still need `hooks_off`)."""
+        return unwrap_data_parallel(self.module._module)
 
     @property
     def history(self) -> list:
@@ -167,8 +168,9 @@ class PrivateDiscriminator:
     def steps(self) -> int:
         return sum(entry[2] for entry in self.engine.accountant.history)
 
-    def next_batch(self):
-        """The next Poisson batch (images, labels) on the device; possibly empty."""
+    def next_local_batch(self):
+        """(images, labels, global size): this process's part of the next Poisson batch over the whole split, on
+        the device (possibly empty), and the size of the whole batch (every rank draws the same one)."""
         if self._indices is None:
             self._indices = iter(self.loader.batch_sampler)
         try:
@@ -176,8 +178,13 @@ class PrivateDiscriminator:
         except StopIteration:  # one "epoch" of int(1/q) draws is over; the draws themselves are i.i.d.
             self._indices = iter(self.loader.batch_sampler)
             indices = next(self._indices)
-        images, labels = self.split.batch(torch.as_tensor(indices, dtype=torch.long))
-        return images.to(self.device), labels.to(self.device)
+        mine, n_global = local_poisson_batch(indices)
+        images, labels = self.split.batch(torch.as_tensor(mine, dtype=torch.long))
+        return images.to(self.device), labels.to(self.device), n_global
+
+    def next_batch(self):
+        """The next Poisson batch (images, labels) on the device, possibly empty (a single process)."""
+        return self.next_local_batch()[:2]
 
     def rng_states(self) -> dict:
         return {"sample": self.sample_rng.get_state(), "noise": self.noise_rng.get_state()}
@@ -239,29 +246,35 @@ def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fa
     return loss
 
 
-def dp_discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng):
-    """One DP-SGD step of D on a Poisson batch and as many fresh fakes; the loss, or None for an empty batch."""
-    if len(real) == 0:
+def dp_discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng, n_global: int = None):
+    """One DP-SGD step of D on (this process's part of) a Poisson batch of `n_global` examples and as many fresh
+    fakes; the loss of the global batch, or None for an empty one. Under torchrun every rank generates its part of
+    the fakes even when its part of the real batch is empty: G's BatchNorm statistics are the global batch's."""
+    n_global = len(real) if n_global is None else n_global
+    if n_global == 0:
         pd.empty_step()
         return None
-    z, fake_labels = random_inputs(G, len(real), rng, real.device)
+    z, fake_labels = local_random_inputs(G, n_global, rng, real.device)
     with torch.no_grad():
         fake = G(z, fake_labels)
+    if len(real) == 0:
+        pd.empty_step()  # this rank adds nothing to the clipped sum, but joins the step's all-reduce
+        return global_mean(0.0, weight=0)
     loss = discriminator_backward(pd, real, real_labels, fake, fake_labels)
     pd.optimizer.step()
-    return loss.item()
+    return global_mean(loss.item(), weight=len(real))
 
 
 def dp_generator_step(pd: PrivateDiscriminator, G, g_optimizer, batch_size: int, rng, device) -> float:
     """The DP loop's generator update against the current private D: hooks off, gradients into G only, no
     accountant step (the generator never reads private data: post-processing)."""
-    z, labels = random_inputs(G, batch_size, rng, device)
+    z, labels = local_random_inputs(G, batch_size, rng, device)
     g_optimizer.zero_grad(set_to_none=True)
     with hooks_off(pd.module):
         loss = g_loss(pd.plain(G(z, labels), labels))
         loss.backward(inputs=[p for p in G.parameters() if p.requires_grad])
     g_optimizer.step()
-    return loss.item()
+    return global_mean(loss.item())
 
 
 # ---------------------------------------------------------------- the step of the training loop
@@ -317,17 +330,18 @@ class DPStep(TrainingStep):
         return self.eps
 
     def begin(self, step: int) -> dict:
-        tqdm.write(describe_plan(self.plan, self.config, self.train.batch_size, len(self.pd.split), self.ledger))
+        if is_writer():
+            tqdm.write(describe_plan(self.plan, self.config, self.train.batch_size, len(self.pd.split), self.ledger))
         self.epsilon()
         return {}
 
     def batches(self, start: int, total: int):
         for _ in range(start, total):
-            yield self.pd.next_batch()
+            yield self.pd.next_local_batch()
 
     def optimize_parameters(self, batch, step: int) -> dict:
-        real, labels = batch
-        d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng)
+        real, labels, n_global = batch
+        d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng, n_global)
         if d_value is not None:  # an empty Poisson batch has no loss: the last one stands
             self.losses["d_loss"] = d_value
         if step % self.config.d_steps_per_g_step == 0:

@@ -7,6 +7,7 @@ at random, never on a real batch's labels: under DP the labels are private too (
 import torch
 import torch.nn.functional as F
 
+from utils.distributed import global_mean, local_part, world_size
 from utils.trainer import TrainingStep
 from utils.training import batches_from
 
@@ -26,26 +27,36 @@ def random_inputs(generator_model, n: int, rng: torch.Generator, device):
     return z.to(device), labels.to(device)
 
 
+def local_random_inputs(generator_model, n_global: int, rng: torch.Generator, device):
+    """This process's part of the latent vectors and labels a single process would draw for `n_global` fakes.
+    Under torchrun every rank draws all of them, so `rng` stays the same on every rank (rank 0's checkpoint
+    resumes all); in a single process this is `random_inputs`."""
+    z, labels = random_inputs(generator_model, n_global, rng, "cpu")
+    return local_part(z).to(device), local_part(labels).to(device)
+
+
 def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng) -> float:
-    """One ordinary (non-private) discriminator update on a real batch and as many fresh fakes."""
-    z, fake_labels = random_inputs(G, len(real), rng, real.device)
+    """One ordinary (non-private) discriminator update on this process's part of a global batch (equal parts
+    under torchrun) and as many fresh fakes; the loss of the global batch."""
+    z, fake_labels = local_random_inputs(G, len(real) * world_size(), rng, real.device)
     with torch.no_grad():
         fake = G(z, fake_labels)
     d_optimizer.zero_grad(set_to_none=True)
     loss = d_loss(D(real, real_labels), D(fake, fake_labels))
     loss.backward()
     d_optimizer.step()
-    return loss.item()
+    return global_mean(loss.item())
 
 
 def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device) -> float:
-    """One generator update against an ordinary discriminator (D's parameters get no update)."""
-    z, labels = random_inputs(G, batch_size, rng, device)
+    """One generator update on `batch_size` fakes (the global batch; this process generates its part) against an
+    ordinary discriminator (D's parameters get no update); the loss of the global batch."""
+    z, labels = local_random_inputs(G, batch_size, rng, device)
     g_optimizer.zero_grad(set_to_none=True)
     loss = g_loss(D(G(z, labels), labels))
     loss.backward()
     g_optimizer.step()
-    return loss.item()
+    return global_mean(loss.item())
 
 
 class NonPrivateStep(TrainingStep):
@@ -66,7 +77,8 @@ class NonPrivateStep(TrainingStep):
         real, labels = (t.to(self.device) for t in batch)
         G, D = self.generator, self.discriminator
         d_value = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng)
-        g_value = nonprivate_generator_step(G, D, self.optimizers["g"], len(real), self.rng, self.device)
+        g_value = nonprivate_generator_step(G, D, self.optimizers["g"], len(real) * world_size(), self.rng,
+                                            self.device)
         return {"d_loss": d_value, "g_loss": g_value}
 
     def rng_states(self) -> dict:

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from utils.cli import UserError
+from utils.distributed import is_writer
 
 ACCOUNTANTS = ("prv", "rdp")
 SECURE_RNG_NOTE = ("Noise drawn with torch's default (non-cryptographic) generator: Opacus's secure_mode needs "
@@ -202,6 +203,7 @@ def describe(ledger: dict, delta: float, accountant: str = "prv") -> str:
 
 
 def warn_if_not_private(ledger: dict):
-    """The plain warning every script prints (on stderr) when it loads a model with an infinite epsilon."""
-    if ledger["non_dp_reads"]:
+    """The plain warning every script prints (on stderr) when it loads a model with an infinite epsilon (rank 0
+    alone under torchrun)."""
+    if ledger["non_dp_reads"] and is_writer():
         print("WARNING: " + describe(ledger, 1e-5), file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models import PRUNABLE_LAYERS
+from utils.distributed import global_mean
 from utils.gan import d_loss, g_loss
 from utils.trainer import TrainingStep
 from utils.training import batches_from
@@ -168,7 +169,8 @@ def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distil
     weights = channel_costs(G) if penalty == "cost" else None
     proximal_step(G, optimizers["gamma"].param_groups[0]["lr"], rho, weights)
     enforce_dead(G, (optimizers["g"], optimizers["gamma"]))
-    return {"d_loss": discriminator_loss.item(), "g_loss": adversarial.item(), "distill_loss": distill.item()}
+    return {"d_loss": global_mean(discriminator_loss.item()), "g_loss": global_mean(adversarial.item()),
+            "distill_loss": global_mean(distill.item())}  # the global batch's (equal parts under torchrun)
 
 
 class SlimmingStep(TrainingStep):

@@ -21,6 +21,7 @@ import math
 
 from utils.checkpoint import checkpoint_fields
 from utils.cli import UserError, progress_bar
+from utils.distributed import is_writer
 from utils.training import Run, TrainConfig, checkpoint_due
 
 
@@ -108,7 +109,7 @@ class Trainer:
         first_record = self.impl.begin(self.step)
         if first_record:
             self.run.metrics.append(**first_record)
-        progress = progress_bar(total=self.total, initial=self.step, desc=self.impl.name)
+        progress = progress_bar(total=self.total, initial=self.step, desc=self.impl.name, disable=not is_writer())
         for batch in self.impl.batches(self.step, self.total):
             self.losses = self.impl.optimize_parameters(batch, self.step + 1)
             check_finite(self.step + 1, **self.losses)

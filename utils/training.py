@@ -21,6 +21,7 @@ from tqdm import tqdm
 from utils.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
                               save_checkpoint)
 from utils.cli import print_config
+from utils.distributed import NoMetrics, from_writer, is_writer
 from utils.files import write_json
 
 # flags taken from the command line on --resume; everything else comes from the run's saved args
@@ -69,17 +70,27 @@ def maybe_dry_run(args) -> bool:
 class Run:
     """One run directory of a stage: where its files go, its metrics log, its checkpoints."""
 
-    def __init__(self, run_dir: str, stage: str, checkpoint: dict = None, publish_as: tuple = None):
-        self.run_dir, self.stage = run_dir, stage
+    def __init__(self, run_dir: str, stage: str, checkpoint: dict = None, publish_as: tuple = None,
+                 writer: bool = True):
+        self.run_dir, self.stage, self.writer = run_dir, stage, writer
         self.checkpoint = checkpoint  # the checkpoint a resumed run continues from; None for a new run
         self.publish_as = publish_as  # a staged run: (out, desc) of the numbered directory `publish` moves it to
-        self.metrics = MetricsLog(run_dir)
+        self.metrics = MetricsLog(run_dir) if writer else NoMetrics()
 
     @classmethod
     def open(cls, args, stage: str, desc: str, checkpoint: dict = None, staged: bool = False) -> "Run":
         """A new numbered run directory with args.json (`staged`: a hidden one, see `publish`), or the resumed
         run's own directory with its metrics cut back to the checkpoint's step. Call only once the input has
-        been checked: this is the first write under --out."""
+        been checked: this is the first write under --out. Under torchrun rank 0 alone writes: the other ranks
+        get a Run of rank 0's directory that writes nothing."""
+        if not is_writer():
+            return cls(from_writer(None), stage, checkpoint, writer=False)
+        run = cls._open(args, stage, desc, checkpoint, staged)
+        from_writer(run.run_dir)
+        return run
+
+    @classmethod
+    def _open(cls, args, stage: str, desc: str, checkpoint: dict, staged: bool) -> "Run":
         if checkpoint is not None:
             run = cls(checkpoint["run_dir"], stage, checkpoint)
             run.metrics.truncate_after(checkpoint["step"])
@@ -111,12 +122,15 @@ class Run:
 
     def save(self, checkpoint: dict):
         """Save the checkpoint atomically, then point `latest` at this run (only ever at a complete one)."""
+        if not self.writer:
+            return
         save_checkpoint(self.run_dir, checkpoint)
         mark_latest(self.run_dir)
 
     def finish(self, summary: str) -> str:
-        """The run's last words: what it did, and where it is."""
-        tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
+        """The run's last words: what it did, and where it is (rank 0 alone under torchrun)."""
+        if self.writer:
+            tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
         return self.run_dir
 
 
