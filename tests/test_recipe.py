@@ -191,3 +191,62 @@ def test_fake_accuracy_reads_only_generated_samples():
     assert fake_accuracy(G, ConstantD(1.0), 16, rng, "cpu") == 0.0
     D = Discriminator(num_classes=10, channels=(4, 4))
     assert 0.0 <= fake_accuracy(G, D, 16, rng, "cpu") <= 1.0 and G.training
+
+
+# ---------------------------------------------------------------- the recipe as one object
+
+def recipe_parser():
+    import argparse
+    from utils.recipe import add_recipe_args
+    parser = argparse.ArgumentParser()
+    add_recipe_args(parser, ema_decay=0.995)
+    return parser
+
+
+def test_recipe_options_parse_and_old_args_get_defaults():
+    import argparse
+    from utils.recipe import RecipeConfig
+    args = recipe_parser().parse_args(["--loss", "hinge", "--augment", "translation,cutout", "--d-steps", "5",
+                                       "--adaptive-d-steps"])
+    config = RecipeConfig.from_args(args)
+    assert config == RecipeConfig("hinge", ("translation", "cutout"), 0.995, 5, True)
+    assert RecipeConfig.from_args(argparse.Namespace(seed=0)) == RecipeConfig()  # a run saved before the recipe
+    assert RecipeConfig.from_args(argparse.Namespace(), d_steps=5).d_steps == 5
+    for bad in (["--augment", "rotate"], ["--ema-decay", "1"], ["--d-steps", "3"], ["--loss", "wgan"]):
+        with pytest.raises(SystemExit):
+            recipe_parser().parse_args(bad)
+
+
+def test_recipe_schedules_g_steps_and_updates_the_average_it_samples_with():
+    from utils.recipe import Recipe, RecipeConfig
+    G = tiny_generator()
+    plain = Recipe(RecipeConfig(), G, seed=0)
+    assert [plain.g_step_due() for _ in range(3)] == [True] * 3 and plain.sampling_generator(G) is G
+    recipe = Recipe(RecipeConfig(ema_decay=0.9, d_steps=2), G, seed=0)
+    assert [recipe.g_step_due() for _ in range(4)] == [False, True, False, True]
+    perturb(G, seed=1)
+    recipe.after_g_step(G)
+    averaged = recipe.sampling_generator(G)
+    assert averaged is recipe.average.model and recipe.average.step == 1
+    assert not torch.equal(averaged.block0.conv.weight, G.block0.conv.weight)
+
+
+def test_recipe_augments_real_and_fake_alike_and_its_state_round_trips():
+    from utils.recipe import Recipe, RecipeConfig
+    G, seen = tiny_generator(), []
+
+    def D(images, labels):
+        seen.append(images)
+        return images.mean(dim=(1, 2, 3))
+
+    config = RecipeConfig(loss="hinge", augment=("cutout",), ema_decay=0.5, adaptive_d_steps=True)
+    recipe = Recipe(config, G, seed=0)
+    real = torch.ones(6, 1, 28, 28)
+    recipe.d_loss(D, real, torch.zeros(6, dtype=torch.long), real.clone(), torch.zeros(6, dtype=torch.long))
+    assert all((images == -1.0).any() for images in seen)  # cutout on the real and on the fake batch
+    recipe.after_g_step(G, recipe.before_g_step(G, Discriminator(channels=(4, 4)), 8, "cpu"))
+    copy = Recipe(config, tiny_generator(seed=3), seed=7)
+    copy.load_state_dict(recipe.state_dict())
+    assert torch.equal(copy.augment(real), recipe.augment(real)) and copy.schedule == recipe.schedule
+    for a, b in zip(copy.average.model.state_dict().values(), recipe.average.model.state_dict().values()):
+        assert torch.equal(a, b)
