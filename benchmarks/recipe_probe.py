@@ -35,8 +35,8 @@ from utils.dsteps import LADDER, DStepsSchedule, fake_accuracy  # noqa: E402
 from utils.ema import WeightAverage  # noqa: E402
 from utils.gan import fixed_inputs, generate, random_inputs  # noqa: E402
 from utils.losses import GAN_LOSSES  # noqa: E402
-from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, precision_recall,  # noqa: E402
-                           predict, protocol_accuracy, reference_classifier)
+from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance,  # noqa: E402
+                           precision_recall, predict, protocol_accuracy, reference_classifier)
 from utils.plots import save_samples  # noqa: E402
 from utils.training import batches_from, maybe_dry_run  # noqa: E402
 

@@ -2,11 +2,12 @@
 
 The decay at update t (0-based) is min(max_decay, (1 + t) / (10 + t)): the first updates follow the live weights
 closely and the average only gradually starts to remember, so a short run is not dragged back towards its random
-initial weights (docs/DESIGN.md, "Evaluation": with warm-up, a 600-step teacher went from 54 % to 70 % downstream accuracy; a
-fixed 0.999 fell to 12 %). Buffers (BatchNorm running statistics, quantisation scales, channel masks) are copied
-from the live model, and derived state is recomputed afterwards (`refresh_quant_scales`, `enforce_dead`) so the
-average is a valid model of the same class. The average is what samples, distillation and evaluation use; its
-state (the averaged weights and t) goes into the checkpoint so a resumed run continues the same average.
+initial weights (docs/DESIGN.md, "Evaluation": with warm-up, a 600-step teacher went from 54 % to 70 % downstream
+accuracy; a fixed 0.999 fell to 12 %). Buffers (BatchNorm running statistics, quantisation scales, channel masks)
+are copied from the live model, and derived state is recomputed afterwards (`refresh_quant_scales`,
+`enforce_dead`) so the average is a valid model of the same class. The average is what samples, distillation and
+evaluation use; its state (the averaged weights and t) goes into the checkpoint so a resumed run continues the
+same average.
 """
 import copy
 

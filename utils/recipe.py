@@ -1,4 +1,5 @@
-"""The training recipe of a GAN stage as one settings object and one runtime object (docs/DESIGN.md, "The training loop").
+"""The training recipe of a GAN stage as one settings object and one runtime object (docs/DESIGN.md,
+"The training loop").
 
 `RecipeConfig` holds what a stage's command line chooses: the loss (utils/losses.py), the DiffAugment policy
 (utils/augment.py), the generator weight average (utils/ema.py) and the D-steps schedule (utils/dsteps.py).
