@@ -250,3 +250,28 @@ def test_recipe_augments_real_and_fake_alike_and_its_state_round_trips():
     assert torch.equal(copy.augment(real), recipe.augment(real)) and copy.schedule == recipe.schedule
     for a, b in zip(copy.average.model.state_dict().values(), recipe.average.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the probe benchmark
+
+def test_recipe_probe_measures_the_live_generator_and_its_average(tiny_data_root, tmp_path, capsys):
+    import importlib.util
+    import json
+    import math
+    import os
+    from conftest import ROOT, TINY_D, TINY_G, tiny_data_args
+    spec = importlib.util.spec_from_file_location("recipe_probe", os.path.join(ROOT, "benchmarks", "recipe_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    argv = [*tiny_data_args(tiny_data_root), "--out", str(tmp_path), "--results-dir", str(tmp_path / "res"),
+            "--steps", "4", "--batch-size", "16", "--g-channels", *TINY_G, "--d-channels", *TINY_D,
+            "--loss", "hinge", "--augment", "translation,cutout", "--adaptive-d-steps", "--eval-samples", "50",
+            "--protocol", "none", "--device", "cpu", "--desc", "t"]
+    run_dir = probe.main(probe.parse_args(argv))
+    result = json.load(open(os.path.join(run_dir, "probe.json")))
+    assert [row["generator"] for row in result["rows"]] == ["live", "average"]
+    for row in result["rows"]:
+        assert math.isfinite(row["fd"]) and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert os.path.getsize(os.path.join(run_dir, f"samples-{row['generator']}.png")) > 0
+    assert result["rows"][0]["fd"] != result["rows"][1]["fd"]
+    assert capsys.readouterr().out.count("| t | loss hinge, augment translation,cutout") == 2
