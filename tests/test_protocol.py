@@ -10,7 +10,7 @@ from conftest import TINY_PUBLIC
 from utils import metrics
 from utils.data import load_split, to_unit_range
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, DownstreamProtocol, MnistCNN, knn_radii, precision_recall,
-                           protocol_accuracy, real_data_ceiling)
+                           protocol_accuracy, protocol_variant, real_data_ceiling)
 
 TINY_PROTOCOL = DownstreamProtocol(name="tiny", num_samples=600, holdout=100, epochs=3, batch_size=50)
 
@@ -26,6 +26,9 @@ def test_published_settings_and_the_quick_variant_is_labelled():
         60000, 5000, 10, 64, 1e-3)
     assert "Bie et al. 2023" in PROTOCOL.describe() and "quick" in QUICK_PROTOCOL.describe()
     assert QUICK_PROTOCOL.num_samples < PROTOCOL.num_samples and QUICK_PROTOCOL.epochs < PROTOCOL.epochs
+    assert protocol_variant(PROTOCOL) is PROTOCOL and protocol_variant(QUICK_PROTOCOL, epochs=2) is QUICK_PROTOCOL
+    custom = protocol_variant(PROTOCOL, num_samples=1200, epochs=1)
+    assert (custom.num_samples, custom.holdout, custom.epochs) == (1200, 100, 1) and "custom" in custom.name
 
 
 def test_the_cnn_is_the_pytorch_mnist_example():

@@ -267,6 +267,17 @@ QUICK_PROTOCOL = DownstreamProtocol(name="quick variant (not the published proto
                                     holdout=1000, epochs=2)
 
 
+def protocol_variant(base: DownstreamProtocol, num_samples: int = None, epochs: int = None) -> DownstreamProtocol:
+    """`base` with other sample counts or epochs (tests, budgets): the hold-out keeps its share of the samples,
+    and the name says it is not `base` unless nothing changed."""
+    num_samples, epochs = num_samples or base.num_samples, epochs or base.epochs
+    if (num_samples, epochs) == (base.num_samples, base.epochs):
+        return base
+    holdout = max(1, round(num_samples * base.holdout / base.num_samples))
+    name = f"custom variant of {base.name} ({num_samples} samples, {epochs} epochs)"
+    return replace(base, name=name, num_samples=num_samples, holdout=holdout, epochs=epochs)
+
+
 def _train_one_epoch(model, optimizer, images, labels, batch_size: int, rng: torch.Generator, device):
     model.train()
     order = torch.randperm(len(labels), generator=rng)
