@@ -153,7 +153,7 @@ def prepare(args, device, run_dir) -> dict:
 def markdown_row(args, row, minutes) -> str:
     settings = (f"loss {args.loss}, augment {args.augment}, EMA {args.ema_decay or 'off'}, d-steps "
                 f"{'adaptive from ' if args.adaptive_d_steps else ''}{args.d_steps}, lr {args.lr:g}, batch "
-                f"{args.batch_size}")
+                f"{args.batch_size}, G {'/'.join(map(str, args.g_channels))}")
     downstream = f"{100 * row['downstream']:.1f} % ({row['protocol']})" if "downstream" in row else "-"
     return (f"| {args.desc or '-'} | {settings} | {args.steps} | {minutes:.1f} | {row['generator']} | "
             f"{row['fd']:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | {downstream} |")
