@@ -7,20 +7,22 @@ is renamed to `<out>/distill/<NNNNN>-<desc>/` only once complete; `latest` then 
 """
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from utils.checkpoint import build_generator, latest_run, load_checkpoint, new_run_dir, write_json
-from utils.cli import add_common_args, make_parser, positive_int, resolve_device, run_script, UserError
+from utils.checkpoint import build_generator, checkpoint_fields, input_run, load_checkpoint
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_int, progress_bar,
+                       resolve_device, run_script)
 from utils.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decode_images, encode_images, nbytes
+from utils.files import write_json
 from utils.plots import save_samples
 from utils.privacy import inherit, warn_if_not_private
-from utils.training import maybe_dry_run, save_run_checkpoint
+from utils.training import Run, maybe_dry_run
 
 STAGE = "distill"
+# The teacher this stage samples, editable here: None means <out>/teacher/latest; --teacher-dir overrides it.
+TEACHER_DIR = None
 DISK_MARGIN = 64 * 2**20  # bytes kept free beyond the set itself (meta, grid, checkpoint, the file system)
 
 
@@ -28,7 +30,7 @@ def parse_args(argv=None):
     parser = make_parser(__doc__, "python create_dataset.py --teacher-dir checkpoints/teacher/latest "
                                   "--num-samples 200000")
     group = parser.add_argument_group("distillation set")
-    group.add_argument("--teacher-dir", default=None, help="teacher run directory (default: <out>/teacher/latest)")
+    add_input_arg(group, "--teacher-dir", "TEACHER_DIR", "teacher run directory", "<out>/teacher/latest")
     group.add_argument("--num-samples", type=positive_int, default=200000, help="number of (z, label, image) triples")
     group.add_argument("--batch-size", type=positive_int, default=1000, help="teacher batch size while sampling")
     group.add_argument("--image-dtype", choices=sorted(IMAGE_ENCODINGS), default="uint8",
@@ -61,7 +63,7 @@ def write_arrays(directory: str, teacher, z, labels, specs: dict, batch_size: in
               for name in ARRAYS}
     arrays["z"][:] = z.numpy()
     arrays["labels"][:] = labels.numpy()
-    for start in tqdm(range(0, len(z), batch_size), desc="distill", unit="batch", dynamic_ncols=True):
+    for start in progress_bar(range(0, len(z), batch_size), desc="distill", unit="batch"):
         stop = start + batch_size
         images = teacher(z[start:stop].to(device), labels[start:stop].to(device)).cpu()
         arrays["images"][start:stop] = encode_images(images, specs["images"]["dtype"])
@@ -78,52 +80,65 @@ def save_grid(directory: str, num_classes: int, per_class: int = 10):
     save_samples(decode_images(images[picks]), os.path.join(directory, "samples.png"), nrow=per_class)
 
 
-def build_set(args, teacher_checkpoint, device) -> str:
-    """Write the complete set into a temporary directory, then rename it into place; returns the run dir."""
-    teacher = build_generator(teacher_checkpoint).to(device).eval()
-    count = args.num_samples if args.max_steps is None else min(args.num_samples, args.max_steps * args.batch_size)
+def sample_count(args) -> int:
+    return args.num_samples if args.max_steps is None else min(args.num_samples, args.max_steps * args.batch_size)
+
+
+@torch.no_grad()
+def set_specs(args, teacher, device) -> dict:
+    """The arrays' shapes and dtypes; refuses (before anything is written) a set smaller than the classes or
+    larger than the free disk."""
+    count = sample_count(args)
     if count < teacher.num_classes:
         raise UserError(f"--num-samples {count} is fewer than the {teacher.num_classes} classes")
-    with torch.no_grad():
-        image_shape = list(teacher(*teacher.sample_inputs(1, device=device)).shape[1:])
+    image_shape = list(teacher(*teacher.sample_inputs(1, device=device)).shape[1:])
     specs = array_specs(count, teacher.nz, image_shape, args.image_dtype)
-    stage_dir = os.path.join(args.out, STAGE)
-    os.makedirs(stage_dir, exist_ok=True)
-    check_disk_space(stage_dir, nbytes(specs))
-    tmp = tempfile.mkdtemp(prefix=".partial-", dir=stage_dir)  # never numbered, so never taken for a run
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run directory is not
-    try:
-        z, labels = draw_inputs(count, teacher.nz, teacher.num_classes, args.seed)
-        write_arrays(tmp, teacher, z, labels, specs, args.batch_size, device)
-        write_json(os.path.join(tmp, META_NAME), {
-            "teacher": teacher_checkpoint["run_dir"], "seed": args.seed, "count": count, "nz": teacher.nz,
-            "num_classes": teacher.num_classes, "image_shape": image_shape, "image_dtype": args.image_dtype,
-            "image_encoding": IMAGE_ENCODINGS[args.image_dtype], "labels": "balanced over classes, shuffled",
-            "files": specs})
-        write_json(os.path.join(tmp, "args.json"), vars(args))
-        save_grid(tmp, teacher.num_classes)
-        run_dir = new_run_dir(args.out, STAGE, args.desc or f"n{count}")
-        os.replace(tmp, run_dir)  # onto the freshly reserved, empty run directory: atomic on POSIX
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # the checkpoint comes last: `latest` moves only to a set whose every file is in place
-    save_run_checkpoint(run_dir, {"stage": STAGE, "step": count, "args": vars(args), "model_args": {},
-                                  "parent": teacher_checkpoint["run_dir"],
-                                  "privacy": inherit(teacher_checkpoint["privacy"])})
-    tqdm.write(f"distill: {count} samples, run directory {run_dir}")
-    return run_dir
+    check_disk_space(nearest_existing(os.path.join(args.out, STAGE)), nbytes(specs))
+    return specs
+
+
+def nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def write_set(directory: str, args, teacher_checkpoint, teacher, specs: dict, device):
+    """The arrays, meta.json and samples.png of the set, into `directory`."""
+    count, image_shape = specs["labels"]["shape"][0], specs["images"]["shape"][1:]
+    z, labels = draw_inputs(count, teacher.nz, teacher.num_classes, args.seed)
+    write_arrays(directory, teacher, z, labels, specs, args.batch_size, device)
+    write_json(os.path.join(directory, META_NAME), {
+        "teacher": teacher_checkpoint["run_dir"], "seed": args.seed, "count": count, "nz": teacher.nz,
+        "num_classes": teacher.num_classes, "image_shape": image_shape, "image_dtype": args.image_dtype,
+        "image_encoding": IMAGE_ENCODINGS[args.image_dtype], "labels": "balanced over classes, shuffled",
+        "files": specs})
+    save_grid(directory, teacher.num_classes)
 
 
 def main(args):
-    args.teacher_dir = args.teacher_dir or latest_run(args.out, "teacher")
+    args.teacher_dir = input_run(args.teacher_dir, TEACHER_DIR, args.out, "teacher")
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)
     teacher_checkpoint = load_checkpoint(args.teacher_dir, "teacher")
     args.teacher_dir = teacher_checkpoint["run_dir"]  # the run actually used, not a `latest` link that moves
     warn_if_not_private(teacher_checkpoint["privacy"])
-    return build_set(args, teacher_checkpoint, device)
+    teacher = build_generator(teacher_checkpoint).to(device).eval()
+    specs = set_specs(args, teacher, device)
+    # written into a hidden directory, numbered only once complete; the checkpoint comes last, so `latest`
+    # moves only to a set whose every file is in place
+    run = Run.open(args, STAGE, f"n{sample_count(args)}", staged=True)
+    try:
+        write_set(run.run_dir, args, teacher_checkpoint, teacher, specs, device)
+        run.publish()
+    except BaseException:
+        run.discard()
+        raise
+    run.save(checkpoint_fields(STAGE, args, step=sample_count(args), parent=teacher_checkpoint["run_dir"],
+                               ledger=inherit(teacher_checkpoint["privacy"])))
+    return run.finish(f"{sample_count(args)} samples")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Evaluate generators of any stage side by side: quality, device cost and privacy (DESIGN section 6).
+"""Evaluate generators of any stage side by side: quality, device cost and privacy (docs/DESIGN.md,
+"Evaluation").
 
 Inputs: the latest run of every generator stage found under --out (teacher, student, compact, private), or the
-runs named with --runs. For each generator:
+runs named with --runs (or in RUNS at the top of this script). For each generator:
   quality   Frechet distance (FD) between class-balanced generated samples and the real test set, in the
             penultimate-layer features of a reference CNN trained on the real training set (trained once, cached
             under <out>/reference/, its own test accuracy reported); downstream accuracy of the same CNN trained
@@ -16,7 +17,8 @@ The same latent vectors and labels are used for every generator. The reference c
 real (also private) data: they are the data holder's measurements, not covered by the generator's DP guarantee.
 
 Writes <out>/eval/<NNNNN>-<desc>/: results.json, results.md (one table), comparison.png (sample grids on the same
-z and labels), tradeoff.png (artifact bytes against downstream accuracy and FD).
+z and labels), tradeoff.png (artifact bytes against downstream accuracy and FD), and last a small checkpoint.pt
+(stage "eval", the runs evaluated): `<out>/eval/latest` moves only to a complete evaluation.
 """
 import argparse
 import copy
@@ -24,30 +26,27 @@ import math
 import os
 import time
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from utils import deploy  # noqa: E402
-from utils.checkpoint import (build_generator, latest_run, load_checkpoint, mark_latest, new_run_dir,  # noqa: E402
-                              write_json)
-from utils.cli import (UserError, add_common_args, make_parser, positive_float, positive_int,  # noqa: E402
-                       resolve_device, run_script, set_seed)
-from utils.data import add_data_args, load_split, to_unit_range  # noqa: E402
-from utils.gan import fixed_inputs, generate  # noqa: E402
-from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc,  # noqa: E402
-                           predict, reference_classifier)
-from utils.plots import sample_grid, save_side_by_side  # noqa: E402
-from utils.privacy import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon,  # noqa: E402
-                           warn_if_not_private)
-from utils.training import maybe_dry_run  # noqa: E402
+from utils import deploy
+from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
+from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
+                       progress_bar, resolve_device, run_script, set_seed)
+from utils.data import add_data_args, load_split, to_unit_range
+from utils.files import write_json, write_text
+from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc, predict,
+                           reference_classifier)
+from utils.plots import plot_tradeoff, side_by_side_samples
+from utils.privacy import ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, warn_if_not_private
+from utils.training import Run, maybe_dry_run
 
 STAGE = "eval"
 GENERATOR_STAGES = ("teacher", "student", "compact", "private")
-COST_KEYS = ("parameters", "macs", "bytes", "latency_ms", "images_per_s")
+# The runs to evaluate and the teacher of the cost ratios, editable here: None means every stage's
+# <out>/<stage>/latest, and the evaluated (else the runs' own, else the latest) teacher. --runs and --teacher
+# override these. Example: RUNS = ["checkpoints/compact/00003-quick", "checkpoints/private/00002-quick"]
+RUNS = None
+TEACHER_DIR = None
 PRESETS = {
     "full": {"num_fd_samples": 10000, "num_downstream_samples": 60000, "classifier_epochs": 3,
              "audit_samples": 10000, "audit_members": 1000, "latency_repeats": 50, "throughput_repeats": 10},
@@ -70,10 +69,11 @@ def add_preset_option(group, key: str, text: str):
 def parse_args(argv=None):
     parser = make_parser(__doc__, EXAMPLES)
     parser.add_argument("--runs", nargs="+", default=None, metavar="RUN",
-                        help="run directories (or checkpoints) to evaluate; none: <out>/<stage>/latest of every "
-                             f"stage in {', '.join(GENERATOR_STAGES)} that exists")
-    parser.add_argument("--teacher", default=None, metavar="RUN",
-                        help="baseline of the cost ratios; none: the evaluated teacher, else <out>/teacher/latest")
+                        help="run directories (or checkpoints) to evaluate; default: RUNS at the top of this "
+                             f"script, else <out>/<stage>/latest of every stage in {', '.join(GENERATOR_STAGES)} "
+                             "that exists")
+    add_input_arg(parser, "--teacher", "TEACHER_DIR", "baseline of the cost ratios",
+                  "the evaluated teacher, else the evaluated runs' teacher, else <out>/teacher/latest")
     group = parser.add_argument_group("quality")
     group.add_argument("--quick", action="store_true", help="fewer samples and one classifier epoch (fast pipeline)")
     add_preset_option(group, "num_fd_samples", "generated samples for the Frechet distance")
@@ -89,16 +89,9 @@ def parse_args(argv=None):
     group = parser.add_argument_group("speed")
     add_preset_option(group, "latency_repeats", "timed batch-1 calls")
     add_preset_option(group, "throughput_repeats", "timed batch-256 calls")
-    add_data_args(parser)
-    hide_option(parser, "split")  # evaluation reads the whole training set, the private split and the test set
+    add_data_args(parser, default_split=None)  # evaluation reads the training set, the private split and the test set
     add_common_args(parser)
     return apply_preset(parser.parse_args(argv))
-
-
-def hide_option(parser, dest: str):
-    for action in parser._actions:
-        if action.dest == dest:
-            action.help = argparse.SUPPRESS
 
 
 def apply_preset(args):
@@ -112,8 +105,8 @@ def apply_preset(args):
 # ---------------------------------------------------------------- inputs
 
 def run_paths(args) -> list:
-    if args.runs:
-        return args.runs
+    if args.runs or RUNS:
+        return args.runs or RUNS
     paths = [latest_run(args.out, stage) for stage in GENERATOR_STAGES if os.path.exists(latest_run(args.out, stage))]
     if not paths:
         raise UserError(f"no generator runs under {args.out!r} (looked for <stage>/latest of "
@@ -164,7 +157,7 @@ def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 50
     z, labels = G.sample_inputs(n, generator=torch.Generator().manual_seed(seed))
     G.eval()
     images = [G(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
-              for i in tqdm(range(0, n, batch_size), desc=f"generate {desc}", leave=False, dynamic_ncols=True)]
+              for i in progress_bar(range(0, n, batch_size), desc=f"generate {desc}", leave=False)]
     return torch.cat(images), labels
 
 
@@ -240,22 +233,30 @@ def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
     return row
 
 
-def teacher_cost(rows, args):
-    """Cost of the ratio baseline: the evaluated teacher, else --teacher or <out>/teacher/latest, else None."""
-    for row in rows:
-        if row["stage"] == "teacher" and not args.teacher:
-            return {key: row[key] for key in COST_KEYS}, row["run_dir"]
-    path = args.teacher or latest_run(args.out, "teacher")
-    if not args.teacher and not os.path.exists(path):
+def baseline_teacher(rows, runs, args):
+    """The teacher run of the cost ratios: --teacher (or TEACHER_DIR), else an evaluated teacher, else the
+    evaluated runs' own teacher (`lineage`), else <out>/teacher/latest; None when there is none."""
+    chosen = args.teacher or TEACHER_DIR
+    evaluated = [row["run_dir"] for row in rows if row["stage"] == "teacher"]
+    ancestors = [lineage(checkpoint)["teacher"] for checkpoint in runs]
+    for path in (chosen, *evaluated, *ancestors):
+        if path:
+            return path
+    latest = latest_run(args.out, "teacher")
+    return latest if os.path.exists(latest) else None
+
+
+def teacher_cost(rows, runs, args):
+    """(cost of the ratio baseline, its run dir), or (None, None)."""
+    path = baseline_teacher(rows, runs, args)
+    if path is None:
         return None, None
+    for row in rows:
+        if row["stage"] == "teacher" and row["run_dir"] == os.path.realpath(path):
+            return {key: row[key] for key in deploy.COST_KEYS}, row["run_dir"]
     checkpoint = load_checkpoint(path, "teacher")
     cost = device_cost(build_generator(checkpoint), checkpoint["run_dir"], args)
-    return {key: cost[key] for key in COST_KEYS}, checkpoint["run_dir"]
-
-
-def add_ratios(rows, baseline):
-    for row in rows:
-        row["vs_teacher"] = {key: row[key] / baseline[key] for key in COST_KEYS} if baseline else None
+    return {key: cost[key] for key in deploy.COST_KEYS}, checkpoint["run_dir"]
 
 
 # ---------------------------------------------------------------- reports
@@ -287,7 +288,7 @@ TABLE_COLUMNS = ("stage", "run", "params", "MACs", "bytes on disk", "latency ms 
 def table_row(row) -> list:
     return [row["label"], row["run"], human(row["parameters"]), human(row["macs"]),
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
-            f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in COST_KEYS), f"{row['fd']:.2f}",
+            f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in deploy.COST_KEYS), f"{row['fd']:.2f}",
             f"{100 * row['downstream_accuracy']:.1f}%", format_epsilon(row), f"{row['delta']:g}",
             f"{row['mia_auc']:.3f}"]
 
@@ -312,48 +313,16 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_comparison(runs, path: str, device):
-    """Sample grids of every generator on the same z and labels, side by side."""
-    grids = {}
-    for checkpoint in runs:
-        G = build_generator(checkpoint).to(device)
-        z, labels = fixed_inputs(G)
-        grids[checkpoint["label"]] = sample_grid(generate(G, z, labels, device=device), nrow=len(z) // G.num_classes)
-    save_side_by_side(grids, path, title="same z and labels (one row per class)")
-
-
-def save_tradeoff(rows, path: str):
-    """Artifact bytes (log x) against downstream accuracy and FD, one labelled point per stage (stages that
-    land on the same point share one label)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, ylabel in ((axes[0], "downstream_accuracy", "downstream accuracy (higher is better)"),
-                            (axes[1], "fd", "Frechet distance (lower is better)")):
-        points = {}
-        for row in rows:
-            points.setdefault((row["bytes"], round(row[key], 6)), []).append(row["label"])
-        for (x, y), labels in points.items():
-            ax.scatter(x, y)
-            ax.annotate(", ".join(labels), (x, y), textcoords="offset points", xytext=(5, 5))
-        ax.set_xscale("log")
-        ax.margins(x=0.25, y=0.1)
-        ax.set_xlabel("bytes on disk (artifact, else state dict)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_reports(run_dir, rows, runs, reference, baseline_run, args, device) -> str:
+def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, device) -> str:
     table = results_markdown(rows, reference, baseline_run, args)
-    with open(os.path.join(run_dir, "results.md"), "w") as handle:
-        handle.write(table)
-    write_json(os.path.join(run_dir, "results.json"),
+    write_text(run.path("results.md"), table)
+    write_json(run.path("results.json"),
                {"rows": rows, "reference_classifier": reference, "teacher_baseline": baseline_run,
                 "settings": {key: getattr(args, key) for key in (*PRESETS["full"], "audit_same_label", "delta",
                                                                  "accountant", "seed", "max_steps", "quick")}})
-    save_comparison(runs, os.path.join(run_dir, "comparison.png"), device)
-    save_tradeoff(rows, os.path.join(run_dir, "tradeoff.png"))
+    side_by_side_samples({checkpoint["label"]: build_generator(checkpoint) for checkpoint in runs},
+                         run.path("comparison.png"), "same z and labels (one row per class)", device)
+    plot_tradeoff(rows, run.path("tradeoff.png"))
     return table
 
 
@@ -370,27 +339,32 @@ def prepare_reference(args, data, device) -> dict:
     return {"reference": model, "reference_info": info, "test_stats": test_stats, "data": data}
 
 
-def main(args):
-    if maybe_dry_run(args):
-        return None
-    device = resolve_device(args.device)
-    set_seed(args.seed)
+def load_inputs(args) -> tuple:
+    """(generator checkpoints, real data), checked against delta and the partition: every refusal comes here,
+    before anything is written."""
     runs = load_runs(run_paths(args))
     data = load_data(args)
     check_delta(args.delta, len(data["private"]))
     for checkpoint in runs:
         check_same_partition(checkpoint["privacy"], data["private"])
-    run_dir = new_run_dir(args.out, STAGE, args.desc or f"{args.dataset}{'-quick' if args.quick else ''}")
-    write_json(os.path.join(run_dir, "args.json"), vars(args))
+    return runs, data
+
+
+def main(args):
+    if maybe_dry_run(args):
+        return None
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    runs, data = load_inputs(args)
+    run = Run.open(args, STAGE, f"{args.dataset}{'-quick' if args.quick else ''}")
     context = prepare_reference(args, data, device)
     rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
-    baseline, baseline_run = teacher_cost(rows, args)
-    add_ratios(rows, baseline)
-    table = write_reports(run_dir, rows, runs, context["reference_info"], baseline_run, args, device)
-    mark_latest(run_dir)
+    baseline, baseline_run = teacher_cost(rows, runs, args)
+    deploy.add_ratios({row["label"]: row for row in rows}, baseline=baseline)
+    table = write_reports(run, rows, runs, context["reference_info"], baseline_run, args, device)
+    run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs]})
     print(table)
-    print(f"evaluation: {run_dir}")
-    return run_dir
+    return run.finish(f"{len(rows)} generators")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage 5: DP fine-tuning of the compact generator on the private split (DESIGN section 4).
+"""Stage 5: DP fine-tuning of the compact generator on the private split (docs/DESIGN.md, "Privacy").
 
 Only the discriminator reads the private split, and only through DP-SGD (utils/dp.py, Opacus): Poisson sampling
 with expected batch --batch-size, per-sample clipping to --max-grad-norm, Gaussian noise; --d-steps-per-g-step
@@ -16,28 +16,27 @@ Writes <out>/private/<NNNNN>-<desc>/: checkpoint.pt (stage "private"), metrics.j
 epoch), samples.png, loss.png, epsilon.png, the device artifact in stage 4's format (generator_int.pt,
 generator.pt2), MODEL_CARD.md and model_card.json.
 """
-import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 from models import Discriminator
-from utils.checkpoint import build_discriminator, build_generator, latest_run, load_checkpoint, read_metrics, \
-    unwrapped_state_dict
-from utils.cli import add_common_args, add_resume_arg, make_parser, positive_float, positive_int, resolve_device, \
-    run_script, set_seed
+from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, load_checkpoint
+from utils.cli import (add_common_args, add_input_arg, add_resume_arg, make_parser, positive_float, positive_int,
+                       resolve_device, run_script, set_seed)
 from utils.data import add_data_args, load_split
-from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
-from utils.gan import fixed_inputs, generate
+from utils.deploy import write_device_artifacts
+from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
-from utils.plots import plot_curves, save_samples
+from utils.plots import save_training_figures
 from utils.privacy import inherit, is_private, warn_if_not_private
-from utils.training import maybe_dry_run, open_run, save_run_checkpoint
+from utils.trainer import Trainer
+from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
 STAGE = "private"
 PARENT_STAGES = ("compact", "private")  # a fine-tuned model can be fine-tuned again: its ledger composes
-ARTIFACT_TOLERANCE = 1e-6
+# The generator this stage fine-tunes, editable here: None means <out>/compact/latest; --generator-dir overrides it.
+GENERATOR_DIR = None
 
 
 def parse_args(argv=None):
@@ -45,8 +44,8 @@ def parse_args(argv=None):
                                   "  python fine_tune.py --noise-multiplier 1.0 --accountant rdp --max-steps 200 "
                                   "--desc quick")
     group = parser.add_argument_group("input")
-    group.add_argument("--generator-dir", default=None,
-                       help="compact run to fine-tune (default: <out>/compact/latest)")
+    add_input_arg(group, "--generator-dir", "GENERATOR_DIR", "compact (or private) run to fine-tune",
+                  "<out>/compact/latest")
     add_data_args(parser, default_split="private")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_float, default=20,
@@ -69,11 +68,13 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- inputs and models
 
-def load_parent(args) -> dict:
-    path = args.generator_dir or latest_run(args.out, "compact")
-    parent = load_checkpoint(path, PARENT_STAGES)
-    warn_if_not_private(parent["privacy"])
-    return parent
+def load_source(args, checkpoint) -> dict:
+    """What the networks start from: the resumed run's checkpoint, else the compact (or private) run to
+    fine-tune."""
+    source = checkpoint or load_checkpoint(input_run(args.generator_dir, GENERATOR_DIR, args.out, "compact"),
+                                           PARENT_STAGES)
+    warn_if_not_private(source["privacy"])
+    return source
 
 
 def build_models(source: dict, device):
@@ -87,107 +88,53 @@ def build_models(source: dict, device):
     return G.to(device).train(), D.to(device).train()
 
 
-def say_not_private(ledger: dict, args):
+def say_not_private(ledger: dict, config: DPConfig):
     if is_private(ledger):
         return
-    own = (f"is calibrated to epsilon {args.target_epsilon} alone" if args.noise_multiplier is None
-           else f"(sigma {args.noise_multiplier}) has its own epsilon in the model card")
+    own = (f"is calibrated to epsilon {config.target_epsilon} alone" if config.noise_multiplier is None
+           else f"(sigma {config.noise_multiplier}) has its own epsilon in the model card")
     print(f"WARNING: the result of this run carries NO differential-privacy guarantee: an earlier stage read the "
           f"private split without DP, so the total epsilon is infinite. This stage's own DP-SGD mechanism {own}; "
           f"that bounds only what this stage adds.", file=sys.stderr)
 
 
-def make_checkpoint(args, trainer: DPGANTrainer, G, parent_dir: str, split) -> dict:
-    G.refresh_quant_scales()  # eval mode (and the artifact) use the scales of the weights as saved
-    checkpoint = {"stage": STAGE, "args": vars(args), "parent": parent_dir,
-                  "model_args": {"generator": G.model_args(), "discriminator": trainer.pd.plain.model_args()},
-                  "generator": unwrapped_state_dict(G),
-                  "data": {"dataset": split.dataset, "split": split.split, "size": len(split),
-                           "fingerprint": split.fingerprint, "source": split.source}}
-    checkpoint.update(trainer.checkpoint_state())
-    return checkpoint
+def describe_run(config: DPConfig, dataset: str) -> str:
+    budget = f"sigma{config.noise_multiplier:g}" if config.noise_multiplier is not None else \
+        f"eps{config.target_epsilon:g}"
+    return f"{dataset}-{budget}-{config.accountant}"
 
 
-# ---------------------------------------------------------------- outputs
-
-def write_figures(run_dir: str, G, device):
-    z, labels = fixed_inputs(G)
-    save_samples(generate(G, z, labels, device=device), os.path.join(run_dir, "samples.png"), nrow=10)
-    plot_curves(read_metrics(run_dir), ["d_loss", "g_loss"], os.path.join(run_dir, "loss.png"), "DP fine-tuning")
-    plot_epsilon(run_dir, "DP fine-tuning: privacy spent")
-
-
-def write_device_artifacts(run_dir: str, G) -> dict:
-    """The device artifact in stage 4's format (utils/deploy.py), reloaded and checked against the generator."""
-    from utils import deploy
-    model = build_generator({"model_args": {"generator": G.model_args()}, "generator": unwrapped_state_dict(G)})
-    model.eval()
-    artifact_path, program_path = os.path.join(run_dir, deploy.ARTIFACT_NAME), os.path.join(run_dir, deploy.PROGRAM_NAME)
-    artifact_bytes = deploy.save_artifact(model, artifact_path)
-    deploy.export_program(model, program_path)
-    z, labels = model.sample_inputs(64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(z, labels)
-        diffs = {"artifact": (deploy.load_artifact(artifact_path)(z, labels) - expected).abs().max().item(),
-                 "program": (deploy.load_program(program_path)(z, labels) - expected).abs().max().item()}
-    for name, diff in diffs.items():
-        if not diff <= ARTIFACT_TOLERANCE:
-            raise RuntimeError(f"the reloaded {name} differs from the fine-tuned generator by {diff:.3g}")
-    return {"artifact": deploy.ARTIFACT_NAME, "artifact_bytes": artifact_bytes, "program": deploy.PROGRAM_NAME,
-            "program_bytes": os.path.getsize(program_path), "max_abs_diff": diffs}
-
-
-# ---------------------------------------------------------------- main
-
-def describe_run(args) -> str:
-    budget = f"sigma{args.noise_multiplier:g}" if args.noise_multiplier is not None else f"eps{args.target_epsilon:g}"
-    return f"{args.dataset}-{budget}-{args.accountant}"
-
-
-def prepare(args):
-    """(args, run_dir, resumed checkpoint or None, metrics, source checkpoint, parent dir, ledger, split, plan).
-    A fresh run is checked (delta, partition, budget) before its run directory exists."""
-    if args.resume:
-        args, run_dir, checkpoint, metrics = open_run(args, STAGE, None)
-        warn_if_not_private(checkpoint["privacy"])
-        split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
-        return args, run_dir, checkpoint, metrics, checkpoint, checkpoint["parent"], checkpoint["privacy"], split, None
-    parent = load_parent(args)
-    ledger = inherit(parent["privacy"])
-    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
-    plan = plan_run(args, split, ledger)
-    args, run_dir, _, metrics = open_run(args, STAGE, describe_run(args))
-    return args, run_dir, None, metrics, parent, parent["run_dir"], ledger, split, plan
+def write_outputs(run: Run, G, config: DPConfig, device) -> dict:
+    """Figures, the device artifact in stage 4's format, and the model card."""
+    save_training_figures(run.run_dir, G, "DP fine-tuning", device, private=True)
+    artifacts = write_device_artifacts(run.run_dir, G)
+    card = build_card(checkpoint=load_checkpoint(run.run_dir, STAGE), generator=G, delta=config.delta,
+                      accountant=config.accountant, artifacts=artifacts)
+    write_model_card(run.run_dir, card)
+    return card
 
 
 def main(args):
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)
-    args, run_dir, checkpoint, metrics, source, parent_dir, ledger, split, plan = prepare(args)
-    say_not_private(ledger, args)
+    args, checkpoint = resume_args(args, STAGE)
+    source = load_source(args, checkpoint)
+    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
+    config, train = DPConfig.from_args(args), TrainConfig.from_args(args)
+    ledger = source["privacy"] if checkpoint is not None else inherit(source["privacy"])
+    plan = plan_for(checkpoint, config, train, split, ledger)  # checks delta, partition and budget
+    run = Run.open(args, STAGE, describe_run(config, args.dataset), checkpoint)
+    say_not_private(ledger, config)
     set_seed(args.seed)
     G, D = build_models(source, device)
-    g_optimizer = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999))
-    d_optimizer = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))
-    trainer = DPGANTrainer(stage=STAGE, run_name=os.path.basename(run_dir), G=G, D=D, g_optimizer=g_optimizer,
-                           d_optimizer=d_optimizer, split=split, ledger=ledger, args=args, device=device,
-                           checkpoint=checkpoint, plan=plan)
-
-    def save():
-        save_run_checkpoint(run_dir, make_checkpoint(args, trainer, G, parent_dir, split))
-
-    trainer.run(metrics, save)
-    if checkpoint is not None and checkpoint["step"] == trainer.step:
-        save()  # nothing left to do, but make sure `latest` points here
-    write_figures(run_dir, G, device)
-    artifacts = write_device_artifacts(run_dir, G)
-    card = build_card(checkpoint=load_checkpoint(run_dir, STAGE), generator=G, delta=args.delta,
-                      accountant=args.accountant, artifacts=artifacts)
-    write_model_card(run_dir, card)
-    tqdm.write(f"{STAGE}: {trainer.step} D steps; {card['privacy']['statement']}")
-    tqdm.write(f"run directory {run_dir}")
-    return run_dir
+    optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
+                  "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
+    step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run)
+    parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
+    steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
+    card = write_outputs(run, G, config, device)
+    return run.finish(f"{steps} D steps; {card['privacy']['statement']}")
 
 
 if __name__ == "__main__":

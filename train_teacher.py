@@ -8,19 +8,18 @@ With --dp (and --split private) the teacher is trained on the private split unde
 import os
 
 import torch
-from tqdm import tqdm
 
 from models import Discriminator, Generator
-from utils.checkpoint import build_discriminator, build_generator, read_metrics, unwrapped_state_dict
+from utils.checkpoint import build_discriminator, build_generator, data_fields
 from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
                        resolve_device, run_script, set_seed)
 from utils.data import EpochBatches, add_data_args, load_split
-from utils.dp import DPGANTrainer, add_dp_args, plan_run, plot_epsilon
-from utils.gan import check_finite, discriminator_step, fixed_inputs, generate, generator_step
-from utils.plots import plot_curves, save_samples
+from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
+from utils.gan import NonPrivateStep
+from utils.plots import save_training_figures
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
-from utils.training import (batches_from, checkpoint_due, maybe_dry_run, resume_args, rng_from,
-                            save_run_checkpoint, start_run)
+from utils.trainer import Trainer
+from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
 STAGE = "teacher"
 
@@ -50,95 +49,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_models(args, checkpoint, num_classes: int):
+def build_models(args, checkpoint):
     """Fresh G and D (seeded), or the ones saved in the checkpoint being resumed."""
     if checkpoint is not None:
         return build_generator(checkpoint), build_discriminator(checkpoint)
-    return (Generator(nz=args.nz, num_classes=num_classes, channels=args.g_channels, bits=32),
-            Discriminator(num_classes=num_classes, channels=args.d_channels))
+    return Generator(nz=args.nz, channels=args.g_channels, bits=32), Discriminator(channels=args.d_channels)
 
 
-def make_checkpoint(args, G, D, optimizers, step, rng, ledger, split):
-    return {"stage": STAGE, "step": step, "args": vars(args), "parent": None,
-            "model_args": {"generator": G.model_args(), "discriminator": D.model_args()},
-            "generator": unwrapped_state_dict(G), "discriminator": unwrapped_state_dict(D),
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "rng": {"train": rng.get_state()}, "privacy": ledger,
-            "data": {"dataset": split.dataset, "split": split.split, "size": len(split),
-                     "fingerprint": split.fingerprint, "source": split.source}}
-
-
-def write_figures(run_dir, G, device):
-    z, labels = fixed_inputs(G)
-    save_samples(generate(G, z, labels, device=device), os.path.join(run_dir, "samples.png"), nrow=10)
-    plot_curves(read_metrics(run_dir), ["d_loss", "g_loss"], os.path.join(run_dir, "loss.png"), "teacher losses")
-
-
-def train(args, run_dir, checkpoint, metrics, split, device, plan=None):
-    set_seed(args.seed)
-    G, D = (m.to(device) for m in build_models(args, checkpoint, num_classes=10))
+def make_step(args, run: Run, split, ledger: dict, plan, device):
+    """The non-private step, or with --dp the DP step (the ledger records the mechanism, not a data read)."""
+    G, D = (model.to(device) for model in build_models(args, run.checkpoint))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
-    if getattr(args, "dp", False):
-        return train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device, plan)
-    step, ledger = 0, new_ledger(split.partition)
-    if checkpoint is not None:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(checkpoint["optimizers"][name])
-        step, ledger = checkpoint["step"], checkpoint["privacy"]
-    else:
-        record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run_dir))
+    train = TrainConfig.from_args(args)
+    if args.dp:
+        return DPStep(G, D, optimizers, split, ledger, plan, DPConfig.from_args(args), train, run)
+    if run.checkpoint is None:
+        record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
     warn_if_not_private(ledger)
-    rng = rng_from(checkpoint, "train", args.seed)
-    batches = EpochBatches(split, args.batch_size, args.seed)
-    total = args.epochs * len(batches) if args.max_steps is None else min(args.max_steps, args.epochs * len(batches))
-
-    def save():
-        save_run_checkpoint(run_dir, make_checkpoint(args, G, D, optimizers, step, rng, ledger, split))
-
-    progress = tqdm(total=total, initial=step, desc="teacher", dynamic_ncols=True)
-    for epoch, (real, labels) in batches_from(batches, step, total):
-        real, labels = real.to(device), labels.to(device)
-        d_value = discriminator_step(G, D, optimizers["d"], real, labels, rng)
-        g_value = generator_step(G, D, optimizers["g"], len(real), rng, device)
-        check_finite(step + 1, d_loss=d_value, g_loss=g_value)
-        step += 1
-        progress.update(1)
-        progress.set_postfix(epoch=epoch, d_loss=f"{d_value:.3f}", g_loss=f"{g_value:.3f}")
-        if step % args.log_every == 0 or step == total:
-            metrics.append(step=step, epoch=epoch, d_loss=d_value, g_loss=g_value)
-        if checkpoint_due(step, total, len(batches), args.checkpoint_every):
-            save()
-    progress.close()
-    if checkpoint is not None and checkpoint["step"] == step:
-        save()  # nothing left to do, but make sure `latest` points here
-    write_figures(run_dir, G, device)
-    tqdm.write(f"teacher: {step} steps, run directory {run_dir}")
-    return run_dir
-
-
-def train_private(args, run_dir, checkpoint, metrics, split, G, D, optimizers, device, plan=None):
-    """--dp: the DP GAN loop of utils/dp.py; the ledger records the DP-SGD mechanism, not a data read."""
-    ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
-    trainer = DPGANTrainer(stage=STAGE, run_name=os.path.basename(run_dir), G=G, D=D, g_optimizer=optimizers["g"],
-                           d_optimizer=optimizers["d"], split=split, ledger=ledger, args=args, device=device,
-                           checkpoint=checkpoint, plan=plan)
-
-    def save():
-        state = make_checkpoint(args, G, D, optimizers, trainer.step, trainer.rng, ledger, split)
-        save_run_checkpoint(run_dir, {**state, **trainer.checkpoint_state()})
-
-    trainer.run(metrics, save)
-    if checkpoint is not None and checkpoint["step"] == trainer.step:
-        save()
-    write_figures(run_dir, G, device)
-    plot_epsilon(run_dir, "DP teacher: privacy spent")
-    tqdm.write(f"teacher: {trainer.step} DP discriminator steps, run directory {run_dir}")
-    return run_dir
+    return NonPrivateStep(G, D, optimizers, EpochBatches(split, args.batch_size, args.seed), args.epochs, ledger,
+                          args.seed, device)
 
 
 def main(args):
-    desc = f"{args.dataset}-{args.split}" + ("-dp" if args.dp else "")
     if args.dp and args.split != "private":
         raise UserError("--dp trains the teacher on the private split under DP-SGD: add --split private")
     if maybe_dry_run(args):
@@ -146,9 +79,16 @@ def main(args):
     device = resolve_device(args.device)
     args, checkpoint = resume_args(args, STAGE)
     split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
-    plan = plan_run(args, split, new_ledger(split.partition)) if args.dp and checkpoint is None else None
-    run_dir, metrics = start_run(args, STAGE, desc, checkpoint)  # only now, once the input is known to be good
-    return train(args, run_dir, checkpoint, metrics, split, device, plan)
+    ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
+    plan = plan_for(checkpoint, DPConfig.from_args(args), TrainConfig.from_args(args), split, ledger) \
+        if args.dp else None
+    run = Run.open(args, STAGE, f"{args.dataset}-{args.split}" + ("-dp" if args.dp else ""), checkpoint)
+    set_seed(args.seed)
+    step = make_step(args, run, split, ledger, plan, device)
+    steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()
+    save_training_figures(run.run_dir, step.generator, "DP teacher" if args.dp else "teacher losses", device,
+                          private=args.dp)
+    return run.finish(f"{steps} {'DP discriminator ' if args.dp else ''}steps")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import QUANT_BITS, Generator  # noqa: E402
-from utils.checkpoint import build_generator, latest_run, load_checkpoint, write_json  # noqa: E402
+from utils.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import (UserError, add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
-                       run_script, set_seed)
+                       run_script, set_seed, set_threads)
 from utils.cost import measure_speed  # noqa: E402
 from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
                           format_table, load_program, save_artifact, state_dict_bytes)
@@ -128,8 +129,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     compact, teacher, source, run_dir = synthetic_models(args) if args.synthetic_widths else run_models(args)
     with tempfile.TemporaryDirectory() as scratch:
         paths = deploy_files(compact, run_dir, scratch)

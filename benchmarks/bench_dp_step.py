@@ -30,9 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import QUANT_BITS, Discriminator, Generator  # noqa: E402
 from utils import dp, gan  # noqa: E402
-from utils.checkpoint import write_json  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import (add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
-                       run_script, set_seed)
+                       run_script, set_seed, set_threads)
 from utils.data import ImageSplit  # noqa: E402
 from utils.training import maybe_dry_run  # noqa: E402
 
@@ -76,7 +76,8 @@ def models(args, device):
 
 def private(D, split, batch_size, noise, clip, mode, device):
     optimizer = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
-    return dp.PrivateDiscriminator(D, optimizer, split, batch_size, noise, clip, mode, "rdp", 0, device)
+    config = dp.DPConfig(max_grad_norm=clip, accountant="rdp", grad_sample_mode=mode)
+    return dp.PrivateDiscriminator(D, optimizer, split, batch_size, noise, config, seed=0, device=device)
 
 
 def _seconds(fn, device) -> float:
@@ -111,8 +112,8 @@ def time_mode(args, mode, split, real, labels, device) -> dict:
     plain_opt = torch.optim.Adam(D_plain.parameters(), 2e-4, betas=(0.5, 0.999))
     rng, plain_rng = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     medians = interleaved_medians({
-        "dp": lambda: dp.discriminator_step(pd, G, real, labels, rng),
-        "non_dp": lambda: gan.discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng),
+        "dp": lambda: dp.dp_discriminator_step(pd, G, real, labels, rng),
+        "non_dp": lambda: gan.nonprivate_discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng),
     }, args.repeats, args.warmup, device)
     return {"dp_ms": medians["dp"] * 1e3, "non_dp_ms": medians["non_dp"] * 1e3,
             "ratio": medians["dp"] / medians["non_dp"]}
@@ -203,8 +204,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     split = synthetic_split(args.private_size, args.seed)

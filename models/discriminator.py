@@ -1,8 +1,8 @@
 """The class-conditional discriminator, built to be made private by Opacus as it is.
 
-The label enters as `num_classes` extra one-hot input planes (DESIGN section 6: this beat a projection
-discriminator at the same budget). No BatchNorm (it mixes samples, so per-sample gradients would be meaningless)
-and no in-place activations (they break Opacus's hooks): `ModuleValidator.validate` finds no errors.
+The label enters as `num_classes` extra one-hot input planes (this beat a projection discriminator at the same
+budget: docs/DESIGN.md, "GAN Slimming and compression"). No BatchNorm (it mixes samples, so per-sample gradients
+would be meaningless) and no in-place activations (they break Opacus's hooks): `ModuleValidator.validate` finds no errors.
 
     [image ++ one-hot planes] 28x28 -> conv 14x14 -> conv 7x7 -> conv 7x7 kernel -> one logit
 """

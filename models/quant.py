@@ -1,4 +1,5 @@
-"""Fake-quantised conv layers with a straight-through estimator (GAN Slimming, DESIGN section 5).
+"""Fake-quantised conv layers with a straight-through estimator (docs/DESIGN.md, "GAN Slimming and
+compression").
 
 Weights: symmetric, per output channel, scale = max|W| / (2^(bits-1) - 1). The scale lives in the buffer
 `weight_scale`: recomputed from the weights on every training forward (as in the GAN Slimming release) and by

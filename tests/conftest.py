@@ -114,7 +114,7 @@ def write_handmade_run(out, stage, generator, parent=None, teacher=None, discrim
     """A checkpoint of `stage` holding `generator` (and a tiny discriminator), saved as the stage scripts do."""
     from models import Discriminator
     from utils.checkpoint import new_run_dir, unwrapped_state_dict
-    from utils.training import save_run_checkpoint
+    from utils.training import Run
     run_dir = new_run_dir(str(out), stage, "x")
     checkpoint = {"stage": stage, "step": 7, "args": {"seed": 0}, "parent": parent, "privacy": tiny_ledger(),
                   "model_args": {"generator": generator.model_args()}, "generator": unwrapped_state_dict(generator)}
@@ -125,7 +125,7 @@ def write_handmade_run(out, stage, generator, parent=None, teacher=None, discrim
         checkpoint["model_args"]["discriminator"] = D.model_args()
         checkpoint["discriminator"] = unwrapped_state_dict(D)
     checkpoint.update(extra or {})
-    save_run_checkpoint(run_dir, checkpoint)
+    Run(run_dir, stage).save(checkpoint)
     return run_dir
 
 
@@ -169,3 +169,24 @@ def tiny_student_run(tiny_distill_run):
     out, distill_dir = tiny_distill_run
     argv = student_argv(out, distill_dir, "--rho", "2.5")
     return out, train_student.main(train_student.parse_args(argv))
+
+
+def check_sample_grid(path, tiles: int, nrow: int = 10) -> np.ndarray:
+    """A sample grid PNG (utils/plots.save_samples: 28x28 tiles, 2-pixel white padding) holds `tiles` tiles in
+    rows of `nrow` (the white padding lines sit where that layout puts them), the image is not constant and not
+    every tile is the same image; returns the tiles as a (tiles, 28, 28) array. (A barely trained generator's
+    tiles may each be nearly flat grey once saved as 8 bits, so single tiles are not required to vary.)"""
+    from PIL import Image
+    grid = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    rows, step = -(-tiles // nrow), 28 + 2
+    assert grid.shape == (rows * step + 2, nrow * step + 2), grid.shape
+    padding = np.ones_like(grid, dtype=bool)
+    for r in range(rows):
+        for c in range(nrow):
+            padding[2 + step * r: step * (r + 1), 2 + step * c: step * (c + 1)] = False
+    assert (grid[padding] == 255).all(), "the tiles are not laid out as expected"
+    cells = np.stack([grid[2 + step * r: step * (r + 1), 2 + step * c: step * (c + 1)]
+                      for r in range(rows) for c in range(nrow)][:tiles])
+    assert cells.std() > 0 and (cells != 255).any(), "a blank or constant grid"
+    assert np.abs(cells - cells[0]).max() > 0, "every tile is the same image"
+    return cells

@@ -193,6 +193,29 @@ def test_difference_above_tolerance_refuses_and_writes_nothing(handmade_pipeline
     assert not os.path.exists(os.path.join(out, "compact"))
 
 
+# the guarantee (utils/compress.py, README): the compact generator equals the student to 1e-5 in eval mode
+COMPACT_GUARANTEE = 1e-5
+
+
+def test_a_difference_just_above_the_tolerance_is_refused(handmade_pipeline, monkeypatch):
+    """The guard itself, not only a gross failure: a compact model off by 1-2x the guaranteed 1e-5 is refused."""
+    out = handmade_pipeline[0]
+    real_compress, measured = compress_student.compress, []
+
+    def slightly_off(student):
+        compact = real_compress(student)
+        with torch.no_grad():
+            compact.to_image.bias.add_(1.6 * COMPACT_GUARANTEE)
+        measured.append(max_abs_difference(student, compact, 300, seed=0))  # what the guard measures
+        return compact
+
+    monkeypatch.setattr(compress_student, "compress", slightly_off)
+    with pytest.raises(UserError, match="refused, nothing written"):
+        compress_student.main(compress_student.parse_args(quick_argv(out)))
+    assert COMPACT_GUARANTEE < measured[0] < 2 * COMPACT_GUARANTEE
+    assert not os.path.exists(os.path.join(out, "compact"))
+
+
 def test_dry_run_writes_nothing(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert compress_student.main(compress_student.parse_args(quick_argv(out, "--dry-run"))) is None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import create_dataset
-from conftest import distill_argv
+from conftest import check_sample_grid, distill_argv
 from utils.checkpoint import build_generator, load_checkpoint
 from utils.cli import UserError, run_script
 from utils.distill import load_distill_set
@@ -35,7 +35,7 @@ def test_set_reloads_with_shapes_and_ledger(tiny_teacher_run, tiny_distill_run):
     assert checkpoint["parent"] == distill.teacher_dir == teacher["run_dir"]
     assert checkpoint["step"] == distill.meta["count"] == 200
     assert distill.meta["image_encoding"]["max_abs_error"] == pytest.approx(1 / 255)
-    assert os.path.isfile(os.path.join(distill.run_dir, "samples.png"))
+    check_sample_grid(os.path.join(distill.run_dir, "samples.png"), tiles=100)  # 10 per class
     assert not [name for name in os.listdir(os.path.dirname(distill.run_dir)) if name.startswith(".")]
 
 
@@ -95,7 +95,8 @@ def test_not_enough_disk_space_is_refused(tiny_teacher_run, tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match="not enough disk space"):
         make_set(tmp_path, tiny_teacher_run[1])
-    assert os.listdir(tmp_path / "distill") == []  # no run directory, no partial files
+    # refused before anything is written under --out: no run directory, no partial files, no stage directory
+    assert not os.path.exists(tmp_path / "distill")
 
 
 def test_failure_mid_write_leaves_no_run(tiny_teacher_run, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 
 import fine_tune
 import train_teacher
-from conftest import TINY_PUBLIC, teacher_argv, tiny_data_args
+from conftest import TINY_PUBLIC, check_sample_grid, teacher_argv, tiny_data_args
 from models import Discriminator, Generator
 from utils import dp
 from utils.checkpoint import build_discriminator, build_generator, load_checkpoint, new_run_dir, \
@@ -20,7 +20,7 @@ from utils.checkpoint import build_discriminator, build_generator, load_checkpoi
 from utils.cli import run_script
 from utils.data import load_split
 from utils.privacy import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
-from utils.training import save_run_checkpoint
+from utils.training import Run
 
 DELTA = 1e-5
 COMPACT_WIDTHS = (12, 8, 4)
@@ -41,7 +41,7 @@ def write_compact(out, ledger, discriminator=True, seed=0) -> str:
         checkpoint["model_args"]["discriminator"] = D.model_args()
         checkpoint["discriminator"] = unwrapped_state_dict(D)
     run_dir = new_run_dir(str(out), "compact", "x")
-    save_run_checkpoint(run_dir, checkpoint)
+    Run(run_dir, "compact").save(checkpoint)
     return run_dir
 
 
@@ -99,7 +99,9 @@ def test_outputs_metrics_and_model_card(public_route_run):
                  "model_card.json", "generator_int.pt", "generator.pt2"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, 13))  # --log-every 1
     assert [r["step"] for r in records if "epsilon" in r] == [12]  # once per epoch (one epoch here)
+    check_sample_grid(os.path.join(run_dir, "samples.png"), tiles=100)
     card = json.load(open(os.path.join(run_dir, "model_card.json")))
     privacy = card["privacy"]
     assert privacy["guarantee"] is True and privacy["epsilon_total"] == pytest.approx(records[-1]["epsilon"])
@@ -194,7 +196,7 @@ def test_non_dp_ledger_runs_but_says_no_guarantee(tiny_data_root, tmp_path, caps
     assert epsilon(load_checkpoint(run_dir, "private")["privacy"], DELTA, "rdp") == math.inf
 
 
-def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts):
+def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts, capsys):
     out = str(tmp_path / "out")
     argv = teacher_argv(tiny_data_root, out, "--dp", "--split", "private", "--accountant", "rdp",
                         "--target-epsilon", "3", "--batch-size", "32")
@@ -213,6 +215,14 @@ def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts):
     own = compose_epsilon([tuple(ledger["mechanisms"][1][k] for k in ("noise_multiplier", "sample_rate", "steps"))],
                           DELTA, "rdp")
     assert 5.0 - 0.05 <= total <= 5.0 and total > eps_teacher and total > own
+    # what the run reports (metrics.jsonl, the data of epsilon.png, the model card) is the composed total
+    records = [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "epsilon" in r]
+    assert records and records[-1]["step"] == 12
+    assert records[-1]["epsilon"] == pytest.approx(total, rel=1e-9)
+    assert records[-1]["epsilon_stage"] == pytest.approx(own, rel=1e-9) and own < total - 0.1
+    card = json.load(open(os.path.join(run_dir, "model_card.json")))["privacy"]
+    assert card["epsilon_total"] == pytest.approx(total, rel=1e-9)
+    assert f"({total:.3f}, {DELTA:g})-differential privacy" in capsys.readouterr().out  # what the script prints
 
 
 def test_teacher_dp_needs_private_split(tiny_data_root, tmp_path, capsys):
@@ -225,8 +235,9 @@ def test_teacher_dp_needs_private_split(tiny_data_root, tmp_path, capsys):
 def tiny_private_discriminator(data_root, batch_size=32, noise=1.0, clip=1.0):
     torch.manual_seed(0)
     G, D = Generator(channels=COMPACT_WIDTHS, bits=8), Discriminator(channels=(8, 8))
+    config = dp.DPConfig(max_grad_norm=clip, accountant="rdp", grad_sample_mode=dp.DEFAULT_GRAD_SAMPLE_MODE)
     pd = dp.PrivateDiscriminator(D, torch.optim.Adam(D.parameters()), private_split(data_root), batch_size, noise,
-                                 clip, dp.DEFAULT_GRAD_SAMPLE_MODE, "rdp", 0)
+                                 config, seed=0)
     return G, D, pd
 
 
@@ -234,37 +245,14 @@ def test_generator_step_takes_no_accountant_step(tiny_data_root):
     G, D, pd = tiny_private_discriminator(tiny_data_root)
     rng = torch.Generator().manual_seed(0)
     real, labels = pd.next_batch()
-    dp.discriminator_step(pd, G, real, labels, rng)
+    dp.dp_discriminator_step(pd, G, real, labels, rng)
     assert pd.history == [(1.0, 32 / 400, 1)]
     d_before = [(p.detach().clone(), p.grad.clone(), p.grad_sample) for p in D.parameters()]
     g_before = [p.detach().clone() for p in G.parameters()]
-    dp.generator_step(pd, G, torch.optim.Adam(G.parameters()), 32, rng, "cpu")
+    dp.dp_generator_step(pd, G, torch.optim.Adam(G.parameters()), 32, rng, "cpu")
     assert pd.history == [(1.0, 32 / 400, 1)]
     for (value, grad, grad_sample), p in zip(d_before, D.parameters()):  # D untouched, hooks were off
         assert torch.equal(value, p) and torch.equal(grad, p.grad) and p.grad_sample is grad_sample
     assert any(not torch.equal(a, b) for a, b in zip(g_before, G.parameters()))
     pd.empty_step()  # an empty Poisson batch still is a (noisy) DP step
     assert pd.history == [(1.0, 32 / 400, 2)]
-
-
-def test_discriminator_step_clips_each_pair_exactly(tiny_data_root):
-    """Noise 0: the DP gradient equals each (real i, fake i) pair's gradient clipped to C, summed, / batch."""
-    G, D, pd = tiny_private_discriminator(tiny_data_root, batch_size=4, noise=0.0, clip=0.05)
-    real, labels = private_split(tiny_data_root).batch(torch.arange(4))
-    z, fake_labels = G.sample_inputs(4, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        fake = G(z, fake_labels)
-    reference = Discriminator(channels=(8, 8))
-    reference.load_state_dict(D.state_dict())
-    expected = [torch.zeros_like(p) for p in reference.parameters()]
-    for i in range(4):
-        loss = (torch.nn.functional.softplus(-reference(real[i:i + 1], labels[i:i + 1]))
-                + torch.nn.functional.softplus(reference(fake[i:i + 1], fake_labels[i:i + 1]))).sum()
-        grads = torch.autograd.grad(loss, list(reference.parameters()))
-        norm = torch.cat([g.flatten() for g in grads]).norm()
-        for e, g in zip(expected, grads):
-            e += g * min(1.0, 0.05 / (norm.item() + 1e-6)) / 4
-    dp.discriminator_backward(pd, real, labels, fake, fake_labels)
-    pd.optimizer.pre_step()
-    for e, p in zip(expected, D.parameters()):
-        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7)

@@ -17,7 +17,7 @@ import fine_tune
 import train_student
 import train_teacher
 from conftest import ROOT, teacher_argv
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, read_metrics
 from utils.cli import run_script
 
 SCRIPTS = {"teacher": train_teacher, "distill": create_dataset, "student": train_student,
@@ -30,13 +30,19 @@ WRONG_STAGE = {"teacher": "student", "distill": "student", "student": "teacher",
 
 
 def snapshot(root):
-    """Every file under root with its size and modification time."""
+    """Every file, directory and link under root: a file's size and modification time, a link's target. An empty
+    run directory or a moved `latest` left behind by a refusal is a change."""
     found = {}
-    for directory, _, files in os.walk(root):
-        for name in files:
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
             path = os.path.join(directory, name)
             stat = os.lstat(path)
-            found[path] = (stat.st_size, stat.st_mtime_ns)
+            if os.path.islink(path):
+                found[path] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                found[path] = ("directory",)
+            else:
+                found[path] = ("file", stat.st_size, stat.st_mtime_ns)
     return found
 
 
@@ -143,13 +149,14 @@ def test_distill_set_that_does_not_match_its_teacher(pipeline_copy, capsys, tiny
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data_root, tmp_path, monkeypatch, capsys):
-    real_step, calls = train_teacher.discriminator_step, []
+    from utils import gan
+    real_step, calls = gan.nonprivate_discriminator_step, []
 
     def failing_step(*args):
         calls.append(1)
         return float("nan") if len(calls) == 5 else real_step(*args)
 
-    monkeypatch.setattr(train_teacher, "discriminator_step", failing_step)
+    monkeypatch.setattr(gan, "nonprivate_discriminator_step", failing_step)
     argv = teacher_argv(tiny_data_root, str(tmp_path), "--max-steps", "8", "--checkpoint-every", "2")
     assert run_script(train_teacher.main, train_teacher.parse_args, argv) == 2
     err = capsys.readouterr().err
@@ -201,3 +208,135 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_pat
     assert steps == list(range(1, 61))
     leftovers = [name for name in os.listdir(resumed) if ".tmp." in name]
     assert leftovers == [] or all(name.startswith("checkpoint.pt.tmp.") for name in leftovers)
+
+
+def test_snapshot_sees_an_empty_directory_and_a_moved_link(tmp_path):
+    (tmp_path / "teacher" / "00000-a").mkdir(parents=True)
+    before = snapshot(str(tmp_path))
+    (tmp_path / "teacher" / "00001-b").mkdir()
+    assert snapshot(str(tmp_path)) != before
+    os.symlink("00000-a", tmp_path / "teacher" / "latest")
+    linked = snapshot(str(tmp_path))
+    os.replace(tmp_path / "teacher" / "latest", tmp_path / "teacher" / "moved")
+    os.symlink("00001-b", tmp_path / "teacher" / "latest")
+    os.remove(tmp_path / "teacher" / "moved")
+    assert snapshot(str(tmp_path)) != linked
+
+
+# ---------------------------------------------------------------- refusals of evaluate.py and of --resume
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--delta", "0.5"], "below 1/N"),
+    (["--public-size", "300"], "is not the one this model's ledger covers"),
+])
+def test_evaluate_refuses_delta_and_partition_before_writing(argv, expected, pipeline_copy, capsys,
+                                                             tiny_data_root):
+    runs = os.path.join(pipeline_copy, "compact", "latest")
+    base = ["--out", pipeline_copy, "--runs", runs, "--device", "cpu", "--data-root", tiny_data_root,
+            "--public-size", "200", "--quick"]
+    assert expected in refused(evaluate, base + argv, capsys, pipeline_copy)
+    assert not os.path.exists(os.path.join(pipeline_copy, "eval"))
+
+
+def dp_teacher_argv(data_root, out, *extra):
+    """A tiny --dp teacher on the private split: batch 32 of 400 (12 D steps an epoch), sigma 1, RDP."""
+    return teacher_argv(data_root, out, "--dp", "--split", "private", "--accountant", "rdp", "--noise-multiplier",
+                        "1.0", "--batch-size", "32", "--log-every", "1", *extra)
+
+
+@pytest.mark.parametrize("stage", ["private", "teacher-dp"])
+def test_resume_with_the_dataset_gone_changes_nothing(stage, pipeline_copy, capsys, tiny_data_root, tmp_path,
+                                                      monkeypatch):
+    """--resume is refused (exit 2, one line) before the run's metrics are cut back or anything else is written."""
+    from utils import data
+    data_root = shutil.copytree(tiny_data_root, str(tmp_path / "data"))
+    out = str(tmp_path / "out")
+    script = fine_tune if stage == "private" else train_teacher
+    if stage == "private":
+        monkeypatch.setattr(fine_tune, "write_device_artifacts", lambda run_dir, G: {})
+        fine_tune.main(fine_tune.parse_args(
+            ["--out", out, "--generator-dir", os.path.join(pipeline_copy, "compact", "latest"), "--data-root",
+             data_root, "--public-size", "200", "--batch-size", "32", "--noise-multiplier", "1.0",
+             "--accountant", "rdp", "--max-steps", "3", "--log-every", "1", "--device", "cpu"]))
+    else:
+        train_teacher.main(train_teacher.parse_args(dp_teacher_argv(data_root, out)))
+    run_dir = os.path.realpath(os.path.join(out, script.STAGE, "latest"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as handle:  # as if killed after logging step 4
+        handle.write('{"step": 4, "d_loss": 1.0}\n')
+    shutil.rmtree(data_root)
+    monkeypatch.setitem(data.DATASETS["fashion-mnist"], "debian", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(data, "_torchvision_download", lambda *args: None)
+    capsys.readouterr()
+    message = refused(script, ["--out", out, "--resume", "--max-steps", "6"], capsys, out)
+    assert "not found" in message
+
+
+# ---------------------------------------------------------------- atomic checkpoints
+
+def save_failing_at(monkeypatch, failing_call: int):
+    """torch.save writes half of its bytes and raises on its `failing_call`-th call (a full disk, a kill)."""
+    import io
+    real_save, calls = torch.save, []
+
+    def save(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != failing_call:
+            return real_save(obj, handle, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        handle.flush()
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_latest(tiny_data_root, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    first = train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, out, "--checkpoint-every", "1")))
+    latest = os.path.join(out, "teacher", "latest")
+    saved = open(os.path.join(first, "checkpoint.pt"), "rb").read()
+    save_failing_at(monkeypatch, 1)  # a new run's first checkpoint fails
+    with pytest.raises(OSError, match="simulated"):
+        train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, out)))
+    assert os.path.realpath(latest) == os.path.realpath(first)
+    assert load_checkpoint(latest, "teacher")["step"] == 3
+    assert open(os.path.join(first, "checkpoint.pt"), "rb").read() == saved
+    save_failing_at(monkeypatch, 2)  # resumed: step 4 is saved, step 5's save fails midway
+    with pytest.raises(OSError, match="simulated"):
+        train_teacher.main(train_teacher.parse_args(["--out", out, "--resume", first, "--max-steps", "6"]))
+    assert load_checkpoint(first, "teacher")["step"] == 4
+    assert os.path.realpath(latest) == os.path.realpath(first)
+
+
+# ---------------------------------------------------------------- the DP teacher, killed and resumed
+
+def test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path):
+    """Weights, ledger, accountant history, generator states and the reported epsilon all equal."""
+    killed_out, straight_out = str(tmp_path / "killed"), str(tmp_path / "straight")
+    argv = ["--epochs", "3", "--max-steps", "36", "--checkpoint-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train_teacher.py", *dp_teacher_argv(tiny_data_root, killed_out, *argv)],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(killed_out, 5, process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    killed_at = load_checkpoint(os.path.join(killed_out, "teacher", "latest"))["step"]
+    assert 5 <= killed_at < 36
+    resumed = train_teacher.main(train_teacher.parse_args(["--out", killed_out, "--resume"]))
+    straight = train_teacher.main(train_teacher.parse_args(dp_teacher_argv(tiny_data_root, straight_out, *argv)))
+    a, b = load_checkpoint(straight, "teacher"), load_checkpoint(resumed, "teacher")
+    assert a["step"] == b["step"] == 36
+    for key in ("generator", "discriminator"):
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+    assert a["privacy"] == b["privacy"] and a["privacy"]["mechanisms"][0]["steps"] == 36
+    assert a["dp"]["history"] == b["dp"]["history"] == [(1.0, 32 / 400, 36)]
+    for key in ("train", "sample", "noise"):
+        assert torch.equal(a["rng"][key], b["rng"][key]), key
+    records = [read_metrics(run) for run in (straight, resumed)]
+    assert [r["step"] for r in records[1]] == list(range(1, 37))
+    reported = [[(r["step"], r["epsilon"]) for r in run if "epsilon" in r] for run in records]
+    assert reported[0] == reported[1] and [step for step, _ in reported[0]] == [12, 24, 36]

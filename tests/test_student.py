@@ -12,7 +12,7 @@ from conftest import student_argv
 from models import Discriminator, Generator
 from utils.checkpoint import build_generator, load_checkpoint, read_metrics
 from utils.cli import UserError
-from utils.slimming import enforce_dead, gamma_parameters, proximal_step
+from utils.slimming import enforce_dead, gamma_parameters, proximal_step, slimming_step
 
 
 def tiny_models(bits=8):
@@ -64,7 +64,7 @@ def test_dead_channels_stay_exactly_zero():
     for name in ("block0", "block1"):
         getattr(G, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
     for step in range(4):
-        train_student.train_step(G, D, optimizers, random_batch(G, seed=step), beta=20.0, rho=0.0)
+        slimming_step(G, D, optimizers, random_batch(G, seed=step), beta=20.0, rho=0.0)
         for name, dead in (("block0", [1, 4]), ("block1", [2])):
             norm = getattr(G, name).norm
             assert norm.alive.logical_not().nonzero().flatten().tolist() == dead

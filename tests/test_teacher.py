@@ -5,7 +5,7 @@ import os
 import torch
 
 import train_teacher
-from conftest import teacher_argv
+from conftest import check_sample_grid, teacher_argv
 from utils.checkpoint import build_generator, load_checkpoint
 from utils.cli import run_script
 from utils.privacy import epsilon
@@ -23,7 +23,9 @@ def test_teacher_run_writes_everything(tiny_teacher_run):
     G = build_generator(checkpoint)
     assert G.bits == 32 and checkpoint["step"] == 3
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    assert records[-1]["step"] == 3 and math.isfinite(records[-1]["d_loss"])
+    assert [r["step"] for r in records] == [3]  # --log-every 50: the last step only
+    assert math.isfinite(records[-1]["d_loss"]) and math.isfinite(records[-1]["g_loss"])
+    check_sample_grid(os.path.join(run_dir, "samples.png"), tiles=100)  # 10 classes x 10
     assert not any(key.startswith(("_module.", "module.")) for key in checkpoint["discriminator"])
     ledger = checkpoint["privacy"]
     assert ledger["non_dp_reads"] == [] and ledger["public_data"][0]["split"] == "public"
@@ -66,6 +68,10 @@ def test_dry_run_and_bad_numbers(tmp_path, capsys):
 
 def test_generator_rebuilds_with_one_call(tiny_teacher_run):
     out, _ = tiny_teacher_run
-    G = build_generator(load_checkpoint(os.path.join(out, "teacher", "latest")))
-    assert G.eval()(*G.sample_inputs(2)).shape == (2, 1, 28, 28)
-    assert isinstance(G, torch.nn.Module)
+    checkpoint = load_checkpoint(os.path.join(out, "teacher", "latest"))
+    G = build_generator(checkpoint).eval()
+    for name, value in G.state_dict().items():
+        assert torch.equal(value, checkpoint["generator"][name]), name
+    z = torch.randn(1, G.nz).expand(2, -1)
+    images = G(z, torch.tensor([0, 7]))
+    assert images.shape == (2, 1, 28, 28) and (images[0] - images[1]).abs().max() > 0  # the label is used

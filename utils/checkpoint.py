@@ -1,9 +1,11 @@
-"""Run directories, self-describing checkpoints and append-only metrics (DESIGN section 3).
+"""Run directories, self-describing checkpoints and append-only metrics (docs/DESIGN.md, "Checkpoints").
 
 A run lives in `<out>/<stage>/<NNNNN>-<desc>/`; `<out>/<stage>/latest` is a symlink to the newest run that has a
-complete checkpoint. A checkpoint is one dict (stage, model_args, unwrapped state dicts, optimiser state, step,
-args, parent, privacy ledger, versions), written to a temporary file and renamed into place, and read back with
-`torch.load(weights_only=True)` so that it can never run code.
+complete checkpoint. A checkpoint is one dict: the fields every stage writes (`checkpoint_fields`: stage, step,
+args, parent, model_args and unwrapped state dicts, privacy ledger, data, versions) plus the stage's own, written
+atomically and read back with `torch.load(weights_only=True)` so that it can never run code. Paths to other runs
+are stored relative to the pipeline root `<out>` (so a pipeline directory can be moved or copied whole) and come
+back absolute from `load_checkpoint`; `lineage` follows them back to the teacher.
 """
 import json
 import os
@@ -15,11 +17,14 @@ import zipfile
 import torch
 
 from utils.cli import UserError
+from utils.files import atomic_write
 
-STAGES = ("teacher", "distill", "student", "compact", "private", "eval")
 CHECKPOINT_NAME = "checkpoint.pt"
 PROJECT_VERSION = "0.1.0"
 WRAPPER_PREFIXES = ("_module.", "module.", "_orig_mod.")
+PATH_FIELDS = ("parent", "teacher", "runs")  # checkpoint entries naming other runs (a path or a list of paths)
+PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir", "teacher", "runs")  # in its args
+LINEAGE_STAGES = ("teacher", "distill", "student")
 
 
 def versions() -> dict:
@@ -72,6 +77,12 @@ def latest_run(out: str, stage: str) -> str:
     return os.path.join(out, stage, "latest")
 
 
+def input_run(flag_value, editable_default, out: str, stage: str) -> str:
+    """The run a script reads: its command-line flag, else the script's editable constant (e.g. STUDENT_DIR),
+    else `<out>/<stage>/latest`."""
+    return flag_value or editable_default or latest_run(out, stage)
+
+
 def resolve_run_dir(path: str) -> str:
     """A run directory from a run directory, a `latest` link, a stage directory or a checkpoint file."""
     if not os.path.exists(path):
@@ -83,17 +94,70 @@ def resolve_run_dir(path: str) -> str:
     return os.path.realpath(path)
 
 
+def pipeline_root(run_dir: str) -> str:
+    """`<out>` of a run directory `<out>/<stage>/<run>`."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(run_dir)))
+
+
+def relative_to_root(path, root: str):
+    """`path` relative to the pipeline root when it lies inside it, else absolute (None stays None)."""
+    if not path:
+        return path
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    if real == root or real.startswith(root + os.sep):
+        return os.path.relpath(real, root)
+    return real
+
+
+def absolute_from_root(path, root: str):
+    """Inverse of `relative_to_root`."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.realpath(os.path.join(root, path))
+
+
+def _convert_paths(checkpoint: dict, root: str, convert) -> dict:
+    """A shallow copy of `checkpoint` with its PATH_FIELDS and PATH_ARGS converted by `convert(path, root)`."""
+    def each(value):
+        if isinstance(value, (list, tuple)):
+            return [each(item) for item in value]
+        return convert(value, root) if isinstance(value, str) else value
+
+    converted = {key: each(value) if key in PATH_FIELDS else value for key, value in checkpoint.items()}
+    if isinstance(converted.get("args"), dict):
+        converted["args"] = {key: each(value) if key in PATH_ARGS else value
+                             for key, value in converted["args"].items()}
+    return converted
+
+
 # ---------------------------------------------------------------- checkpoints
 
+def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: dict = None, ledger=None,
+                      data=None) -> dict:
+    """The fields every stage's checkpoint has (each stage's extra fields: docs/DESIGN.md,
+    "Checkpoints").
+    `models` maps a name ("generator", "discriminator") to a network that has `model_args()`."""
+    models = models or {}
+    fields = {"stage": stage, "step": int(step), "args": dict(vars(args)), "parent": parent,
+              "model_args": {name: model.model_args() for name, model in models.items()},
+              "privacy": ledger, "data": data, "versions": versions()}
+    fields.update({name: unwrapped_state_dict(model) for name, model in models.items()})
+    return fields
+
+
+def data_fields(split) -> dict:
+    """The `data` entry of a checkpoint whose stage trained on `split` (a `utils.data.ImageSplit`)."""
+    return {"dataset": split.dataset, "split": split.split, "size": len(split), "fingerprint": split.fingerprint,
+            "source": split.source}
+
+
 def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME) -> str:
-    """Write atomically: temp file, fsync, rename. A kill mid-write leaves the previous checkpoint intact."""
+    """Write atomically (temp file, fsync, rename), paths to other runs stored relative to the pipeline root."""
     path = os.path.join(run_dir, name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)
+    stored.pop("run_dir", None)  # where it was loaded from: never part of the file
+    with atomic_write(path, "wb") as handle:
+        torch.save(stored, handle)
     return path
 
 
@@ -102,42 +166,76 @@ def _unpickler_reason(exc) -> str:
     return lines[0].split(" was not")[0] if lines else str(exc).splitlines()[0]
 
 
-def load_checkpoint(path: str, stage=None, map_location="cpu") -> dict:
-    """Load a checkpoint from a file or run directory; `stage` (a name or tuple) is the stage(s) accepted."""
-    run_dir = resolve_run_dir(path)
-    file = path if os.path.isfile(path) else os.path.join(run_dir, CHECKPOINT_NAME)
-    if not os.path.isfile(file):
-        raise UserError(f"{path}: no {CHECKPOINT_NAME} there (is it a run directory of this pipeline?)")
+def _read(file: str, **load_args) -> dict:
+    """torch.load(weights_only=True) with every failure as a UserError."""
     if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is damaged or foreign
         raise UserError(f"{file}: corrupt or truncated checkpoint (not a torch.save archive)")
     try:
-        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, **load_args)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{file}: refused, it holds objects other than tensors and plain data "
                         f"(a checkpoint must never run code): {_unpickler_reason(exc)}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise UserError(f"{file}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from exc
+
+
+def load_checkpoint(path: str, stage=None, **load_args) -> dict:
+    """Load a checkpoint from a file or run directory; `stage` (a name or tuple) is the stage(s) accepted.
+    The result has `run_dir` (where it was found) and its paths to other runs made absolute."""
+    run_dir = resolve_run_dir(path)
+    file = path if os.path.isfile(path) else os.path.join(run_dir, CHECKPOINT_NAME)
+    if not os.path.isfile(file):
+        raise UserError(f"{path}: no {CHECKPOINT_NAME} there (is it a run directory of this pipeline?)")
+    checkpoint = _read(file, **load_args)
     if not isinstance(checkpoint, dict) or "stage" not in checkpoint:
         raise UserError(f"{file}: not a checkpoint of this pipeline (no 'stage' entry)")
     accepted = (stage,) if isinstance(stage, str) else stage
     if accepted and checkpoint["stage"] not in accepted:
         raise UserError(f"{file}: a '{checkpoint['stage']}' checkpoint, expected {' or '.join(accepted)}")
+    checkpoint = _convert_paths(checkpoint, pipeline_root(run_dir), absolute_from_root)
     checkpoint["run_dir"] = run_dir
     return checkpoint
 
 
-def build_generator(checkpoint: dict, key: str = "generator"):
+def _peek(run_dir):
+    """A run's checkpoint read lazily (memory-mapped: a parent may be large), or None where it cannot be read."""
+    if not run_dir or not os.path.isfile(os.path.join(run_dir, CHECKPOINT_NAME)):
+        return None
+    try:
+        return load_checkpoint(run_dir, mmap=True)
+    except UserError:
+        return None
+
+
+def lineage(checkpoint: dict) -> dict:
+    """{"teacher", "distill", "student"}: the run directory of each stage this checkpoint descends from (itself
+    included), None where unknown. Follows `parent` links; a run's own `teacher` entry (an explicit
+    --teacher-dir) wins over the distillation set's parent. Only runs that exist on disk are returned."""
+    runs = dict.fromkeys(LINEAGE_STAGES)
+    current, seen = checkpoint, set()
+    while current is not None and current.get("run_dir") not in seen:
+        seen.add(current.get("run_dir"))
+        if current.get("stage") in runs and runs[current["stage"]] is None:
+            runs[current["stage"]] = current.get("run_dir")
+        teacher = current.get("teacher")
+        if runs["teacher"] is None and teacher and os.path.isfile(os.path.join(teacher, CHECKPOINT_NAME)):
+            runs["teacher"] = teacher
+        current = _peek(current.get("parent"))
+    return runs
+
+
+def build_generator(checkpoint: dict):
     """Rebuild a generator from any checkpoint that holds one: no flags needed."""
     from models import Generator
-    generator = Generator(**checkpoint["model_args"][key])
-    generator.load_state_dict(checkpoint[key])
+    generator = Generator(**checkpoint["model_args"]["generator"])
+    generator.load_state_dict(checkpoint["generator"])
     return generator
 
 
-def build_discriminator(checkpoint: dict, key: str = "discriminator"):
+def build_discriminator(checkpoint: dict):
     from models import Discriminator
-    discriminator = Discriminator(**checkpoint["model_args"][key])
-    discriminator.load_state_dict(checkpoint[key])
+    discriminator = Discriminator(**checkpoint["model_args"]["discriminator"])
+    discriminator.load_state_dict(checkpoint["discriminator"])
     return discriminator
 
 
@@ -160,9 +258,8 @@ class MetricsLog:
         if not os.path.exists(self.path):
             return
         kept = [line for line in open(self.path) if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path + ".tmp", "w") as handle:
+        with atomic_write(self.path) as handle:
             handle.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def read_metrics(run_dir: str) -> list:
@@ -170,11 +267,3 @@ def read_metrics(run_dir: str) -> list:
     if not os.path.exists(path):
         return []
     return [json.loads(line) for line in open(path) if line.strip()]
-
-
-def write_json(path: str, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every stage script (DESIGN section 3).
+"""Command-line conventions shared by every script (docs/DESIGN.md, "Scripts and the command line").
 
 `UserError` is a problem with the user's input (a path, a checkpoint, a number): `run_script` turns it into one
 line on stderr and exit code 2, never a traceback.
@@ -11,6 +11,10 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+# progress reports when the output is a file, not a terminal: one line every this many seconds
+LOG_INTERVAL_S = 30
 
 
 class UserError(Exception):
@@ -62,7 +66,10 @@ quant_bits = _checked(int, lambda v: 2 <= v <= 8 or v in (16, 32), "a bit width 
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, description and examples kept as written."""
+    """Defaults shown (but None, which the help text explains), description and examples kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,9 +94,30 @@ def add_common_args(parser: argparse.ArgumentParser):
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def add_input_arg(group, flag: str, constant: str, what: str, fallback: str):
+    """The flag naming an earlier stage's run. Its default is the script's editable constant `constant` (a
+    clearly marked `..._DIR = None` near the top), else `fallback`; the flag wins over both."""
+    group.add_argument(flag, default=None, metavar="RUN",
+                       help=f"{what}; default: {constant} at the top of this script if set, else {fallback} "
+                            f"(this flag wins over both)")
+
+
+def set_threads(threads: int):
+    """torch's CPU threads for timings; 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def add_resume_arg(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (default: this stage's latest run)")
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm as every script uses it: live on a terminal, one report every LOG_INTERVAL_S seconds in a log file."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def print_config(args):

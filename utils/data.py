@@ -1,4 +1,4 @@
-"""Datasets and the public/private partition (DESIGN sections 1 and 4).
+"""Datasets and the public/private partition (docs/DESIGN.md, "Data and the partition").
 
 Sources, in order: `--data-root` (raw IDX files, with or without .gz, directly there or in torchvision's
 `<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's download. Debian's .gz
@@ -26,7 +26,6 @@ DATASETS = {
 SPLITS = ("all", "public", "private")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-NUM_CLASSES = 10
 
 
 @dataclass
@@ -166,11 +165,14 @@ def load_split(dataset: str, split: str, data_root: str = "data", public_size: i
 
 
 def add_data_args(parser, default_split: str = "public"):
+    """--dataset, --data-root, the partition's flags and --split (none with `default_split=None`: a script that
+    reads several splits, like evaluate.py)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     group.add_argument("--data-root", default="data", help="directory with the dataset's IDX files")
-    group.add_argument("--split", default=default_split, choices=SPLITS,
-                       help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
+    if default_split is not None:
+        group.add_argument("--split", default=default_split, choices=SPLITS,
+                           help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
     group.add_argument("--public-size", type=int, default=10000, help="size of the public part of the partition")
     group.add_argument("--partition-seed", type=int, default=0,
                        help="seed of the public/private partition (keep it fixed across stages)")

@@ -26,12 +26,14 @@ import torch
 
 from models import Generator
 from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_weight, weight_to_int
+from utils.files import atomic_write
 
 FORMAT = "device-gan-generator-int"
 FORMAT_VERSION = 1
 ARTIFACT_NAME = "generator_int.pt"
 PROGRAM_NAME = "generator.pt2"
 INT4_OFFSET = 8
+DEPLOY_TOLERANCE = 1e-6  # a reloaded artifact or exported program vs the model it was written from
 
 
 # ---------------------------------------------------------------- integer packing
@@ -125,9 +127,8 @@ def artifact_dict(generator: Generator) -> dict:
 
 def save_artifact(generator: Generator, path: str) -> int:
     """Write the integer artifact atomically; returns its size in bytes."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(artifact_dict(generator), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(artifact_dict(generator), handle)
     return os.path.getsize(path)
 
 
@@ -191,15 +192,35 @@ def export_program(generator: Generator, path: str = None, example_batch: int = 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(model, (z, labels), dynamic_shapes={"z": {0: batch}, "labels": {0: batch}})
     if path is not None:
-        tmp = f"{path}.tmp.{os.getpid()}.pt2"
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as handle:
+            torch.export.save(program, handle)
     return program
 
 
 def load_program(path: str) -> torch.nn.Module:
     """The exported generator as a callable module: module(z, labels) -> images."""
     return torch.export.load(path).module()
+
+
+@torch.no_grad()
+def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) -> dict:
+    """The integer artifact and the exported program of stages 4 and 5, each reloaded and checked against the
+    eval-mode generator on fixed seeded inputs (RuntimeError above DEPLOY_TOLERANCE)."""
+    model = copy.deepcopy(generator).cpu().eval()
+    artifact_path, program_path = os.path.join(run_dir, ARTIFACT_NAME), os.path.join(run_dir, PROGRAM_NAME)
+    artifact_bytes = save_artifact(model, artifact_path)
+    export_program(model, program_path)
+    z, labels = model.sample_inputs(257, generator=torch.Generator().manual_seed(seed + 1))
+    expected = model(z, labels)
+    diffs = {name: (load(path)(z, labels) - expected).abs().max().item()
+             for name, load, path in (("artifact", load_artifact, artifact_path),
+                                      ("program", load_program, program_path))}
+    for name, diff in diffs.items():
+        if not diff <= DEPLOY_TOLERANCE:
+            raise RuntimeError(f"the reloaded {name} differs from the generator it was written from by {diff:.3g}")
+    return {"artifact": ARTIFACT_NAME, "artifact_bytes": artifact_bytes, "program": PROGRAM_NAME,
+            "program_bytes": os.path.getsize(program_path), "max_abs_diff_artifact": diffs["artifact"],
+            "max_abs_diff_program": diffs["program"]}
 
 
 # ---------------------------------------------------------------- device cost report
@@ -211,6 +232,7 @@ COST_METRICS = {  # key -> (label, format); ratios are always value / reference 
     "latency_ms": ("latency ms (b=1)", "{:.3f}"),
     "images_per_s": ("images/s (big batch)", "{:,.1f}"),
 }
+COST_KEYS = tuple(COST_METRICS)
 
 
 def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None) -> dict:
@@ -223,12 +245,13 @@ def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None)
     return row
 
 
-def add_ratios(rows: dict, reference: str = "teacher") -> dict:
-    """Adds `vs_<reference>`: each metric divided by the reference's (latency < 1 and images/s > 1 are better)."""
-    base = rows[reference]
+def add_ratios(rows: dict, reference: str = "teacher", baseline: dict = None) -> dict:
+    """Adds `vs_<reference>` to every row: each cost divided by the baseline's (default: `rows[reference]`;
+    latency < 1 and images/s > 1 are better), or None where there is no baseline."""
+    base = rows.get(reference) if baseline is None else baseline
     for row in rows.values():
-        row[f"vs_{reference}"] = {key: row[key] / base[key] for key in COST_METRICS
-                                  if key in row and base.get(key)}
+        row[f"vs_{reference}"] = ({key: row[key] / base[key] for key in COST_KEYS if key in row and base.get(key)}
+                                  if base else None)
     return rows
 
 
@@ -246,27 +269,3 @@ def format_table(rows: dict, reference: str = "teacher") -> str:
     text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
             for line in lines]
     return "\n".join([text[0], "-" * len(text[0])] + text[1:]) + f"\n(x = ratio to the {reference})"
-
-
-def plot_cost_bars(rows: dict, path: str, title: str = "", reference: str = "teacher"):
-    """One bar chart per metric, one bar per model, each labelled with its ratio to the reference."""
-    from utils.plots import plt
-    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6), squeeze=False)
-    names = list(rows)
-    for ax, key in zip(axes[0], keys):
-        values = [rows[name][key] for name in names]
-        bars = ax.bar(names, values, color=["#777777", "#4c72b0", "#dd8452", "#55a868"][:len(names)])
-        for bar, name in zip(bars, names):
-            ratio = rows[name].get(f"vs_{reference}", {}).get(key)
-            if ratio is not None:
-                ax.annotate(f"{ratio:.3g}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-        ax.set_title(COST_METRICS[key][0], fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.margins(y=0.15)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

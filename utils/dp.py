@@ -1,7 +1,7 @@
 """DP-SGD on the discriminator: the one implementation behind `fine_tune.py` and `train_teacher.py --dp`.
 
-Privacy model (DESIGN section 4). Only the discriminator touches the private split, and only through DP-SGD with
-Opacus: Poisson sampling with expected batch B (sample rate q = B/N), per-sample clipping to C, Gaussian noise of
+Privacy model (docs/DESIGN.md, "Privacy"). Only the discriminator touches the private split, and only through
+DP-SGD with Opacus: Poisson sampling with expected batch B (sample rate q = B/N), per-sample clipping to C, Gaussian noise of
 standard deviation sigma * C. The generator is post-processing of the discriminator's released parameters.
 
 - Discriminator step (Opacus's DCGAN example): the real Poisson batch and as many fakes (latent vectors and
@@ -26,18 +26,18 @@ import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import read_metrics, unwrapped_state_dict
 from utils.cli import UserError, open_unit_float, positive_float, positive_int
 from utils.data import SplitDataset
-from utils.gan import check_finite, d_loss, g_loss, random_inputs
-from utils.plots import plot_curves
+from utils.gan import d_loss, g_loss, random_inputs
 from utils.privacy import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
                            compose_epsilon, epsilon, history, is_private, record_mechanism)
+from utils.trainer import TrainingStep
+from utils.training import TrainConfig
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # The fastest mode that clips exactly in benchmarks/bench_dp_step.py (results in benchmarks/results/).
@@ -64,6 +64,22 @@ def add_dp_args(parser, default_target_epsilon: float):
                        help="how Opacus computes per-sample gradients (see benchmarks/bench_dp_step.py)")
 
 
+@dataclass(frozen=True)
+class DPConfig:
+    """The DP-SGD settings of a stage (the flags of `add_dp_args`), built once: `DPConfig.from_args(args)`."""
+    target_epsilon: float = None  # TOTAL epsilon after the stage; ignored when noise_multiplier is given
+    noise_multiplier: float = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    d_steps_per_g_step: int = DEFAULT_D_STEPS_PER_G_STEP
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+
+    @classmethod
+    def from_args(cls, args) -> "DPConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 # ---------------------------------------------------------------- the plan: sample rate, steps, noise
 
 @dataclass
@@ -78,26 +94,31 @@ class DPPlan:
         return dict(vars(self))
 
 
-def earlier_history(ledger: dict, run: str = None) -> list:
-    """The accountant history of every mechanism in the ledger except run `run`'s own."""
-    return history({"mechanisms": [m for m in ledger["mechanisms"] if run is None or m["run"] != run]})
-
-
-def plan_run(args, split, ledger: dict, run: str = None) -> DPPlan:
-    """Check delta and the partition, and fix q, the number of steps and sigma (calibrated to the total target)."""
-    check_delta(args.delta, len(split))
+def plan_run(config: DPConfig, train: TrainConfig, split, ledger: dict) -> DPPlan:
+    """Check delta and the partition, and fix q, the number of steps and sigma: calibrated so that the ledger's
+    earlier mechanisms followed by this run's meet the total target."""
+    check_delta(config.delta, len(split))
     check_same_partition(ledger, split)
-    if args.batch_size >= len(split):
-        raise UserError(f"--batch-size {args.batch_size} must be below the private split's size {len(split)}")
-    sample_rate = args.batch_size / len(split)
+    if train.batch_size >= len(split):
+        raise UserError(f"--batch-size {train.batch_size} must be below the private split's size {len(split)}")
+    sample_rate = train.batch_size / len(split)
     steps_per_epoch = int(1 / sample_rate)
-    planned = max(1, round(args.epochs * steps_per_epoch))
-    if args.noise_multiplier is not None:
-        return DPPlan(sample_rate, steps_per_epoch, planned, float(args.noise_multiplier), False)
+    planned = max(1, round(train.epochs * steps_per_epoch))
+    if config.noise_multiplier is not None:
+        return DPPlan(sample_rate, steps_per_epoch, planned, float(config.noise_multiplier), False)
     # after a non-DP read the total is infinite whatever we do: calibrate this stage's own mechanism alone
-    prefix = earlier_history(ledger, run) if is_private(ledger) else []
-    sigma = calibrate_noise(prefix, args.target_epsilon, args.delta, sample_rate, planned, args.accountant)
+    prefix = history(ledger) if is_private(ledger) else []
+    sigma = calibrate_noise(prefix, config.target_epsilon, config.delta, sample_rate, planned, config.accountant)
     return DPPlan(sample_rate, steps_per_epoch, planned, float(sigma), True)
+
+
+def plan_for(checkpoint, config: DPConfig, train: TrainConfig, split, ledger: dict) -> DPPlan:
+    """The plan of a resumed run (saved in its checkpoint), or a fresh run's `plan_run`: either way checked
+    against the private split before anything is written."""
+    if checkpoint is None:
+        return plan_run(config, train, split, ledger)
+    check_same_partition(ledger, split)
+    return DPPlan(**checkpoint["dp"]["plan"])
 
 
 # ---------------------------------------------------------------- the private discriminator
@@ -105,11 +126,11 @@ def plan_run(args, split, ledger: dict, run: str = None) -> DPPlan:
 class PrivateDiscriminator:
     """A discriminator made private by Opacus, with its Poisson sampler over the private split."""
 
-    def __init__(self, D, optimizer, split, batch_size: int, noise_multiplier: float, max_grad_norm: float,
-                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE, accountant: str = "prv", seed: int = 0,
-                 device="cpu"):
+    def __init__(self, D, optimizer, split, batch_size: int, noise_multiplier: float, config: DPConfig,
+                 seed: int = 0, device="cpu"):
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
+        grad_sample_mode = config.grad_sample_mode
         self.split, self.device, self.grad_sample_mode = split, torch.device(device), grad_sample_mode
         self.sample_rate = batch_size / len(split)
         self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)
@@ -117,10 +138,10 @@ class PrivateDiscriminator:
         loader = DPDataLoader(SplitDataset(split), sample_rate=self.sample_rate, generator=self.sample_rng)
         with warnings.catch_warnings():  # "Secure RNG turned off": stated in the model card (SECURE_RNG_NOTE)
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            self.engine = PrivacyEngine(accountant=accountant)
+            self.engine = PrivacyEngine(accountant=config.accountant)
         wrapped = self.engine.make_private(
             module=D, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=False,  # the loader above already samples, seeded
+            max_grad_norm=config.max_grad_norm, poisson_sampling=False,  # the loader above already samples, seeded
             noise_generator=self.noise_rng, grad_sample_mode=grad_sample_mode,
             criterion=torch.nn.BCEWithLogitsLoss())
         if grad_sample_mode == "ghost":
@@ -218,7 +239,7 @@ def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fa
     return loss
 
 
-def discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng):
+def dp_discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng):
     """One DP-SGD step of D on a Poisson batch and as many fresh fakes; the loss, or None for an empty batch."""
     if len(real) == 0:
         pd.empty_step()
@@ -231,8 +252,9 @@ def discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng):
     return loss.item()
 
 
-def generator_step(pd: PrivateDiscriminator, G, g_optimizer, batch_size: int, rng, device) -> float:
-    """One generator update against the current D: hooks off, gradients into G only, no accountant step."""
+def dp_generator_step(pd: PrivateDiscriminator, G, g_optimizer, batch_size: int, rng, device) -> float:
+    """The DP loop's generator update against the current private D: hooks off, gradients into G only, no
+    accountant step (the generator never reads private data: post-processing)."""
     z, labels = random_inputs(G, batch_size, rng, device)
     g_optimizer.zero_grad(set_to_none=True)
     with hooks_off(pd.module):
@@ -242,7 +264,7 @@ def generator_step(pd: PrivateDiscriminator, G, g_optimizer, batch_size: int, rn
     return loss.item()
 
 
-# ---------------------------------------------------------------- the training loop
+# ---------------------------------------------------------------- the step of the training loop
 
 def epsilon_fields(ledger: dict, plan: DPPlan, steps: int, delta: float, accountant: str) -> dict:
     """Total epsilon (None when infinite: a non-DP read) and this stage's own, for metrics and reports."""
@@ -252,112 +274,84 @@ def epsilon_fields(ledger: dict, plan: DPPlan, steps: int, delta: float, account
     return {"epsilon": total if math.isfinite(total) else None, "epsilon_stage": own}
 
 
-class DPGANTrainer:
-    """The DP GAN loop of a stage: D by DP-SGD on the private split, G every `d_steps_per_g_step` D steps.
+class DPStep(TrainingStep):
+    """The DP loop's step for `utils.trainer.Trainer`: D by DP-SGD on the private split (one Poisson batch a
+    step), G every `d_steps_per_g_step` D steps. The ledger is updated in place (this run's mechanism, steps so
+    far); the stage's name and the run's are the mechanism's label."""
 
-    `args` carries batch_size, epochs, max_steps, delta, max_grad_norm, accountant, d_steps_per_g_step,
-    grad_sample_mode, seed, log_every, checkpoint_every (and target_epsilon / noise_multiplier for the plan).
-    The ledger is updated in place (this run's mechanism, steps so far). With `checkpoint`, everything resumes.
-    """
+    def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
+                 train: TrainConfig, run):
+        self.name, self.run_name = run.stage, os.path.basename(run.run_dir)
+        self.generator, self.ledger, self.plan, self.config, self.train = G, ledger, plan, config, train
+        self.device = next(G.parameters()).device
+        self.pd = PrivateDiscriminator(D, optimizers["d"], split, train.batch_size, plan.noise_multiplier, config,
+                                       train.seed, self.device)
+        self.optimizers = {"g": optimizers["g"], "d": self.pd.optimizer}
+        self.steps_per_epoch, self.planned_steps = plan.steps_per_epoch, plan.planned_steps
+        self.rng = torch.Generator().manual_seed(train.seed)
+        self.losses, self.eps = {}, {}
 
-    def __init__(self, *, stage, run_name, G, D, g_optimizer, d_optimizer, split, ledger, args, device,
-                 checkpoint=None, plan: DPPlan = None):
-        self.stage, self.run_name, self.args, self.device = stage, run_name, args, device
-        self.G, self.D, self.g_optimizer, self.ledger = G, D, g_optimizer, ledger
-        if checkpoint is not None:
-            plan = DPPlan(**checkpoint["dp"]["plan"])
-            check_same_partition(ledger, split)
-        self.plan = plan or plan_run(args, split, ledger, run_name)
-        total = self.plan.planned_steps
-        self.total = total if args.max_steps is None else min(total, args.max_steps)
-        self.pd = PrivateDiscriminator(D, d_optimizer, split, args.batch_size, self.plan.noise_multiplier,
-                                       args.max_grad_norm, args.grad_sample_mode, args.accountant, args.seed, device)
-        self.rng = torch.Generator().manual_seed(args.seed)
-        self.step, self.losses, self.eps = 0, {}, None
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        self.record()
+    def models(self) -> dict:
+        return {"generator": self.generator, "discriminator": self.pd.plain}
 
-    def _restore(self, checkpoint):
-        self.g_optimizer.load_state_dict(checkpoint["optimizers"]["g"])
-        self.pd.optimizer.load_state_dict(checkpoint["optimizers"]["d"])
+    def restore(self, checkpoint: dict):
         self.pd.restore(checkpoint["dp"]["history"], checkpoint["rng"])
         self.rng.set_state(checkpoint["rng"]["train"])
-        self.step, self.losses = checkpoint["step"], dict(checkpoint["dp"].get("losses", {}))
+        self.losses = dict(checkpoint["dp"].get("losses", {}))
 
     def record(self):
         """This run's mechanism in the ledger, with the steps taken so far (from the accountant's history)."""
-        record_mechanism(self.ledger, self.stage, self.plan.noise_multiplier, self.plan.sample_rate, self.pd.steps,
-                         self.args.max_grad_norm, self.args.accountant, run=self.run_name)
+        c = self.config
+        record_mechanism(self.ledger, self.name, self.plan.noise_multiplier, self.plan.sample_rate, self.pd.steps,
+                         c.max_grad_norm, c.accountant, run=self.run_name)
 
     def epsilon(self) -> dict:
         self.record()
-        self.eps = epsilon_fields(self.ledger, self.plan, self.pd.steps, self.args.delta, self.args.accountant)
+        self.eps = epsilon_fields(self.ledger, self.plan, self.pd.steps, self.config.delta, self.config.accountant)
         return self.eps
 
-    def describe_plan(self) -> str:
-        p, a = self.plan, self.args
-        how = (f"calibrated to a total epsilon of {a.target_epsilon}" if p.calibrated else "given")
-        if p.calibrated and not is_private(self.ledger):
-            how = f"calibrated to epsilon {a.target_epsilon} for this stage alone (the total is infinite)"
-        return (f"DP-SGD on the discriminator: sigma = {p.noise_multiplier:.4f} ({how}), q = {p.sample_rate:.5f} "
-                f"(expected batch {a.batch_size} of {len(self.pd.split)}), C = {a.max_grad_norm}, "
-                f"{p.planned_steps} planned D steps ({p.steps_per_epoch}/epoch), {a.d_steps_per_g_step} D steps per "
-                f"G step, delta = {a.delta:g}, {a.accountant.upper()} accountant, {a.grad_sample_mode} per-sample "
-                f"gradients. {SECURE_RNG_NOTE}")
-
-    def checkpoint_state(self) -> dict:
-        """The parts of a checkpoint this loop owns (the stage adds stage, args, model_args, generator, parent)."""
-        self.record()
-        return {"step": self.step, "discriminator": unwrapped_state_dict(self.pd.module),
-                "optimizers": {"g": self.g_optimizer.state_dict(), "d": self.pd.optimizer.state_dict()},
-                "rng": {"train": self.rng.get_state(), **self.pd.rng_states()},
-                "dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)},
-                "privacy": self.ledger}
-
-    def _one_step(self):
-        real, labels = self.pd.next_batch()
-        d_value = discriminator_step(self.pd, self.G, real, labels, self.rng)
-        self.step += 1
-        if d_value is not None:
-            self.losses["d_loss"] = d_value
-        if self.step % self.args.d_steps_per_g_step == 0:
-            self.losses["g_loss"] = generator_step(self.pd, self.G, self.g_optimizer, self.args.batch_size,
-                                                   self.rng, self.device)
-        check_finite(self.step, **self.losses)
-
-    def _postfix(self, progress):
-        eps = self.eps or {}
-        total = "inf" if eps.get("epsilon") is None else f"{eps['epsilon']:.3f}"
-        progress.set_postfix(epoch=(self.step - 1) // self.plan.steps_per_epoch if self.step else 0, eps=total,
-                             eps_stage=f"{eps.get('epsilon_stage', 0.0):.3f}",
-                             **{k: f"{v:.3f}" for k, v in self.losses.items()})
-
-    def run(self, metrics, save) -> int:
-        """Train to the planned (or --max-steps) number of D steps; `save()` writes a checkpoint."""
-        a, spe = self.args, self.plan.steps_per_epoch
-        tqdm.write(self.describe_plan())
+    def begin(self, step: int) -> dict:
+        tqdm.write(describe_plan(self.plan, self.config, self.train.batch_size, len(self.pd.split), self.ledger))
         self.epsilon()
-        progress = tqdm(total=self.total, initial=self.step, desc=self.stage, dynamic_ncols=True)
-        self._postfix(progress)
-        while self.step < self.total:
-            self._one_step()
-            progress.update(1)
-            epoch_end, last = self.step % spe == 0, self.step == self.total
-            record = {}
-            if epoch_end or last:
-                record = self.epsilon()
-                self._postfix(progress)
-            if record or self.step % a.log_every == 0:
-                metrics.append(step=self.step, epoch=(self.step - 1) // spe, **self.losses, **record)
-            if epoch_end or last or self.step % a.checkpoint_every == 0:
-                save()
-        progress.close()
-        return self.step
+        return {}
+
+    def batches(self, start: int, total: int):
+        for _ in range(start, total):
+            yield self.pd.next_batch()
+
+    def optimize_parameters(self, batch, step: int) -> dict:
+        real, labels = batch
+        d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng)
+        if d_value is not None:  # an empty Poisson batch has no loss: the last one stands
+            self.losses["d_loss"] = d_value
+        if step % self.config.d_steps_per_g_step == 0:
+            self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
+                                                      self.train.batch_size, self.rng, self.device)
+        return dict(self.losses)
+
+    def milestone(self, step: int, boundary: bool) -> dict:
+        return self.epsilon() if boundary else {}
+
+    def postfix(self) -> dict:
+        total = "inf" if self.eps.get("epsilon") is None else f"{self.eps['epsilon']:.3f}"
+        return {"eps": total, "eps_stage": f"{self.eps.get('epsilon_stage', 0.0):.3f}"}
+
+    def rng_states(self) -> dict:
+        return {"train": self.rng.get_state(), **self.pd.rng_states()}
+
+    def extra_state(self) -> dict:
+        self.record()
+        return {"dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)}}
 
 
-def plot_epsilon(run_dir: str, title: str = "privacy spent"):
-    """`epsilon.png`: total and this stage's epsilon against discriminator steps, from metrics.jsonl."""
-    keys = ["epsilon", "epsilon_stage"]
-    records = [{k: v for k, v in r.items() if v is not None} for r in read_metrics(run_dir)]  # None: infinite
-    plot_curves(records, keys, os.path.join(run_dir, "epsilon.png"), title, ylabel="epsilon")
+def describe_plan(plan: DPPlan, config: DPConfig, batch_size: int, private_size: int, ledger: dict) -> str:
+    """One paragraph for the log: the mechanism, how sigma was chosen, and the noise generator."""
+    p, c = plan, config
+    how = f"calibrated to a total epsilon of {c.target_epsilon}" if p.calibrated else "given"
+    if p.calibrated and not is_private(ledger):
+        how = f"calibrated to epsilon {c.target_epsilon} for this stage alone (the total is infinite)"
+    return (f"DP-SGD on the discriminator: sigma = {p.noise_multiplier:.4f} ({how}), q = {p.sample_rate:.5f} "
+            f"(expected batch {batch_size} of {private_size}), C = {c.max_grad_norm}, "
+            f"{p.planned_steps} planned D steps ({p.steps_per_epoch}/epoch), {c.d_steps_per_g_step} D steps per "
+            f"G step, delta = {c.delta:g}, {c.accountant.upper()} accountant, {c.grad_sample_mode} per-sample "
+            f"gradients. {SECURE_RNG_NOTE}")

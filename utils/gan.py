@@ -1,18 +1,14 @@
-"""GAN losses and the (non-private) training steps shared by the stages.
+"""GAN losses, the non-private training steps, and sampling helpers shared by the stages.
 
 Non-saturating loss (Goodfellow et al. 2014) on logits. The generator is conditioned on labels drawn uniformly
-at random, never on a real batch's labels: under DP the labels are private too (DESIGN section 4).
+at random, never on a real batch's labels: under DP the labels are private too (docs/DESIGN.md, "Privacy").
+`NonPrivateStep` is the teacher's step for `utils.trainer.Trainer`; the DP loop's steps are in `utils/dp.py`.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
-from utils.cli import UserError
-
-
-class NonFiniteLoss(UserError):
-    """A loss became NaN or Inf: the run stops, the last good checkpoint stays."""
+from utils.trainer import TrainingStep
+from utils.training import batches_from
 
 
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -30,8 +26,8 @@ def random_inputs(generator_model, n: int, rng: torch.Generator, device):
     return z.to(device), labels.to(device)
 
 
-def discriminator_step(G, D, d_optimizer, real, real_labels, rng) -> float:
-    """One discriminator update on a real batch and as many fresh fakes."""
+def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng) -> float:
+    """One ordinary (non-private) discriminator update on a real batch and as many fresh fakes."""
     z, fake_labels = random_inputs(G, len(real), rng, real.device)
     with torch.no_grad():
         fake = G(z, fake_labels)
@@ -42,8 +38,8 @@ def discriminator_step(G, D, d_optimizer, real, real_labels, rng) -> float:
     return loss.item()
 
 
-def generator_step(G, D, g_optimizer, batch_size, rng, device) -> float:
-    """One generator update against the current discriminator (D's parameters get no update)."""
+def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device) -> float:
+    """One generator update against an ordinary discriminator (D's parameters get no update)."""
     z, labels = random_inputs(G, batch_size, rng, device)
     g_optimizer.zero_grad(set_to_none=True)
     loss = g_loss(D(G(z, labels), labels))
@@ -52,11 +48,32 @@ def generator_step(G, D, g_optimizer, batch_size, rng, device) -> float:
     return loss.item()
 
 
-def check_finite(step: int, **losses):
-    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
-    if bad:
-        raise NonFiniteLoss(f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-                            f"stopped, the last good checkpoint is kept")
+class NonPrivateStep(TrainingStep):
+    """The teacher's step: one discriminator and one generator update per batch of `batches` (EpochBatches)."""
+    name = "teacher"
+
+    def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device):
+        self.generator, self.discriminator, self.optimizers = G, D, optimizers
+        self.epoch_batches, self.ledger, self.device = batches, ledger, device
+        self.rng = torch.Generator().manual_seed(seed)
+        self.steps_per_epoch = len(batches)
+        self.planned_steps = epochs * len(batches)
+
+    def batches(self, start: int, total: int):
+        return batches_from(self.epoch_batches, start, total)
+
+    def optimize_parameters(self, batch, step: int) -> dict:
+        real, labels = (t.to(self.device) for t in batch)
+        G, D = self.generator, self.discriminator
+        d_value = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng)
+        g_value = nonprivate_generator_step(G, D, self.optimizers["g"], len(real), self.rng, self.device)
+        return {"d_loss": d_value, "g_loss": g_value}
+
+    def rng_states(self) -> dict:
+        return {"train": self.rng.get_state()}
+
+    def restore(self, checkpoint: dict):
+        self.rng.set_state(checkpoint["rng"]["train"])
 
 
 def fixed_inputs(generator_model, per_class: int = 10, seed: int = 1234):

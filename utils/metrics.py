@@ -1,4 +1,4 @@
-"""Quality and privacy metrics of generators (DESIGN section 6).
+"""Quality and privacy metrics of generators (docs/DESIGN.md, "Evaluation").
 
 - A small 2-conv CNN classifier (`SmallCNN`) serves twice: trained on the real training set it is the cached
   *reference classifier*, whose penultimate layer is the feature space of the Frechet distance; trained only on
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from utils.checkpoint import load_checkpoint, save_checkpoint, versions
+from utils.cli import progress_bar
 
 CLASSIFIER_VERSION = 1  # bump when SmallCNN or its training changes: invalidates cached reference classifiers
 
@@ -80,7 +80,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, se
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     model.train()
     step = 0
-    with tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False) as progress:
+    with progress_bar(total=total, desc=desc, leave=False) as progress:
         while step < total:
             order = torch.randperm(len(labels), generator=rng)
             for start in range(0, len(labels), batch_size):

@@ -1,16 +1,18 @@
 """The model card of a DP fine-tuned generator: `MODEL_CARD.md` for people, `model_card.json` for programs.
 
 It states what the model is and costs on a device, which data shaped it, and the privacy guarantee with every
-number needed to check it (DESIGN sections 4 and 6): the total epsilon over every stage's mechanism and this
+number needed to check it (docs/DESIGN.md, "Privacy"): the total epsilon over every stage's mechanism and this
 stage's own, delta, the accountant, each mechanism (sigma, q, steps, C), the public data used, the non-DP reads of
 the private split (any one makes the total infinite, said plainly), and the noise generator used. In the JSON an
-infinite epsilon is the string "inf" (JSON has no infinity).
+infinite epsilon is the string "inf" (JSON has no infinity). Runs are named relative to the pipeline root
+`<out>`, so the card stays true when the pipeline directory is moved or copied.
 """
 import math
 import os
 
-from utils.checkpoint import write_json
+from utils.checkpoint import pipeline_root, relative_to_root
 from utils.cost import count_parameters
+from utils.files import write_json, write_text
 from utils.privacy import SECURE_RNG_NOTE, compose_epsilon, epsilon, history, is_private
 
 CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"
@@ -58,10 +60,11 @@ def privacy_section(ledger: dict, delta: float, accountant: str, stage: str, run
 def build_card(*, checkpoint: dict, generator, delta: float, accountant: str, artifacts: dict) -> dict:
     """The card of a stage-5 checkpoint (as loaded) and its generator."""
     ledger, args = checkpoint["privacy"], checkpoint["args"]
-    run = os.path.basename(checkpoint["run_dir"])
+    run, root = os.path.basename(checkpoint["run_dir"]), pipeline_root(checkpoint["run_dir"])
     return {
         "model": {"description": "class-conditional generator (compact, quantised), DP fine-tuned",
-                  "stage": checkpoint["stage"], "run_dir": checkpoint["run_dir"], "parent": checkpoint["parent"],
+                  "stage": checkpoint["stage"], "run_dir": relative_to_root(checkpoint["run_dir"], root),
+                  "parent": relative_to_root(checkpoint["parent"], root),
                   "model_args": generator.model_args(), "parameters": count_parameters(generator),
                   "bits": generator.bits, "channels": list(generator.channels)},
         "artifacts": artifacts,
@@ -118,7 +121,8 @@ def render_markdown(card: dict) -> str:
               f"- widths {m['channels']}, {m['bits']}-bit weights and activations, {m['parameters']:,} parameters",
               f"- integer artifact: {a.get('artifact', 'not written')} ({a.get('artifact_bytes', '-')} bytes); "
               f"exported program: {a.get('program', 'not written')} ({a.get('program_bytes', '-')} bytes)",
-              f"- parent: {m['parent']}", "", "## Training", ""]
+              f"- run: {m['run_dir']}; parent: {m['parent']} (both relative to the pipeline directory)", "",
+              "## Training", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in t.items() if value is not None]
     return "\n".join(lines) + "\n"
 
@@ -126,8 +130,5 @@ def render_markdown(card: dict) -> str:
 def write_model_card(run_dir: str, card: dict) -> tuple:
     md_path, json_path = os.path.join(run_dir, CARD_MD), os.path.join(run_dir, CARD_JSON)
     write_json(json_path, card)
-    tmp = md_path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(render_markdown(card))
-    os.replace(tmp, md_path)
+    write_text(md_path, render_markdown(card))
     return md_path, json_path

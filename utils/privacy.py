@@ -1,4 +1,4 @@
-"""The privacy ledger carried in every checkpoint (DESIGN section 4).
+"""The privacy ledger carried in every checkpoint (docs/DESIGN.md, "Privacy").
 
 The guarantee is (epsilon, delta)-DP, add/remove-one adjacency, with respect to one private split, named by its
 fingerprint. The ledger lists every DP mechanism applied to that split (sigma, sample rate q, steps, clipping
@@ -121,8 +121,14 @@ def calibrate_noise(prefix_history, target_epsilon: float, delta: float, sample_
         except UserError:  # RDP cannot reach some small targets that PRV can
             pass
     low, high = _bracket(gap, start, math.log(factor), target_epsilon, steps, sample_rate)
+    return math.exp(_regula_falsi(gap, low, high, lambda x: total(x) >= target_epsilon - tolerance))
+
+
+def _regula_falsi(gap, low, high, good_enough) -> float:
+    """Shrink [low, high] (gap(low) > 0 >= gap(high)) until `good_enough(high)`; Illinois variant, bisection
+    where the gap is infinite. Returns high: its sigma always meets the target."""
     f_low, f_high, side = gap(low), gap(high), 0
-    while total(high) < target_epsilon - tolerance and high - low > 1e-4:
+    while not good_enough(high) and high - low > 1e-4:
         x = (low * f_high - high * f_low) / (f_high - f_low) if math.isfinite(f_low) else (low + high) / 2
         if not low < x < high:
             x = (low + high) / 2
@@ -133,7 +139,7 @@ def calibrate_noise(prefix_history, target_epsilon: float, delta: float, sample_
         else:
             high, f_high = x, f_x
             f_low, side = (f_low / 2 if side == 1 else f_low), 1
-    return math.exp(high)
+    return high
 
 
 def _bracket(gap, start, step, target_epsilon, steps, sample_rate):

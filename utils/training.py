@@ -1,22 +1,54 @@
-"""The life cycle of a training run shared by the stages: open or resume a run directory, save checkpoints
-atomically and move `latest`, restore the generators that make a resumed run identical to an uninterrupted one."""
+"""The life cycle of a run, the same in all six scripts (docs/DESIGN.md, "The run life cycle").
+
+    args, checkpoint = resume_args(args, STAGE)      # 1. nothing on disk yet: every refusal happens before 3
+    ...load and check every input...                  # 2. may raise UserError
+    run = Run.open(args, STAGE, desc, checkpoint)     # 3. the run directory, args.json, metrics.jsonl
+    run.metrics.append(step=..., ...)                 # 4. append-only metrics
+    run.save(checkpoint)                              # 5. atomic; `latest` moves only to a complete checkpoint
+    return run.finish("summary")                      # 6. one line naming the run directory
+
+A resumed run reopens its own directory and cuts its metrics back to the checkpoint's step; a staged run (the
+distillation set) is built in a hidden directory and `publish`ed under its number only once complete.
+"""
 import argparse
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
 
-import torch
+from tqdm import tqdm
 
-from utils.checkpoint import (latest_run, load_checkpoint, mark_latest, new_run_dir, save_checkpoint, versions,
-                              write_json, MetricsLog)
+from utils.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
+                              save_checkpoint)
 from utils.cli import print_config
+from utils.files import write_json
 
 # flags taken from the command line on --resume; everything else comes from the run's saved args
 RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop settings of a training stage, built once from the command line (`TrainConfig.from_args`)."""
+    batch_size: int
+    epochs: float
+    seed: int = 0
+    max_steps: int = None  # stop early (quick runs, tests); None: the whole planned run
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+    @classmethod
+    def from_args(cls, args) -> "TrainConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def total_steps(self, planned: int) -> int:
+        return planned if self.max_steps is None else min(planned, self.max_steps)
+
+
 def resume_args(args: argparse.Namespace, stage: str):
-    """(args, checkpoint): with --resume, the run's saved args (but RESUME_OVERRIDES) and its last checkpoint;
-    otherwise (args, None). Touches nothing on disk, so bad input can be refused before a run directory exists."""
-    if not args.resume:
+    """(args, checkpoint): with --resume, the run's saved args (but RESUME_OVERRIDES, and --out: the pipeline the
+    run now lies in) and its last checkpoint; otherwise (args, None). Touches nothing on disk."""
+    if not getattr(args, "resume", None):
         return args, None
     path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
     checkpoint = load_checkpoint(path, stage)
@@ -24,26 +56,8 @@ def resume_args(args: argparse.Namespace, stage: str):
     # the command line wins for RESUME_OVERRIDES, except --max-steps left unset: the run keeps its own stop
     saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES
                   if hasattr(args, key) and not (key == "max_steps" and args.max_steps is None)})
+    saved["out"] = pipeline_root(checkpoint["run_dir"])
     return argparse.Namespace(**saved), checkpoint
-
-
-def start_run(args: argparse.Namespace, stage: str, desc: str, checkpoint=None):
-    """(run_dir, metrics log): a new numbered run directory with args.json, or the resumed run's directory with
-    its metrics cut back to the checkpoint's step."""
-    if checkpoint is not None:
-        metrics = MetricsLog(checkpoint["run_dir"])
-        metrics.truncate_after(checkpoint["step"])
-        return checkpoint["run_dir"], metrics
-    run_dir = new_run_dir(args.out, stage, args.desc or desc)
-    write_json(os.path.join(run_dir, "args.json"), vars(args))
-    return run_dir, MetricsLog(run_dir)
-
-
-def open_run(args: argparse.Namespace, stage: str, desc: str):
-    """(args, run_dir, checkpoint or None, metrics log): `resume_args` then `start_run`."""
-    args, checkpoint = resume_args(args, stage)
-    run_dir, metrics = start_run(args, stage, desc, checkpoint)
-    return args, run_dir, checkpoint, metrics
 
 
 def maybe_dry_run(args) -> bool:
@@ -52,28 +66,67 @@ def maybe_dry_run(args) -> bool:
     return args.dry_run
 
 
-def save_run_checkpoint(run_dir: str, checkpoint: dict):
-    """Save atomically, then point `latest` at this run (only ever at a complete checkpoint)."""
-    checkpoint.setdefault("versions", versions())
-    save_checkpoint(run_dir, checkpoint)
-    mark_latest(run_dir)
+class Run:
+    """One run directory of a stage: where its files go, its metrics log, its checkpoints."""
 
+    def __init__(self, run_dir: str, stage: str, checkpoint: dict = None, publish_as: tuple = None):
+        self.run_dir, self.stage = run_dir, stage
+        self.checkpoint = checkpoint  # the checkpoint a resumed run continues from; None for a new run
+        self.publish_as = publish_as  # a staged run: (out, desc) of the numbered directory `publish` moves it to
+        self.metrics = MetricsLog(run_dir)
 
-def rng_from(checkpoint, key: str, seed: int) -> torch.Generator:
-    """A CPU generator seeded with `seed`, or restored from a checkpoint's saved state."""
-    rng = torch.Generator().manual_seed(seed)
-    if checkpoint is not None and key in checkpoint.get("rng", {}):
-        rng.set_state(checkpoint["rng"][key])
-    return rng
+    @classmethod
+    def open(cls, args, stage: str, desc: str, checkpoint: dict = None, staged: bool = False) -> "Run":
+        """A new numbered run directory with args.json (`staged`: a hidden one, see `publish`), or the resumed
+        run's own directory with its metrics cut back to the checkpoint's step. Call only once the input has
+        been checked: this is the first write under --out."""
+        if checkpoint is not None:
+            run = cls(checkpoint["run_dir"], stage, checkpoint)
+            run.metrics.truncate_after(checkpoint["step"])
+            return run
+        desc = args.desc or desc
+        if staged:
+            stage_dir = os.path.join(args.out, stage)
+            os.makedirs(stage_dir, exist_ok=True)
+            run_dir = tempfile.mkdtemp(prefix=".partial-", dir=stage_dir)  # never numbered: never taken for a run
+            os.chmod(run_dir, 0o755)  # mkdtemp makes it private; a run directory is not
+        else:
+            run_dir = new_run_dir(args.out, stage, desc)
+        write_json(os.path.join(run_dir, "args.json"), vars(args))
+        return cls(run_dir, stage, publish_as=(args.out, desc) if staged else None)
+
+    def publish(self):
+        """Move a staged run, now complete, to its numbered place (a rename onto a freshly reserved, empty
+        directory: atomic on POSIX)."""
+        out, desc = self.publish_as
+        run_dir = new_run_dir(out, self.stage, desc)
+        os.replace(self.run_dir, run_dir)
+        self.run_dir, self.metrics = run_dir, MetricsLog(run_dir)
+
+    def discard(self):
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def save(self, checkpoint: dict):
+        """Save the checkpoint atomically, then point `latest` at this run (only ever at a complete one)."""
+        save_checkpoint(self.run_dir, checkpoint)
+        mark_latest(self.run_dir)
+
+    def finish(self, summary: str) -> str:
+        """The run's last words: what it did, and where it is."""
+        tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
+        return self.run_dir
 
 
 def batches_from(batches, step: int, total: int):
-    """(epoch, batch) from optimiser step `step` up to `total`: a resumed run sees the same batches in the same
-    order as an uninterrupted one (the epoch order comes from the epoch number, not from saved state)."""
+    """Batches from optimiser step `step` up to `total`: a resumed run sees the same batches in the same order as
+    an uninterrupted one (the epoch order comes from the epoch number, not from saved state)."""
     while step < total:
         epoch, start = divmod(step, len(batches))
         for batch in batches.epoch(epoch, start):
-            yield epoch, batch
+            yield batch
             step += 1
             if step >= total:
                 return

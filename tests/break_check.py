@@ -1,0 +1,172 @@
+"""Break checker: does the test suite notice when a guarantee breaks? (Not a test module: pytest does not collect
+it.) Run from the repository root:
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/break_check.py            # every break (about 10 minutes on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python tests/break_check.py noise ghost  # only the breaks whose names contain these
+
+It copies the repository to a temporary directory (without .venv, checkpoints, .git and caches), first runs every
+selected break's tests on the unbroken copy (they must pass, or a "caught" would mean nothing), then applies one
+break at a time (replace an exact piece of code by a broken one), runs that break's tests and puts the code back.
+It prints a table: caught (the tests failed), NOT CAUGHT (they passed), pattern not found (the code moved: update
+the break's old text), error (pytest could not run them). The exit status is 1 when any break is not caught.
+
+Each break is (name, file, exact old text, new text, pytest selection, what it means). Keep the old text small, so
+that a refactor that keeps the behaviour keeps the pattern findable; when a pattern is not found, find where the
+guarded code went and update the break, never delete it.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass
+class Break:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple
+    meaning: str
+
+
+R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
+                          "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
+                          "tests/test_data.py", "tests/test_lifecycle.py")
+
+BREAKS = [
+    # ------------------------------------------------------------ DP-SGD really happens
+    Break("noise-not-added", "utils/dp.py", "noise_multiplier=noise_multiplier,", "noise_multiplier=0.0,",
+          (N,), "Opacus is given sigma 0: the clipped mean alone is applied while the ledger records sigma"),
+    Break("ledger-sigma-not-used", "utils/dp.py", "train.batch_size, plan.noise_multiplier,",
+          "train.batch_size, 0.5 * plan.noise_multiplier,",
+          (N + "::test_the_ledgers_sigma_is_the_sigma_used",),
+          "the training loop adds half the noise of the sigma its ledger (and epsilon) is computed from"),
+    Break("noise-unseeded", "utils/dp.py", "noise_generator=self.noise_rng, ", "",
+          (N + "::test_noise_comes_from_the_runs_seeded_generator",),
+          "the noise is drawn from the global generator, not the run's own seeded one (resume drifts)"),
+    Break("ghost-without-wrapper", "utils/dp.py", "if self.criterion is None:", "if True:",
+          (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
+          "ghost mode's loss bypasses Opacus's per-sample loss wrapper: no clipping at all"),
+    Break("clipping-off", "utils/dp.py", "max_grad_norm=config.max_grad_norm, poisson_sampling",
+          "max_grad_norm=1e6, poisson_sampling", (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
+          "per-sample gradients are clipped to a norm that never binds"),
+    # ------------------------------------------------------------ killed and resumed equals uninterrupted
+    Break("dp-teacher-checkpoint-without-dp-state", "utils/trainer.py", "**own, **self.extra)", "**self.extra)",
+          (R + "::test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run",),
+          "the --dp teacher's checkpoint lacks the accountant history, plan and losses of its DP step"),
+    Break("dp-teacher-checkpoint-without-sampler-noise-rng", "utils/dp.py",
+          '{"train": self.rng.get_state(), **self.pd.rng_states()}', '{"train": self.rng.get_state()}',
+          (R + "::test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run",),
+          "the --dp teacher's checkpoint keeps only the training generator, losing the sampler's and noise's"),
+    Break("resumed-order-empty", "utils/data.py", "for i in range(start, len(self)):",
+          "for i in range(start, len(self) if start == 0 else 0):", (D + "::test_epoch_order_is_seeded_and_resumable",),
+          "a resumed epoch yields no batches (a test comparing with all() over zip() would pass vacuously)"),
+    # ------------------------------------------------------------ atomic writes
+    Break("checkpoint-not-atomic", "utils/files.py", 'tmp = f"{path}.tmp.{os.getpid()}"', "tmp = path",
+          (R + "::test_a_failed_save_keeps_the_previous_checkpoint_and_latest",),
+          "checkpoint.pt is written in place: a save failing midway destroys the previous checkpoint"),
+    Break("latest-before-checkpoint", "utils/training.py",
+          "        save_checkpoint(self.run_dir, checkpoint)\n        mark_latest(self.run_dir)",
+          "        mark_latest(self.run_dir)\n        save_checkpoint(self.run_dir, checkpoint)",
+          (R + "::test_a_failed_save_keeps_the_previous_checkpoint_and_latest",),
+          "`latest` moves to a run before its checkpoint is complete"),
+    # ------------------------------------------------------------ refusals change nothing on disk
+    Break("evaluate-run-dir-before-checks", "evaluate.py", "    data = load_data(args)\n",
+          '    data = load_data(args)\n    Run.open(args, STAGE, "early")\n',
+          (R + "::test_evaluate_refuses_delta_and_partition_before_writing",),
+          "evaluate.py creates its run directory before checking --delta and the partition"),
+    Break("refusal-leaves-empty-run-dir", "fine_tune.py", "    plan = plan_for(checkpoint, config, train, split, ledger)",
+          '    Run.open(args, STAGE, "early")\n'
+          "    plan = plan_for(checkpoint, config, train, split, ledger)",
+          (R + "::test_nonsense_numbers",), "a refused fine-tuning (bad --delta) leaves a run directory"),
+    Break("fine-tune-resume-cuts-metrics-before-checks", "fine_tune.py",
+          "    args, checkpoint = resume_args(args, STAGE)\n",
+          "    args, checkpoint = resume_args(args, STAGE)\n"
+          "    if checkpoint is not None:\n        Run.open(args, STAGE, None, checkpoint)\n",
+          (R + "::test_resume_with_the_dataset_gone_changes_nothing",),
+          "fine_tune.py --resume cuts metrics.jsonl back before the dataset is found (the issue-16 defect)"),
+    Break("teacher-resume-cuts-metrics-before-checks", "train_teacher.py",
+          "    args, checkpoint = resume_args(args, STAGE)\n",
+          "    args, checkpoint = resume_args(args, STAGE)\n"
+          "    if checkpoint is not None:\n        Run.open(args, STAGE, None, checkpoint)\n",
+          (R + "::test_resume_with_the_dataset_gone_changes_nothing",),
+          "train_teacher.py --resume cuts metrics.jsonl back before the dataset is found"),
+    # ------------------------------------------------------------ the run life cycle (issue 10)
+    Break("paths-stored-absolute", "utils/checkpoint.py",
+          "stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)", "stored = dict(checkpoint)",
+          (L + "::test_paths_are_stored_relative_and_a_moved_pipeline_resolves",),
+          "checkpoints name other runs by absolute path: a moved pipeline directory no longer resolves"),
+    Break("progress-refreshes-every-step", "utils/trainer.py", "refresh=False)", "refresh=True)",
+          (L + "::test_training_log_is_short_when_output_is_a_file",),
+          "a log file gets one progress line per training step"),
+    # ------------------------------------------------------------ what is reported
+    Break("stage-epsilon-reported-as-total", "utils/dp.py", "is_private(ledger) and history(ledger) == own_history",
+          "is_private(ledger) and True", (F + "::test_dp_teacher_route_composes",),
+          "metrics and epsilon.png report this stage's epsilon as the total on a composed (DP teacher) route"),
+    Break("compression-guard-loosened", "utils/compress.py", "MAX_ABS_DIFF = 1e-5", "MAX_ABS_DIFF = 5e-4",
+          (C + "::test_a_difference_just_above_the_tolerance_is_refused",),
+          "the compact-equals-student guard accepts 50x the guaranteed difference"),
+    Break("fd-zero-in-evaluate", "evaluate.py", "fd = frechet_distance(", "fd = 0.0 * frechet_distance(",
+          (E + "::test_evaluate_writes_every_output_with_a_row_per_run",), "evaluate.py reports FD 0 for every run"),
+    Break("fd-zero", "utils/metrics.py", "return max(0.0, float(diff @ diff", "return 0.0 * max(0.0, float(diff @ diff",
+          (E,), "the Frechet distance is always 0"),
+    Break("fd-without-square-root", "utils/metrics.py", "trace_cross = np.sqrt(np.clip(", "trace_cross = (np.clip(",
+          (E,), "the Frechet distance's cross term misses its matrix square root"),
+    Break("auc-half-in-evaluate", "evaluate.py", "        return membership_auc(members, nonmembers, generated)\n",
+          "        return 0.5\n", (E + "::test_evaluate_writes_every_output_with_a_row_per_run",),
+          "evaluate.py reports a membership AUC of 0.5 whatever the generator"),
+    Break("auc-half", "utils/metrics.py", "return rank_auc(member_scores.numpy(), nonmember_scores.numpy())",
+          "return 0.5", (E,), "the membership AUC is always 0.5"),
+]
+
+IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc")
+
+
+def run_tests(copy: str, tests) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=copy, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def apply_break(copy: str, item: Break) -> str:
+    """The verdict for one break: the tests run with the break applied, the file restored afterwards."""
+    path = os.path.join(copy, item.file)
+    original = open(path).read()
+    count = original.count(item.old)
+    if count != 1:
+        return "pattern not found" if count == 0 else f"pattern found {count} times"
+    with open(path, "w") as handle:
+        handle.write(original.replace(item.old, item.new))
+    try:
+        code = run_tests(copy, item.tests)
+    finally:
+        with open(path, "w") as handle:
+            handle.write(original)
+    return {0: "NOT CAUGHT", 1: "caught", 5: "error (no tests selected)"}.get(code, f"error (pytest exit {code})")
+
+
+def main(names) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    chosen = [b for b in BREAKS if not names or any(n in b.name for n in names)]
+    with tempfile.TemporaryDirectory(prefix="break-check-") as temp:
+        copy = os.path.join(temp, "repo")
+        shutil.copytree(root, copy, ignore=IGNORED, symlinks=True)
+        selections = sorted({test for item in chosen for test in item.tests})
+        if run_tests(copy, selections) != 0:
+            print("the selected tests fail on the unbroken code: fix them first", file=sys.stderr)
+            return 2
+        width = max(len(b.name) for b in chosen)
+        missed = 0
+        for item in chosen:
+            verdict = apply_break(copy, item)
+            missed += verdict != "caught"
+            print(f"{item.name:<{width}}  {verdict:<18}  {item.meaning}", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} breaks caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

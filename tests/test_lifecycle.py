@@ -1,0 +1,89 @@
+"""The run life cycle and the checkpoint layout (issue 10): paths stored relative to the pipeline root so that a
+pipeline directory moves whole, `lineage`, `latest` only at complete runs, editable input constants, quiet
+progress in log files."""
+import io
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import compress_student
+import evaluate
+from conftest import handmade_student, write_handmade_run
+from test_compress import quick_argv
+from test_evaluate import eval_argv
+from utils.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint
+from utils.cli import LOG_INTERVAL_S, progress_bar
+
+
+def test_paths_are_stored_relative_and_a_moved_pipeline_resolves(handmade_pipeline, tmp_path):
+    out, teacher_run, distill_run, student_run = handmade_pipeline
+    raw = torch.load(os.path.join(student_run, CHECKPOINT_NAME), weights_only=True)
+    assert raw["parent"] == os.path.join("distill", os.path.basename(distill_run))
+    assert raw["teacher"] == os.path.join("teacher", os.path.basename(teacher_run))
+    moved = str(tmp_path / "moved")
+    shutil.move(out, moved)
+    student = load_checkpoint(os.path.join(moved, "student", "latest"), "student")
+    assert student["parent"] == os.path.realpath(os.path.join(moved, "distill", os.path.basename(distill_run)))
+    runs = lineage(student)
+    assert runs == {stage: os.path.realpath(os.path.join(moved, stage, os.path.basename(run)))
+                    for stage, run in (("teacher", teacher_run), ("distill", distill_run), ("student", student_run))}
+
+
+def test_lineage_of_a_compact_run_follows_its_parents(handmade_pipeline):
+    out, teacher_run, distill_run, student_run = handmade_pipeline
+    compact_run = write_handmade_run(out, "compact", handmade_student(), parent=student_run)  # names no teacher
+    runs = lineage(load_checkpoint(compact_run, "compact"))
+    assert runs == {"teacher": os.path.realpath(teacher_run), "distill": os.path.realpath(distill_run),
+                    "student": os.path.realpath(student_run)}
+
+
+def test_editable_constant_replaces_the_default_and_the_flag_wins(handmade_pipeline, tmp_path, monkeypatch,
+                                                                 capsys):
+    _, teacher_run, _, student_run = handmade_pipeline
+    with pytest.raises(SystemExit):
+        compress_student.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "STUDENT_DIR at the top of this script" in help_text and "this flag wins" in help_text
+    monkeypatch.setattr(compress_student, "STUDENT_DIR", student_run)
+    out = str(tmp_path / "elsewhere")  # holds no student: the constant names it
+    run_dir = compress_student.main(compress_student.parse_args(quick_argv(out)))
+    assert load_checkpoint(run_dir, "compact")["parent"] == os.path.realpath(student_run)
+    with pytest.raises(Exception, match="expected student"):  # the flag wins over the constant
+        compress_student.main(compress_student.parse_args(quick_argv(out, "--student-dir", teacher_run)))
+
+
+def test_evaluation_moves_latest_only_once_complete(tiny_data_root, tiny_teacher_run, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    argv = eval_argv(tiny_data_root, out, "--runs", tiny_teacher_run[1])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(evaluate, "plot_tradeoff", broken)
+    with pytest.raises(RuntimeError):
+        evaluate.main(evaluate.parse_args(argv))
+    assert not os.path.lexists(os.path.join(out, "eval", "latest"))
+    monkeypatch.undo()
+    run_dir = evaluate.main(evaluate.parse_args(argv))
+    checkpoint = load_checkpoint(os.path.join(out, "eval", "latest"), "eval")
+    assert checkpoint["run_dir"] == os.path.realpath(run_dir)
+    assert checkpoint["runs"] == [os.path.realpath(tiny_teacher_run[1])]
+
+
+def test_progress_reports_slowly_when_output_is_not_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal
+    bar = progress_bar(total=3)
+    assert bar.mininterval == LOG_INTERVAL_S >= 30
+    bar.close()
+
+
+def test_training_log_is_short_when_output_is_a_file(tiny_data_root, tmp_path, capfd):
+    import train_teacher
+    from conftest import teacher_argv
+    argv = teacher_argv(tiny_data_root, str(tmp_path), "--max-steps", "8", "--log-every", "1")
+    train_teacher.main(train_teacher.parse_args(argv))
+    err = capfd.readouterr().err
+    assert err.count("teacher:") <= 3, err  # the first report and the last, not one per step
