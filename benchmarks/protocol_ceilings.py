@@ -17,7 +17,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.checkpoint import versions, write_json  # noqa: E402
+from utils.checkpoint import versions  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import add_common_args, make_parser, nonnegative_int, resolve_device, run_script  # noqa: E402
 from utils.data import add_data_args, load_split, to_unit_range  # noqa: E402
 from utils.metrics import PROTOCOL, QUICK_PROTOCOL, real_data_ceiling  # noqa: E402

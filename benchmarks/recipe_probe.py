@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
 from utils.augment import diff_augment, parse_policy  # noqa: E402
-from utils.checkpoint import versions, write_json  # noqa: E402
+from utils.checkpoint import versions  # noqa: E402
+from utils.files import write_json  # noqa: E402
 from utils.cli import (add_common_args, make_parser, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
                        positive_int, resolve_device, run_script, set_seed)
 from utils.data import EpochBatches, add_data_args, load_split, to_unit_range  # noqa: E402
@@ -100,7 +101,7 @@ def train(args, split, device) -> dict:
     average = WeightAverage(G, args.ema_decay) if args.ema_decay > 0 else None
     schedule = DStepsSchedule(args.d_steps, adaptive=args.adaptive_d_steps)
     since_g, g_value, log, start = 0, float("nan"), [], time.time()
-    for step, (_, (real, labels)) in enumerate(batches_from(EpochBatches(split, args.batch_size, args.seed), 0,
+    for step, (real, labels) in enumerate(batches_from(EpochBatches(split, args.batch_size, args.seed), 0,
                                                             args.steps), start=1):
         d_value = d_update(G, D, d_opt, real.to(device), labels.to(device), rng, loss, policy)
         since_g += 1

@@ -307,7 +307,7 @@ def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: t
         optimizer = torch.optim.Adam(model.parameters(), protocol.lr)
         rng = torch.Generator().manual_seed(protocol.seed)
         curve, best_state = [], None
-        for _ in tqdm(range(protocol.epochs), desc=desc, leave=False, dynamic_ncols=True):
+        for _ in progress_bar(range(protocol.epochs), desc=desc, leave=False):
             _train_one_epoch(model, optimizer, train_images, train_labels, protocol.batch_size, rng, device)
             curve.append(accuracy(model, holdout_images, holdout_labels))
             if curve[-1] > max(curve[:-1], default=-1.0):
