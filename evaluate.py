@@ -315,7 +315,8 @@ def table_row(row) -> list:
     return [row["label"], row["run"], human(row["parameters"]), human(row["macs"]),
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
             f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in deploy.COST_KEYS), f"{row['fd']:.2f}",
-            f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{100 * row['downstream_accuracy']:.1f}%", format_epsilon(row), f"{row['delta']:g}",
+            f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{100 * row['downstream_accuracy']:.1f}%",
+            format_epsilon(row), f"{row['delta']:g}",
             f"{row['mia_auc']:.3f}"]
 
 
