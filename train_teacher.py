@@ -17,6 +17,7 @@ from utils.data import EpochBatches, add_data_args, load_split
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
+from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -44,15 +45,20 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
+    add_recipe_args(parser, ema_decay=TEACHER_EMA_DECAY, d_steps=False)
     add_common_args(parser)
     add_resume_arg(parser)
     return parser.parse_args(argv)
 
 
 def build_models(args, checkpoint):
-    """Fresh G and D (seeded), or the ones saved in the checkpoint being resumed."""
+    """Fresh G and D (seeded), or the ones saved in the checkpoint being resumed (G: the trained weights, not the
+    weight average that the checkpoint's "generator" holds when there is one)."""
     if checkpoint is not None:
-        return build_generator(checkpoint), build_discriminator(checkpoint)
+        G = build_generator(checkpoint)
+        if "generator_live" in checkpoint:
+            G.load_state_dict(checkpoint["generator_live"])
+        return G, build_discriminator(checkpoint)
     return Generator(nz=args.nz, channels=args.g_channels, bits=32), Discriminator(channels=args.d_channels)
 
 
@@ -67,8 +73,9 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
     if run.checkpoint is None:
         record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
     warn_if_not_private(ledger)
+    recipe = Recipe(RecipeConfig.from_args(args), G, args.seed)
     return NonPrivateStep(G, D, optimizers, EpochBatches(split, args.batch_size, args.seed), args.epochs, ledger,
-                          args.seed, device)
+                          args.seed, device, recipe)
 
 
 def main(args):
@@ -86,7 +93,7 @@ def main(args):
     set_seed(args.seed)
     step = make_step(args, run, split, ledger, plan, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()
-    save_training_figures(run.run_dir, step.generator, "DP teacher" if args.dp else "teacher losses", device,
+    save_training_figures(run.run_dir, step.sampling_generator(), "DP teacher" if args.dp else "teacher losses", device,
                           private=args.dp)
     return run.finish(f"{steps} {'DP discriminator ' if args.dp else ''}steps")
 
