@@ -29,6 +29,7 @@ from utils.deploy import write_device_artifacts
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
+from utils.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.privacy import inherit, is_private, warn_if_not_private
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="D steps between checkpoints (also at every epoch end)")
     add_dp_args(parser, default_target_epsilon=10.0)
+    add_recipe_args(parser, ema_decay=0.0, d_steps=False, losses=False)
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)
@@ -81,6 +83,8 @@ def build_models(source: dict, device):
     """The generator (compact widths and bits) and discriminator of a compact or private checkpoint; a fresh
     discriminator (seeded) when the checkpoint has none."""
     G = build_generator(source)
+    if "generator_live" in source:  # a resumed run with a weight average: train on from the trained weights
+        G.load_state_dict(source["generator_live"])
     if "discriminator" in source:
         D = build_discriminator(source)
     else:
@@ -130,10 +134,11 @@ def main(args):
     G, D = build_models(source, device)
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
-    step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run)
+    recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step), G, args.seed)
+    step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe)
     parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
     steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
-    card = write_outputs(run, G, config, device)
+    card = write_outputs(run, step.sampling_generator(), config, device)
     return run.finish(f"{steps} D steps; {card['privacy']['statement']}")
 
 

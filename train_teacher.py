@@ -45,7 +45,8 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
-    add_recipe_args(parser, ema_decay=TEACHER_EMA_DECAY, d_steps=False)
+    add_recipe_args(parser, ema_decay=None, d_steps=False,
+                    ema_help=f" (default: {TEACHER_EMA_DECAY} without --dp, measured; none with --dp, not measured)")
     add_common_args(parser)
     add_resume_arg(parser)
     return parser.parse_args(argv)
@@ -68,12 +69,14 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
     train = TrainConfig.from_args(args)
+    config = DPConfig.from_args(args)
     if args.dp:
-        return DPStep(G, D, optimizers, split, ledger, plan, DPConfig.from_args(args), train, run)
+        recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step, ema_decay=0.0), G, args.seed)
+        return DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe)
     if run.checkpoint is None:
         record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
     warn_if_not_private(ledger)
-    recipe = Recipe(RecipeConfig.from_args(args), G, args.seed)
+    recipe = Recipe(RecipeConfig.from_args(args, ema_decay=TEACHER_EMA_DECAY), G, args.seed)
     return NonPrivateStep(G, D, optimizers, EpochBatches(split, args.batch_size, args.seed), args.epochs, ledger,
                           args.seed, device, recipe)
 
@@ -81,6 +84,9 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
 def main(args):
     if args.dp and args.split != "private":
         raise UserError("--dp trains the teacher on the private split under DP-SGD: add --split private")
+    if args.dp and (args.loss != "non-saturating" or args.augment != "none"):
+        raise UserError("--loss and --augment apply to non-private training only; the DP discriminator step keeps "
+                        "the non-saturating loss without augmentation")
     if maybe_dry_run(args):
         return None
     device = resolve_device(args.device)

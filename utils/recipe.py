@@ -33,25 +33,30 @@ class RecipeConfig:
 
     @classmethod
     def from_args(cls, args, **defaults):
-        """From a parsed command line, or from a resumed run's saved args (which may predate these options)."""
+        """From a parsed command line, or from a resumed run's saved args (which may predate these options); an
+        option that is absent or None takes `defaults`, else the class default."""
         values = {**vars(cls()), **defaults}
-        values = {key: getattr(args, key, value) for key, value in values.items()}
+        values = {key: value if getattr(args, key, None) is None else getattr(args, key)
+                  for key, value in values.items()}
         values["augment"] = parse_policy(values["augment"]) if isinstance(values["augment"], str) \
             else tuple(values["augment"])
         return cls(**values)
 
 
-def add_recipe_args(parser, ema_decay: float = 0.0, d_steps: bool = True):
-    """--loss, --augment, --ema-decay, --adaptive-d-steps, and --d-steps unless the stage has its own flag (the DP
-    stages' --d-steps-per-g-step)."""
+def add_recipe_args(parser, ema_decay=0.0, d_steps: bool = True, losses: bool = True, ema_help: str = ""):
+    """--ema-decay, --adaptive-d-steps; --loss and --augment unless `losses` is False (the DP-only stage, whose
+    private discriminator step keeps its loss); --d-steps unless the stage has its own flag (the DP stages'
+    --d-steps-per-g-step)."""
     group = parser.add_argument_group("recipe")
-    group.add_argument("--loss", choices=sorted(GAN_LOSSES), default="non-saturating", help="GAN loss")
-    group.add_argument("--augment", type=_policy, default="none",
-                       help="DiffAugment policy for every image D sees, real and fake: none, translation, cutout "
-                            "or a comma-separated list")
+    if losses:
+        group.add_argument("--loss", choices=sorted(GAN_LOSSES), default="non-saturating",
+                           help="GAN loss (non-private training only)")
+        group.add_argument("--augment", type=_policy, default="none",
+                           help="DiffAugment policy for every image D sees, real and fake: none, translation, "
+                                "cutout or a comma-separated list (non-private training only)")
     group.add_argument("--ema-decay", type=_decay, default=ema_decay,
                        help="generator weight average, decay min(this, (1+t)/(10+t)) at step t; it is what the "
-                            "checkpoint's generator holds; 0: none")
+                            f"checkpoint's generator holds; 0: none{ema_help}")
     if d_steps:
         group.add_argument("--d-steps", type=int, choices=LADDER, default=1,
                            help="discriminator steps per generator step")
