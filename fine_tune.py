@@ -59,7 +59,7 @@ def parse_args(argv=None):
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="D steps between checkpoints (also at every epoch end)")
     add_dp_args(parser, default_target_epsilon=10.0)
-    add_recipe_args(parser, ema_decay=0.0, d_steps=False, losses=False)
+    add_recipe_args(parser, losses=False)
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
-    add_recipe_args(parser, ema_decay=None, d_steps=False,
+    add_recipe_args(parser, ema_decay=None,
                     ema_help=f" (default: {TEACHER_EMA_DECAY} without --dp, measured; none with --dp, not measured)")
     add_common_args(parser)
     add_resume_arg(parser)

@@ -43,10 +43,10 @@ class RecipeConfig:
         return cls(**values)
 
 
-def add_recipe_args(parser, ema_decay=0.0, d_steps: bool = True, losses: bool = True, ema_help: str = ""):
-    """--ema-decay, --adaptive-d-steps; --loss and --augment unless `losses` is False (the DP-only stage, whose
-    private discriminator step keeps its loss); --d-steps unless the stage has its own flag (the DP stages'
-    --d-steps-per-g-step)."""
+def add_recipe_args(parser, losses: bool = True, averaging: bool = True, ema_decay=0.0, ema_help: str = ""):
+    """--loss and --augment (unless `losses` is False: the DP-only stage, whose private discriminator step keeps
+    its loss); --ema-decay and --adaptive-d-steps (unless `averaging` is False: the student). The constant number
+    of D steps per G step is the stage's own: 1, or the DP stages' --d-steps-per-g-step."""
     group = parser.add_argument_group("recipe")
     if losses:
         group.add_argument("--loss", choices=sorted(GAN_LOSSES), default="non-saturating",
@@ -54,15 +54,13 @@ def add_recipe_args(parser, ema_decay=0.0, d_steps: bool = True, losses: bool = 
         group.add_argument("--augment", type=_policy, default="none",
                            help="DiffAugment policy for every image D sees, real and fake: none, translation, "
                                 "cutout or a comma-separated list (non-private training only)")
-    group.add_argument("--ema-decay", type=_decay, default=ema_decay,
-                       help="generator weight average, decay min(this, (1+t)/(10+t)) at step t; it is what the "
-                            f"checkpoint's generator holds; 0: none{ema_help}")
-    if d_steps:
-        group.add_argument("--d-steps", type=int, choices=LADDER, default=1,
-                           help="discriminator steps per generator step")
-    group.add_argument("--adaptive-d-steps", action="store_true",
-                       help=f"raise the D steps along {', '.join(map(str, LADDER))} when D's running accuracy on "
-                            "fakes drops to 0.6 (Bie et al. 2023)")
+    if averaging:
+        group.add_argument("--ema-decay", type=_decay, default=ema_decay,
+                           help="generator weight average, decay min(this, (1+t)/(10+t)) at step t; it is what "
+                                f"the checkpoint's generator holds; 0: none{ema_help}")
+        group.add_argument("--adaptive-d-steps", action="store_true",
+                           help=f"raise the D steps along {', '.join(map(str, LADDER))} when D's running accuracy "
+                                "on fakes drops to 0.6 (Bie et al. 2023)")
 
 
 def _policy(text: str) -> str:

@@ -6,7 +6,8 @@ After each optimiser step they are soft-thresholded, `g <- sign(g) * max(|g| - l
 gamma is exactly 0 is dead for good: `alive` is cleared, gamma and beta are pinned to 0 (so the channel outputs
 exactly 0 and compression can drop it without changing the function) and its optimiser state is zeroed.
 `SlimmingStep` is the student's step for `utils.trainer.Trainer`: the discriminator's real samples are the stored
-teacher images with their labels, and the student's loss is beta * distillation + non-saturating GAN loss.
+teacher images with their labels, and the student's loss is beta * distillation + GAN loss (non-saturating, or the
+recipe's `--loss`, with its `--augment` on teacher and student images alike).
 """
 from dataclasses import dataclass, fields
 
@@ -81,19 +82,23 @@ class SlimmingConfig:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1") -> dict:
+def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1",
+                  recipe=None) -> dict:
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
     step on the channel scales and the pinning of dead channels. `optimizers`: "d", "g" (Adam, the student's
     other weights) and "gamma" (SGD, the channel scales)."""
     z, labels, target = batch
     fake = G(z, labels)
     optimizers["d"].zero_grad(set_to_none=True)
-    discriminator_loss = d_loss(D(target, labels), D(fake.detach(), labels))  # teacher images are the real ones
+    if recipe is None:  # teacher images are the real ones
+        discriminator_loss = d_loss(D(target, labels), D(fake.detach(), labels))
+    else:  # the recipe's loss and augmentation (utils/recipe.py)
+        discriminator_loss = recipe.d_loss(D, target, labels, fake.detach(), labels)
     discriminator_loss.backward()
     optimizers["d"].step()
 
     distill = DISTILL_LOSSES[distill_loss](fake, target)
-    adversarial = g_loss(D(fake, labels))
+    adversarial = g_loss(D(fake, labels)) if recipe is None else recipe.g_loss(D, fake, labels)
     optimizers["g"].zero_grad(set_to_none=True)
     optimizers["gamma"].zero_grad(set_to_none=True)
     (beta * distill + adversarial).backward()
@@ -109,11 +114,12 @@ class SlimmingStep(TrainingStep):
     name = "student"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, config: SlimmingConfig,
-                 device):
+                 device, recipe=None):
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
         self.epoch_batches, self.ledger, self.config, self.device = batches, ledger, config, device
         self.steps_per_epoch = len(batches)
         self.planned_steps = epochs * len(batches)
+        self.recipe = recipe  # the GAN loss and augmentation of the adversarial part
 
     def batches(self, start: int, total: int):
         return batches_from(self.epoch_batches, start, total)
@@ -124,7 +130,7 @@ class SlimmingStep(TrainingStep):
     def optimize_parameters(self, batch, step: int) -> dict:
         c = self.config
         return slimming_step(self.generator, self.discriminator, self.optimizers,
-                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss)
+                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, self.recipe)
 
     def log_fields(self) -> dict:
         return {"active_channels": self.generator.active_channels()}
@@ -135,5 +141,10 @@ class SlimmingStep(TrainingStep):
     def rng_states(self) -> dict:
         return {"torch": torch.get_rng_state()}
 
+    def extra_state(self) -> dict:
+        return {} if self.recipe is None else {"recipe": self.recipe.state_dict()}
+
     def restore(self, checkpoint: dict):
         torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.recipe is not None and "recipe" in checkpoint:
+            self.recipe.load_state_dict(checkpoint["recipe"])
