@@ -8,6 +8,7 @@ real and fake alike, says when a generator step is due, updates the weight avera
 saves and restores their state. Its random draws (augmentations, the schedule's probe fakes) come from its own
 generator, so a run with every option off draws exactly what it drew before the recipe existed.
 """
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,6 @@ def add_recipe_args(parser, losses: bool = True, averaging: bool = True, ema_dec
 
 
 def _policy(text: str) -> str:
-    import argparse
     try:
         parse_policy(text)
     except ValueError as exc:
@@ -73,7 +73,6 @@ def _policy(text: str) -> str:
 
 
 def _decay(text: str) -> float:
-    import argparse
     try:
         value = float(text)
     except ValueError:
