@@ -6,10 +6,13 @@ inputs that the compact generator computes the same images as the student in eva
 written, if the largest difference exceeds 1e-5). Post-processing of the student: the privacy ledger is copied
 unchanged.
 
-Writes `<out>/compact/<NNNNN>-<desc>/`: checkpoint.pt (stage "compact"), generator_int.pt (integer weights:
-int8, or packed int4 for <= 4 bits, plus float scales; torch.load(weights_only=True)), generator.pt2 (a
-torch.export program that runs with torch alone), compression.json / compression.png (parameters, MACs, bytes,
-CPU latency and throughput of teacher, student and compact), samples.png (student vs compact). Runs on the CPU.
+Writes `<out>/compact/<NNNNN>-<desc>/`: checkpoint.pt (stage "compact"), generator.onnx (the on-device artifact:
+ONNX Runtime, integer weights inside, checked against the compact model; utils/runtime.py) with ort_runner.py (runs
+it with onnxruntime and numpy only), generator_int.pt (integer weights: int8, or packed int4 for <= 4 bits, plus
+float scales; torch.load(weights_only=True)), generator.pt2 (a float debugging export: torch.export, weights stored
+as floats), compression.json / compression.png (parameters, MACs, bytes, CPU latency at batch 1 and throughput at
+batch 256 of the teacher, student and compact model in eager torch and of generator.onnx in ONNX Runtime, ratios to
+the teacher, one process), samples.png (student vs compact). Runs on the CPU.
 """
 import copy
 import os
@@ -18,14 +21,14 @@ import torch
 
 from models import Generator
 from utils.checkpoint import build_generator, checkpoint_fields, input_run, latest_run, lineage, load_checkpoint
-from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, nonnegative_int, positive_int,
-                       resolve_device, run_script, set_seed, set_threads)
+from utils.cli import (UserError, add_common_args, add_input_arg, add_speed_args, make_parser, positive_int,
+                       resolve_device, run_script, set_seed, set_threads, speed_settings)
 from utils.compress import MAX_ABS_DIFF, compress, max_abs_difference, summary
-from utils.deploy import (ARTIFACT_NAME, add_ratios, cost_row, folded, format_table, state_dict_bytes,
-                          write_device_artifacts)
+from utils.deploy import ARTIFACT_NAME, format_table, write_device_artifacts
 from utils.files import write_json
 from utils.plots import plot_cost_bars, side_by_side_samples
 from utils.privacy import describe, inherit, warn_if_not_private
+from utils.runtime import RUNTIME_NAME, shipped_cost_rows, shipped_summary
 from utils.training import Run, maybe_dry_run
 
 STAGE = "compact"
@@ -41,11 +44,7 @@ def parse_args(argv=None):
                   "<out>/student/latest")
     group.add_argument("--check-samples", type=positive_int, default=4096,
                        help="fixed (z, label) pairs on which compact must equal student")
-    group.add_argument("--latency-repeats", type=positive_int, default=50, help="timed batch-1 calls per model")
-    group.add_argument("--throughput-repeats", type=positive_int, default=10, help="timed big-batch calls per model")
-    group.add_argument("--throughput-batch", type=positive_int, default=256, help="batch size of the throughput test")
-    group.add_argument("--threads", type=nonnegative_int, default=0,
-                       help="CPU threads for the timings (0: torch's default)")
+    add_speed_args(parser)
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -90,15 +89,11 @@ def compress_checked(student, args):
 
 # ---------------------------------------------------------------- report
 
-def cost_report(args, teacher, student, compact, artifact_bytes: int) -> dict:
+def cost_report(args, models: dict, run_dir: str) -> dict:
+    """Cost rows, one process, ratios to the teacher in eager torch (`utils.runtime.shipped_cost_rows`)."""
     set_threads(args.threads)
-    speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
-             "throughput_batch": args.throughput_batch}
-    deployed = folded(compact)  # what generator.pt2 runs: weight quantisation folded in
-    rows = {"teacher": cost_row(teacher, state_dict_bytes(teacher), speed=speed),
-            "student": cost_row(student, state_dict_bytes(student), speed=speed),
-            "compact": cost_row(compact, artifact_bytes, run=deployed, speed=speed)}
-    return add_ratios(rows)
+    return shipped_cost_rows(models["teacher"], "compact", models["compact"], run_dir, speed_settings(args),
+                             others={"student": models["student"]})
 
 
 def make_checkpoint(args, student_checkpoint, compact, compression, teacher_dir) -> dict:
@@ -118,7 +113,7 @@ def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info,
     """The device artifacts, compression.json/png, samples.png and the metrics record; the compression entry."""
     teacher, student, compact = models["teacher"], models["student"], models["compact"]
     deploy = write_device_artifacts(run.run_dir, compact, args.seed)
-    rows = cost_report(args, teacher, student, compact, deploy["artifact_bytes"])
+    rows = cost_report(args, models, run.run_dir)
     compression = {**summary(student, compact), "max_abs_diff": diff, "check_samples": args.check_samples,
                    "tolerance": MAX_ABS_DIFF, **deploy}
     teacher_source, teacher_dir = teacher_info
@@ -126,8 +121,9 @@ def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info,
         "compression": compression, "teacher_source": teacher_source, "teacher_run": teacher_dir,
         "student_run": student_checkpoint["run_dir"], "cost": rows, "threads": torch.get_num_threads(),
         "throughput_batch": args.throughput_batch,
-        "bytes_meaning": {"teacher": "float32 generator state dict", "student": "fake-quant float state dict",
-                          "compact": ARTIFACT_NAME},
+        "bytes_meaning": {"teacher": "float32 generator state dict", "teacher (ONNX Runtime)": "float ONNX model",
+                          "student": "fake-quant float state dict", "compact (eager)": ARTIFACT_NAME,
+                          "compact (ONNX Runtime)": RUNTIME_NAME},
         "privacy": describe(student_checkpoint["privacy"], 1e-5)})
     plot_cost_bars(rows, run.path("compression.png"),
                    title=f"teacher vs student vs compact ({compact.bits}-bit, widths {list(compact.channels)})")
@@ -136,6 +132,7 @@ def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info,
     run.metrics.append(step=0, max_abs_diff=diff, widths=list(compact.channels),
                        artifact_bytes=deploy["artifact_bytes"])
     print(format_table(rows))
+    print(shipped_summary(rows, "compact", deploy))
     return compression
 
 

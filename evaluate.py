@@ -32,11 +32,11 @@ from dataclasses import asdict
 
 import torch
 
-from utils import deploy
+from utils import deploy, runtime
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
                        progress_bar, resolve_device, run_script, set_seed)
-from utils.data import add_data_args, load_split, to_unit_range
+from utils.data import add_data_args, check_data_fits, image_request, load_split, to_unit_range
 from utils.files import write_json, write_text
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
                            precision_recall, predict, protocol_accuracy, protocol_variant, reference_classifier)
@@ -152,11 +152,12 @@ def row_labels(runs) -> list:
             for c in runs]
 
 
-def load_data(args) -> dict:
-    """Real data as [-1, 1] tensors: the whole training set, the test set, and the audit's members/non-members."""
-    train = load_split(args.dataset, "all", args.data_root, args.public_size, args.partition_seed)
-    test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed)
-    private = load_split(args.dataset, "private", args.data_root, args.public_size, args.partition_seed)
+def load_data(args, built_for: dict) -> dict:
+    """Real data as [-1, 1] tensors, read at the shape the generators were built for (`built_for`: their
+    model_args): the whole training set, the test set, and the audit's members/non-members."""
+    request = image_request(args, built_for)
+    train, test, private = (load_split(args.dataset, split, args.data_root, args.public_size, args.partition_seed,
+                                       request) for split in ("all", "test", "private"))
     count = min(args.audit_members, len(private), len(test))
     rng = torch.Generator().manual_seed(args.seed + 1)
     members = torch.randperm(len(private), generator=rng)[:count]
@@ -168,11 +169,13 @@ def load_data(args) -> dict:
 # ---------------------------------------------------------------- per-generator measurements
 
 @torch.no_grad()
-def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500) -> tuple:
-    """n samples of G (eval mode) with class-balanced labels; the same z and labels for every generator."""
+def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500, run=None) -> tuple:
+    """n samples of G (eval mode; or of `run`, e.g. its runtime artifact) with class-balanced labels; the same z
+    and labels for every generator."""
     z, labels = G.sample_inputs(n, generator=torch.Generator().manual_seed(seed))
     G.eval()
-    images = [G(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
+    run = run or G
+    images = [run(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
               for i in progress_bar(range(0, n, batch_size), desc=f"generate {desc}", leave=False)]
     return torch.cat(images), labels
 
@@ -196,7 +199,12 @@ def device_cost(G, run_dir: str, args) -> dict:
     else:
         size, source, run = deploy.state_dict_bytes(model), "state dict", None
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats}
-    return {**deploy.cost_row(model, size, run=run, speed=speed), "bytes_source": source}
+    row = {**deploy.cost_row(model, size, run=run, speed=speed), "bytes_source": source}
+    shipped = os.path.join(run_dir, runtime.RUNTIME_NAME)
+    if os.path.isfile(shipped):  # what ships: generator.onnx in ONNX Runtime
+        row["runtime"] = {key: value for key, value in runtime.runtime_cost_row(model, shipped, speed).items()
+                          if key in ("bytes", "latency_ms", "images_per_s")}
+    return row
 
 
 def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
@@ -207,25 +215,44 @@ def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
 
 
 def quality(G, checkpoint, context, args, device, timings) -> dict:
-    """FD, precision/recall, downstream accuracy and the membership audit, from one pool of generated samples."""
-    protocol = context["protocol"]
-    size = max(args.num_fd_samples, protocol.num_samples, args.audit_samples)
+    """FD, precision/recall, downstream accuracy and the membership audit, all from one pool of generated
+    samples; where the run has a runtime artifact, FD, precision/recall and downstream accuracy of the artifact's
+    own samples too (same z and labels)."""
+    size = max(args.num_fd_samples, context["protocol"].num_samples, args.audit_samples)
     start = time.time()
     images, labels = generated_pool(G, size, args.seed, device, checkpoint["label"])
     timings["generate_s"], start = time.time() - start, time.time()
+    result = sample_quality(images, labels, context, args, device, checkpoint["label"], timings)
+    start = time.time()
+    result["mia_auc"] = audit(images[:args.audit_samples], labels[:args.audit_samples], context["data"],
+                              args.audit_same_label)
+    timings["audit_s"] = time.time() - start
+    path = os.path.join(checkpoint["run_dir"], runtime.RUNTIME_NAME)
+    if os.path.isfile(path):
+        shipped, _ = generated_pool(G, size, args.seed, device, f"{checkpoint['label']} ({runtime.RUNTIME_NAME})",
+                                    run=runtime.runtime_forward(path))
+        own = sample_quality(shipped, labels, context, args, device, f"{checkpoint['label']} runtime", {})
+        result.update(fd_runtime=own["fd"], downstream_accuracy_runtime=own["downstream_accuracy"],
+                      runtime_pool_max_abs_diff=(shipped - images).abs().max().item())
+    return result
+
+
+def sample_quality(images, labels, context, args, device, desc: str, timings: dict) -> dict:
+    """FD and precision/recall of the first --num-fd-samples of `images`, and their downstream accuracy under
+    the run's protocol (its first `num_samples`, the tail held out)."""
+    start = time.time()
     features = predict(context["reference"], images[:args.num_fd_samples], features=True)
     fd = frechet_distance(*feature_statistics(features.numpy()), *context["test_stats"])
     coverage = precision_recall(context["test_features"][:len(features)], features)
     timings["fd_pr_s"], start = time.time() - start, time.time()
+    protocol = context["protocol"]
     n = protocol.num_samples
     downstream = protocol_accuracy(images[:n], labels[:n], *context["data"]["test"], protocol, device,
-                                   desc=f"downstream {checkpoint['label']}")
-    timings["downstream_s"], start = time.time() - start, time.time()
-    auc = audit(images[:args.audit_samples], labels[:args.audit_samples], context["data"], args.audit_same_label)
-    timings["audit_s"] = time.time() - start
+                                   desc=f"downstream {desc}")
+    timings["downstream_s"] = time.time() - start
     return {"fd": fd, "precision": coverage["precision"], "recall": coverage["recall"],
             "downstream_accuracy": downstream["test_accuracy"], "downstream_epoch": downstream["epoch"],
-            "downstream_holdout_accuracy": downstream["holdout_accuracy"], "mia_auc": auc}
+            "downstream_holdout_accuracy": downstream["holdout_accuracy"]}
 
 
 def audit(generated, generated_labels, data: dict, same_label: bool) -> float:
@@ -320,10 +347,39 @@ def table_row(row) -> list:
             f"{row['mia_auc']:.3f}"]
 
 
+SHIPPED_COLUMNS = ("stage", "run", "generator.onnx bytes", "bytes ×T", "latency ms (b=1)", "latency ×T",
+                   "img/s (b=256)", "img/s ×T", "FD ↓ (its samples)", "downstream acc ↑ (its samples)",
+                   "max |runtime - model|")
+
+
+def shipped_table(rows) -> list:
+    """The runs that have an on-device artifact: its cost in ONNX Runtime and the quality of its own samples."""
+    shipped = [row for row in rows if "runtime" in row]
+    if not shipped:
+        return []
+    lines = ["", "What ships: generator.onnx run by ONNX Runtime (utils/runtime.py), timed in this process; quality "
+             "of the artifact's own samples (same z and labels as above).", "",
+             "| " + " | ".join(SHIPPED_COLUMNS) + " |", "|" + "---|" * len(SHIPPED_COLUMNS)]
+    for row in shipped:
+        r, ratios = row["runtime"], row["runtime"].get("vs_teacher") or {}
+        cells = [row["label"], row["run"], human(r["bytes"], "B"), _ratio(ratios, "bytes"), f"{r['latency_ms']:.3f}",
+                 _ratio(ratios, "latency_ms"), f"{r['images_per_s']:.0f}", _ratio(ratios, "images_per_s"),
+                 f"{row['fd_runtime']:.2f}" if "fd_runtime" in row else "-",
+                 f"{100 * row['downstream_accuracy_runtime']:.1f}%" if "downstream_accuracy_runtime" in row else "-",
+                 f"{row['runtime_pool_max_abs_diff']:.2g}" if "runtime_pool_max_abs_diff" in row else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ratio(ratios: dict, key: str) -> str:
+    return f"{ratios[key]:.3g}" if key in ratios else "-"
+
+
 def results_markdown(rows, reference: dict, baseline_run, args) -> str:
     protocol = downstream_protocol(args)
     lines = ["| " + " | ".join(table_columns(protocol)) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
+    lines += shipped_table(rows)
     members = rows[0]["audit"]["members"] if rows else 0
     lines += ["",
               f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
@@ -374,9 +430,10 @@ def load_inputs(args) -> tuple:
     """(generator checkpoints, real data), checked against delta and the partition: every refusal comes here,
     before anything is written."""
     runs = load_runs(run_paths(args))
-    data = load_data(args)
+    data = load_data(args, runs[0]["model_args"]["generator"])
     check_delta(args.delta, len(data["private"]))
     for checkpoint in runs:
+        check_data_fits(data["private"], checkpoint["model_args"]["generator"])
         check_same_partition(checkpoint["privacy"], data["private"])
     return runs, data
 
@@ -392,6 +449,7 @@ def main(args):
     rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
     baseline, baseline_run = teacher_cost(rows, runs, args)
     deploy.add_ratios({row["label"]: row for row in rows}, baseline=baseline)
+    deploy.add_ratios({row["label"]: row["runtime"] for row in rows if "runtime" in row}, baseline=baseline)
     table = write_reports(run, rows, runs, context["reference_info"], baseline_run, args, device)
     run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs]})
     print(table)

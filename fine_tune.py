@@ -13,24 +13,31 @@ own mechanism calibrated to --target-epsilon alone, and says plainly (here and i
 carries no DP guarantee.
 
 Writes <out>/private/<NNNNN>-<desc>/: checkpoint.pt (stage "private"), metrics.jsonl (losses; epsilon every
-epoch), samples.png, loss.png, epsilon.png, the device artifact in stage 4's format (generator_int.pt,
-generator.pt2), MODEL_CARD.md and model_card.json.
+epoch), samples.png, loss.png, epsilon.png, the device artifacts in stage 4's format (generator.onnx, what a
+device runs in ONNX Runtime, with ort_runner.py; generator_int.pt; generator.pt2, a float debugging export),
+cost.json (bytes, latency at batch 1 and throughput at batch 256 of generator.onnx in ONNX Runtime and of the
+model in eager torch, ratios to the teacher of its lineage measured in the same process), MODEL_CARD.md and
+model_card.json.
 """
+import copy
+import os
 import sys
 
 import torch
 
 from models import Discriminator
-from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, load_checkpoint
-from utils.cli import (add_common_args, add_input_arg, add_resume_arg, make_parser, positive_float, positive_int,
-                       resolve_device, run_script, set_seed)
-from utils.data import add_data_args, load_split
-from utils.deploy import write_device_artifacts
+from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
+from utils.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
+                       positive_int, resolve_device, run_script, set_seed, set_threads, speed_settings)
+from utils.data import add_data_args, check_data_fits, image_request, load_split
+from utils.deploy import format_table, write_device_artifacts
+from utils.files import write_json
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
 from utils.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.privacy import inherit, is_private, warn_if_not_private
+from utils.runtime import shipped_cost_rows, shipped_summary
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
@@ -60,6 +67,7 @@ def parse_args(argv=None):
                        help="D steps between checkpoints (also at every epoch end)")
     add_dp_args(parser, default_target_epsilon=10.0)
     add_recipe_args(parser, losses=False)
+    add_speed_args(parser)
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)
@@ -88,7 +96,7 @@ def build_models(source: dict, device):
     if "discriminator" in source:
         D = build_discriminator(source)
     else:
-        D = Discriminator(**source["model_args"].get("discriminator", {"num_classes": G.num_classes}))
+        D = Discriminator(**source["model_args"].get("discriminator", model_shape_of(G)))
     return G.to(device).train(), D.to(device).train()
 
 
@@ -108,14 +116,50 @@ def describe_run(config: DPConfig, dataset: str) -> str:
     return f"{dataset}-{budget}-{config.accountant}"
 
 
-def write_outputs(run: Run, G, config: DPConfig, device) -> dict:
-    """Figures, the device artifact in stage 4's format, and the model card."""
+def write_outputs(run: Run, G, config: DPConfig, device, args) -> dict:
+    """Figures, the device artifacts with their cost report, and the model card."""
     save_training_figures(run.run_dir, G, "DP fine-tuning", device, private=True)
     artifacts = write_device_artifacts(run.run_dir, G)
-    card = build_card(checkpoint=load_checkpoint(run.run_dir, STAGE), generator=G, delta=config.delta,
-                      accountant=config.accountant, artifacts=artifacts)
+    checkpoint = load_checkpoint(run.run_dir, STAGE)
+    if artifacts:
+        artifacts["cost"] = cost_report(run.run_dir, G, checkpoint, args, artifacts)
+    card = build_card(checkpoint=checkpoint, generator=G, delta=config.delta, accountant=config.accountant,
+                      artifacts=artifacts)
     write_model_card(run.run_dir, card)
     return card
+
+
+def cost_report(run_dir: str, G, checkpoint: dict, args, artifacts: dict):
+    """Cost of the fine-tuned generator in eager torch and of its generator.onnx in ONNX Runtime against the
+    teacher of its lineage, one process (None, said on stdout, when no teacher run is found)."""
+    teacher_dir = lineage(checkpoint)["teacher"]
+    if teacher_dir is None:
+        print("cost report: no teacher run in this model's lineage, so no ratios")
+        return None
+    set_threads(args.threads)
+    teacher = build_generator(load_checkpoint(teacher_dir, "teacher")).eval()
+    model = copy.deepcopy(G).cpu().eval()
+    rows = shipped_cost_rows(teacher, "private", model, run_dir, speed_settings(args))
+    write_json(os.path.join(run_dir, "cost.json"), {"teacher_run": teacher_dir, "cost": rows,
+                                                    "threads": torch.get_num_threads(),
+                                                    "throughput_batch": args.throughput_batch})
+    print(format_table(rows))
+    print(shipped_summary(rows, "private", artifacts))
+    return rows
+
+
+def model_shape_of(G) -> dict:
+    """The shape arguments of a discriminator for the data G was built for."""
+    return {key: G.model_args()[key] for key in ("num_classes", "image_channels", "image_size")}
+
+
+def load_data(args, source: dict):
+    """The private split, read at the shape the generator of `source` was built for, and checked against it."""
+    built_for = source["model_args"]["generator"]
+    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed,
+                       image_request(args, built_for))
+    check_data_fits(split, built_for)
+    return split
 
 
 def main(args):
@@ -124,7 +168,7 @@ def main(args):
     device = resolve_device(args.device)
     args, checkpoint = resume_args(args, STAGE)
     source = load_source(args, checkpoint)
-    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
+    split = load_data(args, source)
     config, train = DPConfig.from_args(args), TrainConfig.from_args(args)
     ledger = source["privacy"] if checkpoint is not None else inherit(source["privacy"])
     plan = plan_for(checkpoint, config, train, split, ledger)  # checks delta, partition and budget
@@ -138,7 +182,7 @@ def main(args):
     step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe)
     parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
     steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
-    card = write_outputs(run, step.sampling_generator(), config, device)
+    card = write_outputs(run, step.sampling_generator(), config, device, args)
     return run.finish(f"{steps} D steps; {card['privacy']['statement']}")
 
 

@@ -4,14 +4,15 @@ Student loss: beta * distill(student(z, y), teacher image) + non-saturating GAN 
 samples are the stored teacher images with their labels, never the dataset, so this stage reads only generator
 outputs: its privacy ledger is the distillation set's, unchanged (docs/DESIGN.md, "Privacy"). As in the GAN Slimming
 release, the channel scales (BatchNorm gammas of the prunable blocks) have their own SGD optimiser and are
-soft-thresholded by lr * rho after every step; a channel whose scale reaches 0 is dead for good. All other
-student weights and the discriminator use Adam.
+soft-thresholded by lr * rho after every step (`--penalty cost`: lr * rho times the channel's share of the
+parameters and MACs, mean 1); a channel whose scale reaches 0 is dead for good. All other student weights and the
+discriminator use Adam.
 """
 import os
 
 import torch
 
-from models import PRUNABLE_LAYERS, QUANT_BITS, Discriminator, Generator
+from models import QUANT_BITS, Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
 from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, make_parser, nonnegative_float,
                        positive_float, positive_int, quant_bits, resolve_device, run_script, set_seed)
@@ -22,7 +23,7 @@ from utils.gan import generate
 from utils.plots import plot_curves, plot_losses, side_by_side_samples
 from utils.privacy import inherit, warn_if_not_private
 from utils.recipe import Recipe, RecipeConfig, add_recipe_args
-from utils.slimming import DISTILL_LOSSES, SlimmingConfig, SlimmingStep, gamma_parameters, other_parameters
+from utils.slimming import DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, gamma_parameters, other_parameters
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     group.add_argument("--rho", type=nonnegative_float, default=0.01, help="L1 weight on the channel scales")
     group.add_argument("--beta", type=nonnegative_float, default=20.0, help="distillation weight over the GAN loss")
     group.add_argument("--distill-loss", choices=sorted(DISTILL_LOSSES), default="l1")
+    group.add_argument("--penalty", choices=PENALTIES, default="uniform",
+                       help="L1 weight per channel: uniform (GAN Slimming), or cost: by the parameters and MACs "
+                            "the channel carries")
     group.add_argument("--lr-g", type=positive_float, default=2e-4, help="Adam lr of the student's other weights")
     group.add_argument("--lr-gamma", type=positive_float, default=0.1, help="SGD lr of the channel scales")
     group.add_argument("--gamma-momentum", type=nonnegative_float, default=0.5, help="SGD momentum of the scales")
@@ -149,11 +153,12 @@ def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
     side_by_side_samples({"teacher (float)": teacher, f"student ({G.bits}-bit, {sum(active)}/{sum(total)} "
                           f"channels)": G}, os.path.join(run_dir, "samples.png"), "same z and labels", device)
     plot_losses(run_dir, ["d_loss", "g_loss", "distill_loss"], "student losses")
-    layers = [{"step": r["step"], **dict(zip(PRUNABLE_LAYERS, r["active_channels"]))}
+    layers = [{"step": r["step"], **dict(zip(G.prunable_layers, r["active_channels"]))}
               for r in read_metrics(run_dir) if "active_channels" in r]
-    plot_curves(layers, PRUNABLE_LAYERS, os.path.join(run_dir, "sparsity.png"), "live channels per layer",
+    plot_curves(layers, G.prunable_layers, os.path.join(run_dir, "sparsity.png"), "live channels per layer",
                 ylabel="active channels")
-    summary = {"active_channels": dict(zip(PRUNABLE_LAYERS, active)), "channels": dict(zip(PRUNABLE_LAYERS, total)),
+    summary = {"active_channels": dict(zip(G.prunable_layers, active)),
+               "channels": dict(zip(G.prunable_layers, total)),
                "bits": G.bits, f"eval_{args.distill_loss}_distill_loss": eval_distill_loss(G, distill, args, device)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
@@ -178,7 +183,8 @@ def main(args):
     device = resolve_device(args.device)
     args, checkpoint = resume_args(args, STAGE)
     distill, teacher_checkpoint = inputs or load_inputs(args)
-    run = Run.open(args, STAGE, f"b{args.quant_bits}-rho{args.rho:g}", checkpoint)
+    penalty = "-cost" if getattr(args, "penalty", "uniform") == "cost" else ""
+    run = Run.open(args, STAGE, f"b{args.quant_bits}-rho{args.rho:g}{penalty}", checkpoint)
     set_seed(args.seed)
     step = make_step(args, run, distill, teacher_checkpoint, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, parent=args.distill_dir,

@@ -13,7 +13,7 @@ from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, data_fields
 from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
                        resolve_device, run_script, set_seed)
-from utils.data import EpochBatches, add_data_args, load_split
+from utils.data import EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
@@ -35,9 +35,12 @@ def parse_args(argv=None):
     group.add_argument("--batch-size", type=positive_int, default=128)
     group.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate of G and D")
     group.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    group.add_argument("--g-channels", type=positive_int, nargs=3, default=[256, 128, 64],
-                       help="generator widths of the 7x7, 14x14 and 28x28 blocks")
-    group.add_argument("--d-channels", type=positive_int, nargs=2, default=[64, 128], help="discriminator widths")
+    group.add_argument("--g-channels", type=positive_int, nargs="+", default=None,
+                       help="generator widths, one per block; default for 28 px: 256 128 64 (7, 14, 28), 32 px: "
+                            "512 256 128 64 (4, 8, 16, 32), 64 px: 512 256 128 64 32 (4, 8, 16, 32, 64)")
+    group.add_argument("--d-channels", type=positive_int, nargs="+", default=None,
+                       help="discriminator widths, one per strided conv; default for 28 px: 64 128, 32 px: "
+                            "64 128 256, 64 px: 32 64 128 256")
     group.add_argument("--nz", type=positive_int, default=100, help="latent dimension")
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
@@ -52,20 +55,37 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_models(args, checkpoint):
-    """Fresh G and D (seeded), or the ones saved in the checkpoint being resumed (G: the trained weights, not the
-    weight average that the checkpoint's "generator" holds when there is one)."""
+def build_models(args, checkpoint, split):
+    """Fresh G and D (seeded) for the data's size, colour and classes, or the ones of the run being resumed (G:
+    the trained weights, not the weight average that the checkpoint's "generator" holds when there is one)."""
     if checkpoint is not None:
         G = build_generator(checkpoint)
         if "generator_live" in checkpoint:
             G.load_state_dict(checkpoint["generator_live"])
         return G, build_discriminator(checkpoint)
-    return Generator(nz=args.nz, channels=args.g_channels, bits=32), Discriminator(channels=args.d_channels)
+    try:
+        return (Generator(nz=args.nz, channels=args.g_channels, bits=32, **model_shape(split)),
+                Discriminator(channels=args.d_channels, **model_shape(split)))
+    except ValueError as exc:
+        raise UserError(f"--g-channels/--d-channels: {exc}") from exc
+
+
+def load_data(args, checkpoint):
+    """The training split, read at the shape of the run being resumed (and checked against it), else as asked;
+    widths that do not fit the data are refused here, before a run directory exists."""
+    built_for = checkpoint["model_args"]["generator"] if checkpoint is not None else None
+    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed,
+                       image_request(args, built_for))
+    if checkpoint is not None:
+        check_data_fits(split, built_for)
+    else:
+        build_models(args, None, split)
+    return split
 
 
 def make_step(args, run: Run, split, ledger: dict, plan, device):
     """The non-private step, or with --dp the DP step (the ledger records the mechanism, not a data read)."""
-    G, D = (model.to(device) for model in build_models(args, run.checkpoint))
+    G, D = (model.to(device) for model in build_models(args, run.checkpoint, split))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
     train = TrainConfig.from_args(args)
@@ -91,7 +111,7 @@ def main(args):
         return None
     device = resolve_device(args.device)
     args, checkpoint = resume_args(args, STAGE)
-    split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed)
+    split = load_data(args, checkpoint)
     ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
     plan = plan_for(checkpoint, DPConfig.from_args(args), TrainConfig.from_args(args), split, ledger) \
         if args.dp else None

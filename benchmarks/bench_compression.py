@@ -1,15 +1,24 @@
 """Benchmark: the compact generator against the float teacher, measured in one run on one machine.
 
-Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and the bytes of the integer artifact
-against the teacher generator's float32 state dict. Either for a compact run of the pipeline (default: the latest
+Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and bytes on disk, of what ships: the
+on-device artifact `generator.onnx` run by ONNX Runtime (utils/runtime.py), beside the compact model in eager
+torch (bytes: the integer artifact `generator_int.pt`) and `generator.pt2` (a float debugging export: its weights
+are stored as floats), against the teacher generator in eager torch (float32 state dict) and in ONNX Runtime. Either for a compact run of the pipeline (default: the latest
 under --out; its teacher comes from the run's lineage, or a float Generator of --teacher-widths stands in), or for
 a synthetic compact model of the given widths (--synthetic-widths: random weights, no pipeline run needed; cost
 does not depend on the weights) to see which widths meet the goals:
 
-    artifact bytes <= 1/20 of the teacher's float bytes, throughput >= 4x the teacher's.
+    runtime artifact bytes <= 1/20 of the teacher's float bytes, throughput >= 4x the teacher's (eager torch).
 
 Prints a table and writes JSON to benchmarks/results/ (git-ignored).
+
+`--sweep` trades cost against quality: from one teacher and one distillation set it trains and compresses a student
+for every rho x bits x penalty (uniform or cost-weighted L1) point, evaluates the samples (FD, downstream accuracy:
+evaluate.py), times every point's generator.onnx beside the teacher in this process, and writes the Pareto table
+(.md), plot (.png) and data (.json) to benchmarks/results/sweep-<time>.*. Hours at the default settings.
 """
+import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -26,11 +35,12 @@ import torch  # noqa: E402
 from models import QUANT_BITS, Generator  # noqa: E402
 from utils.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
 from utils.files import write_json  # noqa: E402
-from utils.cli import (UserError, add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
-                       run_script, set_seed, set_threads)
+from utils.cli import (UserError, add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
+                       positive_int, quant_bits, run_script, set_seed, set_threads)
 from utils.cost import measure_speed  # noqa: E402
 from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
                           format_table, load_program, save_artifact, state_dict_bytes)
+from utils.runtime import RUNTIME_NAME, runtime_forward, save_runtime_artifact  # noqa: E402
 from utils.training import maybe_dry_run  # noqa: E402
 
 BYTES_GOAL = 1 / 20  # artifact bytes / teacher float bytes
@@ -56,8 +66,29 @@ def parse_args(argv=None):
     group.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default)")
     group.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     group.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    add_sweep_args(parser)
     add_common_args(parser)
     return parser.parse_args(argv)
+
+
+def add_sweep_args(parser):
+    group = parser.add_argument_group("sweep (--sweep: train, compress, evaluate and time every point; hours)")
+    group.add_argument("--sweep", action="store_true", help="run the rho x bits x penalty sweep")
+    group.add_argument("--teacher-dir", default=None, help="the sweep's teacher (None: <out>/teacher/latest)")
+    group.add_argument("--distill-dir", default=None, help="its distillation set (None: <out>/distill/latest)")
+    group.add_argument("--rhos", type=nonnegative_float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    group.add_argument("--sweep-bits", type=quant_bits, nargs="+", default=[8, 4])
+    group.add_argument("--penalties", choices=PENALTIES, nargs="+", default=list(PENALTIES))
+    group.add_argument("--student-steps", type=positive_int, default=300, help="student steps per point")
+    group.add_argument("--student-batch-size", type=positive_int, default=64)
+    group.add_argument("--num-fd-samples", type=positive_int, default=2000)
+    group.add_argument("--num-downstream-samples", type=positive_int, default=10000)
+    group.add_argument("--classifier-epochs", type=positive_int, default=1)
+    group.add_argument("--data-root", default=None, help="passed to evaluate.py (None: its default)")
+    group.add_argument("--public-size", type=positive_int, default=None, help="passed to evaluate.py")
+    group.add_argument("--audit-samples", type=positive_int, default=None, help="passed to evaluate.py")
+    group.add_argument("--audit-members", type=positive_int, default=None, help="passed to evaluate.py")
+    group.add_argument("--sweep-out", default=None, help="root of the sweep's runs (None: <out>/sweep)")
 
 
 def synthetic_models(args):
@@ -84,9 +115,11 @@ def run_models(args):
 
 
 def deploy_files(compact, run_dir, scratch):
-    """Paths of the integer artifact and exported program: the run's own, or written to `scratch`."""
+    """Paths of the integer artifact, exported program and runtime artifact: the run's own, or written to
+    `scratch` (also the teacher's runtime artifact, for the same-runtime comparison)."""
     paths = {}
-    for name, write in ((ARTIFACT_NAME, save_artifact), (PROGRAM_NAME, export_program)):
+    for name, write in ((ARTIFACT_NAME, save_artifact), (PROGRAM_NAME, export_program),
+                        (RUNTIME_NAME, save_runtime_artifact)):
         path = os.path.join(run_dir, name) if run_dir else None
         if path is None or not os.path.isfile(path):
             path = os.path.join(scratch, name)
@@ -95,13 +128,30 @@ def deploy_files(compact, run_dir, scratch):
     return paths
 
 
+def teacher_runtime_file(teacher, scratch) -> str:
+    path = os.path.join(scratch, "teacher.onnx")
+    save_runtime_artifact(teacher, path)
+    return path
+
+
 def measure(args, compact, teacher, paths) -> dict:
-    """Cost rows; the timings are medians over `--rounds` rounds that each time every model in turn, so that a
-    change of machine load during the run hits all models alike."""
-    artifact_bytes = os.path.getsize(paths[ARTIFACT_NAME])
+    """Cost rows of the teacher and the compact model in every form (see `time_runs`)."""
+    threads = torch.get_num_threads()
     runs = {"teacher": (teacher, teacher, state_dict_bytes(teacher)),
-            "compact (pt2)": (compact, load_program(paths[PROGRAM_NAME]), artifact_bytes),
-            "compact (eager)": (compact, folded(compact), artifact_bytes)}
+            "teacher (ONNX Runtime)": (teacher, runtime_forward(paths["teacher"], threads),
+                                       os.path.getsize(paths["teacher"])),
+            "compact (ONNX Runtime)": (compact, runtime_forward(paths[RUNTIME_NAME], threads),
+                                       os.path.getsize(paths[RUNTIME_NAME])),
+            "compact (eager)": (compact, folded(compact), os.path.getsize(paths[ARTIFACT_NAME])),
+            "compact (pt2, float debug export)": (compact, load_program(paths[PROGRAM_NAME]),
+                                                  os.path.getsize(paths[PROGRAM_NAME]))}
+    return time_runs(args, runs)
+
+
+def time_runs(args, runs: dict) -> dict:
+    """Cost rows of `runs` ({name: (model, callable, bytes)}), ratios to "teacher"; the timings are medians over
+    `--rounds` rounds that each time every model in turn, so that a change of machine load during the run hits all
+    models alike."""
     rows = {name: cost_row(model, size) for name, (model, _, size) in runs.items()}
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
              "throughput_batch": args.throughput_batch}
@@ -117,7 +167,7 @@ def measure(args, compact, teacher, paths) -> dict:
 
 
 def goals(rows: dict) -> dict:
-    compact = rows["compact (pt2)"]["vs_teacher"]
+    compact = rows["compact (ONNX Runtime)"]["vs_teacher"]
     result = {"bytes_ratio": compact["bytes"], "bytes_goal": BYTES_GOAL,
               "throughput_ratio": compact["images_per_s"], "throughput_goal": SPEEDUP_GOAL}
     result["bytes_ok"] = result["bytes_ratio"] <= BYTES_GOAL
@@ -125,14 +175,199 @@ def goals(rows: dict) -> dict:
     return result
 
 
+
+# ---------------------------------------------------------------- the rho x bits x penalty sweep
+
+PENALTIES = ("uniform", "cost")
+# the Pareto objectives of the sweep: +1 where larger is better
+OBJECTIVES = {"bytes": -1, "latency_ms": -1, "images_per_s": +1, "fd": -1, "downstream_accuracy": +1}
+# targets of a front point (issue 12): bytes <= 1/50 and throughput >= 8x the teacher's, downstream accuracy
+# within 2 points of the teacher's, FD at most 1.25x the teacher's
+TARGETS = {"bytes_ratio": 1 / 50, "throughput_ratio": 8.0, "accuracy_drop": 0.02, "fd_ratio": 1.25}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    rho: float
+    bits: int
+    penalty: str
+
+    @property
+    def name(self) -> str:
+        return f"rho{self.rho:g}-{self.bits}bit-{self.penalty}"
+
+
+def sweep_points(args) -> list:
+    return [SweepPoint(rho, bits, penalty) for rho in args.rhos for bits in args.sweep_bits
+            for penalty in args.penalties]
+
+
+def train_point(args, point: SweepPoint, root: str) -> str:
+    """One point's student (from the sweep's teacher and distillation set), compressed: its compact run."""
+    import compress_student
+    import train_student
+    common = ["--out", root, "--seed", str(args.seed), "--device", "cpu", "--desc", point.name]
+    student = train_student.main(train_student.parse_args(
+        [*common, "--teacher-dir", args.teacher_dir, "--distill-dir", args.distill_dir, "--rho", f"{point.rho:g}",
+         "--quant-bits", str(point.bits), "--penalty", point.penalty, "--batch-size", str(args.student_batch_size),
+         "--max-steps", str(args.student_steps)]))
+    return compress_student.main(compress_student.parse_args(
+        [*common, "--student-dir", student, "--check-samples", "256", "--latency-repeats", "1",
+         "--throughput-repeats", "1", "--throughput-batch", "8"]))
+
+
+def evaluate_runs(args, runs: list, root: str) -> dict:
+    """evaluate.py's rows (FD, downstream accuracy, ...) of `runs`, keyed by run directory."""
+    import evaluate
+    argv = ["--out", root, "--seed", str(args.seed), "--device", "cpu", "--runs", *runs, "--quick",
+            "--num-fd-samples", str(args.num_fd_samples), "--num-downstream-samples",
+            str(args.num_downstream_samples), "--classifier-epochs", str(args.classifier_epochs),
+            "--latency-repeats", "1", "--throughput-repeats", "1"]
+    for flag in ("data_root", "public_size", "audit_samples", "audit_members", "max_steps"):
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    eval_dir = evaluate.main(evaluate.parse_args(argv))
+    with open(os.path.join(eval_dir, "results.json")) as handle:
+        rows = json.load(handle)["rows"]
+    return {os.path.realpath(row["run_dir"]): row for row in rows}
+
+
+def sweep_costs(args, teacher, compacts: dict, scratch: str) -> dict:
+    """Cost rows in this process: the teacher in eager torch (the ratios' reference) and in ONNX Runtime, and
+    every point's generator.onnx in ONNX Runtime."""
+    threads = torch.get_num_threads()
+    runs = {"teacher": (teacher, teacher, state_dict_bytes(teacher))}
+    teacher_file = teacher_runtime_file(teacher, scratch)
+    runs["teacher (ONNX Runtime)"] = (teacher, runtime_forward(teacher_file, threads), os.path.getsize(teacher_file))
+    for name, (model, run_dir) in compacts.items():
+        path = deploy_files(model, run_dir, scratch)[RUNTIME_NAME]
+        runs[name] = (model, runtime_forward(path, threads), os.path.getsize(path))
+    return time_runs(args, runs)
+
+
+def pareto_flags(rows: list) -> list:
+    """For each row, whether no other row is at least as good in every objective and better in one."""
+    def dominates(a, b):
+        better = [sign * (a[key] - b[key]) for key, sign in OBJECTIVES.items()]
+        return all(d >= 0 for d in better) and any(d > 0 for d in better)
+    return [not any(dominates(other, row) for other in rows if other is not row) for row in rows]
+
+
+def sweep_rows(points, compacts: dict, costs: dict, quality: dict, teacher_row: dict) -> list:
+    """One row per point: cost of its runtime artifact (ratios to the teacher) and quality of its samples."""
+    rows = []
+    for point in points:
+        model, run_dir = compacts[point.name]
+        q = quality[os.path.realpath(run_dir)]
+        rows.append({"point": point.name, "rho": point.rho, "bits": point.bits, "penalty": point.penalty,
+                     "widths": list(model.channels), "run_dir": run_dir, **costs[point.name],
+                     "fd": q.get("fd_runtime", q["fd"]),
+                     "downstream_accuracy": q.get("downstream_accuracy_runtime", q["downstream_accuracy"]),
+                     "fd_ratio": q.get("fd_runtime", q["fd"]) / teacher_row["fd"],
+                     "accuracy_drop": teacher_row["downstream_accuracy"]
+                     - q.get("downstream_accuracy_runtime", q["downstream_accuracy"])})
+    for row, front in zip(rows, pareto_flags(rows)):
+        row["pareto"] = front
+        ratios = row["vs_teacher"]
+        row["meets_targets"] = (front and ratios["bytes"] <= TARGETS["bytes_ratio"]
+                                and ratios["images_per_s"] >= TARGETS["throughput_ratio"]
+                                and row["accuracy_drop"] <= TARGETS["accuracy_drop"]
+                                and row["fd_ratio"] <= TARGETS["fd_ratio"])
+    return rows
+
+
+def sweep_markdown(rows: list, teacher_row: dict, costs: dict) -> str:
+    header = ["point", "widths", "bytes", "bytes xT", "ms (b=1)", "latency xT", "img/s (b=256)", "img/s xT", "FD",
+              "FD xT", "downstream acc", "acc - T (points)", "Pareto", "targets"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(rows, key=lambda r: r["bytes"]):
+        ratios = row["vs_teacher"]
+        cells = [row["point"], "/".join(map(str, row["widths"])), f"{row['bytes']:,}", f"{ratios['bytes']:.4f}",
+                 f"{row['latency_ms']:.3f}", f"{ratios['latency_ms']:.3f}", f"{row['images_per_s']:.0f}",
+                 f"{ratios['images_per_s']:.2f}", f"{row['fd']:.2f}", f"{row['fd_ratio']:.2f}",
+                 f"{100 * row['downstream_accuracy']:.1f} %", f"{-100 * row['accuracy_drop']:+.1f}",
+                 "yes" if row["pareto"] else "", "met" if row["meets_targets"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    t, tr = costs["teacher"], costs["teacher (ONNX Runtime)"]
+    lines += ["", f"Teacher: {t['bytes']:,} bytes (float32 state dict), {t['latency_ms']:.3f} ms (b=1), "
+              f"{t['images_per_s']:.0f} img/s in eager torch ({tr['latency_ms']:.3f} ms, {tr['images_per_s']:.0f} "
+              f"img/s in ONNX Runtime), FD {teacher_row['fd']:.2f}, downstream accuracy "
+              f"{100 * teacher_row['downstream_accuracy']:.1f} %. xT: ratio to the teacher in eager torch, measured "
+              f"in the same process. Bytes, latency and throughput: each point's generator.onnx in ONNX Runtime.",
+              f"Targets (all of them, on the front): bytes <= {TARGETS['bytes_ratio']:.3f}x, img/s >= "
+              f"{TARGETS['throughput_ratio']:g}x, downstream accuracy within {100 * TARGETS['accuracy_drop']:g} "
+              f"points, FD <= {TARGETS['fd_ratio']:g}x."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list, teacher_row: dict, path: str):
+    """Bytes ratio (log) against FD and against downstream accuracy; colour = bits, marker = penalty, black edge
+    = on the Pareto front, label = throughput ratio."""
+    from utils.plots import plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colours = {bits: f"C{i}" for i, bits in enumerate(sorted({row["bits"] for row in rows}))}
+    for ax, key, label in ((axes[0], "fd", "FD (lower is better)"),
+                           (axes[1], "downstream_accuracy", "downstream accuracy")):
+        for row in rows:
+            x = row["vs_teacher"]["bytes"]
+            ax.scatter(x, row[key], c=colours[row["bits"]], marker="o" if row["penalty"] == "uniform" else "^",
+                       edgecolors="black" if row["pareto"] else "none", s=60,
+                       label=f"{row['bits']}-bit, {row['penalty']}")
+            ax.annotate(f"{row['vs_teacher']['images_per_s']:.1f}x", (x, row[key]), fontsize=7)
+        ax.axhline(teacher_row[key], color="grey", linestyle="--", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("generator.onnx bytes / teacher float bytes")
+        ax.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7)
+    fig.suptitle("rho x bits x penalty (labels: throughput vs teacher; black edge: Pareto front)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sweep(args) -> str:
+    """Train and compress every point, evaluate them with the teacher, time them in this process, and write the
+    Pareto table (.md), plot (.png) and data (.json) to --results-dir; returns the .json path."""
+    args.teacher_dir = args.teacher_dir or latest_run(args.out, "teacher")
+    args.distill_dir = args.distill_dir or latest_run(args.out, "distill")
+    root = args.sweep_out or os.path.join(args.out, "sweep")
+    points = sweep_points(args)
+    compact_runs = {point.name: train_point(args, point, root) for point in points}
+    compacts = {name: (build_generator(load_checkpoint(run, "compact")).eval(), run)
+                for name, run in compact_runs.items()}
+    quality = evaluate_runs(args, [args.teacher_dir, *compact_runs.values()], root)
+    teacher = build_generator(load_checkpoint(args.teacher_dir, "teacher")).eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        costs = sweep_costs(args, teacher, compacts, scratch)
+    teacher_row = quality[os.path.realpath(load_checkpoint(args.teacher_dir, "teacher")["run_dir"])]
+    rows = sweep_rows(points, compacts, costs, quality, teacher_row)
+    stem = os.path.join(args.results_dir, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(args.results_dir, exist_ok=True)
+    table = sweep_markdown(rows, teacher_row, costs)
+    with open(stem + ".md", "w") as handle:
+        handle.write(table)
+    plot_sweep(rows, teacher_row, stem + ".png")
+    write_json(stem + ".json", {"points": rows, "teacher": {**costs["teacher"], "fd": teacher_row["fd"],
+                                "downstream_accuracy": teacher_row["downstream_accuracy"]},
+                                "teacher_runtime": costs["teacher (ONNX Runtime)"], "targets": TARGETS,
+                                "settings": {key: value for key, value in vars(args).items()},
+                                "threads": torch.get_num_threads(), "machine": platform.platform()})
+    print(table + f"results: {stem}.md / .png / .json")
+    return stem + ".json"
+
+
 def main(args):
     if maybe_dry_run(args):
         return None
     set_seed(args.seed)
     set_threads(args.threads)
+    if args.sweep:
+        return run_sweep(args)
     compact, teacher, source, run_dir = synthetic_models(args) if args.synthetic_widths else run_models(args)
     with tempfile.TemporaryDirectory() as scratch:
-        paths = deploy_files(compact, run_dir, scratch)
+        paths = {**deploy_files(compact, run_dir, scratch), "teacher": teacher_runtime_file(teacher, scratch)}
         rows = measure(args, compact, teacher, paths)
         program_bytes = os.path.getsize(paths[PROGRAM_NAME])
     result = {"source": source, "compact_widths": list(compact.channels), "bits": compact.bits,
@@ -143,8 +378,8 @@ def main(args):
     print(f"teacher: {source['teacher']}\ncompact: {source['compact']}")
     print(format_table(rows))
     g = result["goals"]
-    print(f"artifact / teacher float bytes = {g['bytes_ratio']:.4f} (goal <= {BYTES_GOAL:.3f}: "
-          f"{'met' if g['bytes_ok'] else 'MISSED'}); throughput = {g['throughput_ratio']:.2f}x the teacher "
+    print(f"{RUNTIME_NAME} / teacher float bytes = {g['bytes_ratio']:.4f} (goal <= {BYTES_GOAL:.3f}: "
+          f"{'met' if g['bytes_ok'] else 'MISSED'}); ONNX Runtime throughput = {g['throughput_ratio']:.2f}x the teacher "
           f"(goal >= {SPEEDUP_GOAL:g}x: {'met' if g['throughput_ok'] else 'MISSED'})")
     os.makedirs(args.results_dir, exist_ok=True)
     tag = "synthetic-{}-{}-{}".format(*compact.channels) if args.synthetic_widths else "run"

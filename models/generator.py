@@ -1,18 +1,21 @@
-"""The class-conditional DCGAN generator for 28x28 images: teacher, student and compact model in one class.
+"""The class-conditional DCGAN generator: teacher, student and compact model in one class, for 28, 32 or 64 pixels.
 
     z (nz) ++ embed(label) -> [block0] 7x7 -> [block1] 14x14 -> [block2] 28x28 -> to_image (3x3 conv) -> tanh
+    (32: 4-8-16-32 in four blocks; 64: 4-8-16-32-64 in five; see models/shapes.py)
 
 Each block is a (quantised) transposed conv, a `PrunableBatchNorm2d` whose gamma is the GAN Slimming channel
 scale, ReLU and activation quantisation. The teacher is `bits=32` (float); the student is the same topology with
 `bits=QUANT_BITS`; the compact generator is the same class with fewer channels. `channels` gives the widths of
-the three blocks, so any generator rebuilds from `Generator(**model_args)`.
+the blocks (one per block), `image_size` and `image_channels` the output's shape, so any generator rebuilds from
+`Generator(**model_args)`. The 28x28 layout is the original one: same parameter names, shapes and initialisation.
 """
 import torch
 from torch import nn
 
 from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_activation
+from models.shapes import DEFAULT_GENERATOR_CHANNELS, START_SIDE, check_image_shape, prunable_layers
 
-PRUNABLE_LAYERS = ("block0", "block1", "block2")
+PRUNABLE_LAYERS = prunable_layers(28)  # the 28x28 generator's; a generator's own are `g.prunable_layers`
 
 
 class PrunableBatchNorm2d(nn.BatchNorm2d):
@@ -42,21 +45,26 @@ class GeneratorBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, nz: int = 100, num_classes: int = 10, channels=(256, 128, 64), bits: int = 32,
-                 image_channels: int = 1, embed_dim: int = None):
+    def __init__(self, nz: int = 100, num_classes: int = 10, channels=None, bits: int = 32,
+                 image_channels: int = 1, embed_dim: int = None, image_size: int = 28):
         super().__init__()
-        if len(channels) != len(PRUNABLE_LAYERS) or min(channels) < 1:
-            raise ValueError(f"channels must be {len(PRUNABLE_LAYERS)} positive widths, got {channels}")
+        check_image_shape(image_size, image_channels)
+        self.prunable_layers = prunable_layers(image_size)
+        channels = DEFAULT_GENERATOR_CHANNELS[image_size] if channels is None else channels
+        if len(channels) != len(self.prunable_layers) or min(channels) < 1:
+            raise ValueError(f"channels must be {len(self.prunable_layers)} positive widths for {image_size}x"
+                             f"{image_size} images, got {list(channels)}")
         self.nz, self.num_classes, self.bits = nz, num_classes, int(bits)
         self.channels = tuple(int(c) for c in channels)
-        self.image_channels = image_channels
+        self.image_channels, self.image_size = image_channels, image_size
         self.embed_dim = embed_dim or num_classes
         self.embed = nn.Embedding(num_classes, self.embed_dim)
-        c0, c1, c2 = self.channels
-        self.block0 = GeneratorBlock(nz + self.embed_dim, c0, 7, 1, 0, self.bits)
-        self.block1 = GeneratorBlock(c0, c1, 4, 2, 1, self.bits)
-        self.block2 = GeneratorBlock(c1, c2, 4, 2, 1, self.bits)
-        self.to_image = QuantConv2d(c2, image_channels, 3, 1, 1, bits=self.bits)
+        widths = (nz + self.embed_dim,) + self.channels
+        for i, name in enumerate(self.prunable_layers):
+            # the first block turns the 1x1 input into the start square, every later one doubles the side
+            shape = (START_SIDE[image_size], 1, 0) if i == 0 else (4, 2, 1)
+            setattr(self, name, GeneratorBlock(widths[i], widths[i + 1], *shape, self.bits))
+        self.to_image = QuantConv2d(self.channels[-1], image_channels, 3, 1, 1, bits=self.bits)
         # When set, BatchNorm keeps using its running statistics in training mode: it is then a fixed per-channel
         # affine map, so shrinking a channel's gamma really shrinks its output instead of being undone by the next
         # layer's batch normalisation (GAN Slimming from a pretrained teacher), and train and eval mode agree.
@@ -86,10 +94,11 @@ class Generator(nn.Module):
     def model_args(self) -> dict:
         """Everything needed to rebuild this network: `Generator(**g.model_args())`."""
         return {"nz": self.nz, "num_classes": self.num_classes, "channels": list(self.channels),
-                "bits": self.bits, "image_channels": self.image_channels, "embed_dim": self.embed_dim}
+                "bits": self.bits, "image_channels": self.image_channels, "embed_dim": self.embed_dim,
+                "image_size": self.image_size}
 
     def blocks(self):
-        return [getattr(self, name) for name in PRUNABLE_LAYERS]
+        return [getattr(self, name) for name in self.prunable_layers]
 
     def active_channels(self) -> list:
         """Live channels per prunable layer (a channel dies when its gamma reaches exactly 0)."""
@@ -110,5 +119,6 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = torch.cat([z, self.embed(labels)], dim=1)[:, :, None, None]
-        x = self.block2(self.block1(self.block0(x)))
+        for block in self.blocks():
+            x = block(x)
         return torch.tanh(self.to_image(x))

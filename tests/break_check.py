@@ -36,6 +36,7 @@ R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py",
                           "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
                           "tests/test_data.py", "tests/test_lifecycle.py")
 P = "tests/test_protocol.py"
+I, S = "tests/test_folder_data.py", "tests/test_model_shapes.py"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -142,6 +143,17 @@ BREAKS = [
           'return {"generator": self.generator, **live,',
           (T + "::test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume",),
           "the checkpoint's generator (what later stages sample) is the live generator, not the average"),
+    # ------------------------------------------------------------ your own images (issue 15)
+    Break("private-fingerprint-ignores-file-list", "utils/data.py", "digest.update(list_fingerprint.encode())",
+          "digest.update(b'')", (I + "::test_partition_fingerprint_covers_the_file_list",),
+          "two different folders (or a changed one) give the same private fingerprint: the ledger would cover both"),
+    Break("cache-ignores-file-list", "utils/folder_data.py",
+          ' or meta.get("fingerprint") != listing.fingerprint:', ":",
+          (I + "::test_a_changed_file_is_noticed_and_decoded_again",),
+          "a changed folder is read from the stale decode cache"),
+    Break("default-28-layout-changed", "models/shapes.py", "28: (256, 128, 64)", "28: (256, 128, 32)",
+          (S + "::test_default_28_grey_models_keep_the_original_layout",),
+          "the default 28x28 generator changes shape: existing checkpoints no longer load"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc")

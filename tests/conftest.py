@@ -69,14 +69,16 @@ def tiny_teacher_run(tiny_data_root, tmp_path_factory):
 
 # ---------------------------------------------------------------- hand-made students (compression tests)
 
-def handmade_student(channels=(12, 8, 6), bits=8, dead=((), (), ()), seed=0, hide_max_in_dead=True):
+def handmade_student(channels=(12, 8, 6), bits=8, dead=((), (), ()), seed=0, hide_max_in_dead=True, image_size=28,
+                     image_channels=1):
     """A Generator with random weights, calibrated BatchNorm statistics and random gamma/beta, whose channels
     `dead[i]` (indices into block i) are killed as the slimming stage does (alive False, gamma = beta = 0). With
     `hide_max_in_dead`, the largest weight of every output channel of the next layer sits in a dead input channel,
     so that recomputing weight scales (instead of keeping the stored ones) would change the function."""
     from models import Generator
     torch.manual_seed(seed)
-    student = Generator(nz=16, num_classes=10, channels=channels, bits=bits)
+    student = Generator(nz=16, num_classes=10, channels=channels, bits=bits, image_size=image_size,
+                        image_channels=image_channels)
     with torch.no_grad():
         for block in student.blocks():
             block.conv.weight.normal_(0.0, 0.2)
@@ -94,8 +96,8 @@ def handmade_student(channels=(12, 8, 6), bits=8, dead=((), (), ()), seed=0, hid
             block.norm.alive[list(idx)] = False
             block.norm.enforce_dead()
         if hide_max_in_dead:
-            consumers = [student.block1.conv.weight, student.block2.conv.weight, student.to_image.weight]
-            in_dims = [0, 0, 1]
+            consumers = [block.conv.weight for block in student.blocks()[1:]] + [student.to_image.weight]
+            in_dims = [0] * (len(consumers) - 1) + [1]
             for idx, weight, dim in zip(dead, consumers, in_dims):
                 if len(idx):
                     big = 10 * weight.abs().max()

@@ -106,7 +106,7 @@ def test_main_end_to_end(handmade_pipeline, capsys):
     run_dir = compress_student.main(compress_student.parse_args(quick_argv(out)))
     assert os.path.realpath(os.path.join(out, "compact", "latest")) == os.path.realpath(run_dir)
     for name in ("checkpoint.pt", "args.json", "metrics.jsonl", "generator_int.pt", "generator.pt2",
-                 "compression.json", "compression.png", "samples.png"):
+                 "generator.onnx", "ort_runner.py", "compression.json", "compression.png", "samples.png"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
 
     student_ckpt = load_checkpoint(student_run, "student")
@@ -129,15 +129,20 @@ def test_main_end_to_end(handmade_pipeline, capsys):
     assert report["compression"]["max_abs_diff"] <= MAX_ABS_DIFF
     assert report["teacher_source"].startswith("teacher run")
     cost = report["cost"]
-    assert set(cost) == {"teacher", "student", "compact"}
-    assert cost["compact"]["parameters"] < cost["student"]["parameters"] == cost["teacher"]["parameters"]
-    assert cost["compact"]["macs"] < cost["teacher"]["macs"]
-    assert cost["compact"]["bytes"] == os.path.getsize(os.path.join(run_dir, "generator_int.pt"))
-    assert cost["compact"]["bytes"] < cost["teacher"]["bytes"] / 2
+    assert set(cost) == {"teacher", "teacher (ONNX Runtime)", "student", "compact (eager)", "compact (ONNX Runtime)"}
+    eager, shipped = cost["compact (eager)"], cost["compact (ONNX Runtime)"]
+    assert eager["parameters"] < cost["student"]["parameters"] == cost["teacher"]["parameters"]
+    assert eager["macs"] < cost["teacher"]["macs"] and shipped["macs"] == eager["macs"]
+    assert eager["bytes"] == os.path.getsize(os.path.join(run_dir, "generator_int.pt"))
+    assert shipped["bytes"] == os.path.getsize(os.path.join(run_dir, "generator.onnx")) < cost["teacher"]["bytes"] / 2
     assert cost["teacher"]["vs_teacher"]["parameters"] == 1.0
-    assert cost["compact"]["latency_ms"] > 0 and cost["compact"]["images_per_s"] > 0
+    assert shipped["vs_teacher"]["images_per_s"] == shipped["images_per_s"] / cost["teacher"]["images_per_s"]
+    assert all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in cost.values())
+    assert report["compression"]["runtime_max_abs_diff"] <= report["compression"]["runtime_tolerance"]
+    assert report["compression"]["runtime_float_layers"] == ["block0", "to_image"]
+    assert "float debugging export" in report["compression"]["program_note"]
     printed = capsys.readouterr().out
-    assert "compact" in printed and "x = ratio to the teacher" in printed
+    assert "compact" in printed and "x = ratio to the teacher" in printed and "generator.onnx (ONNX Runtime" in printed
 
 
 def test_teacher_found_through_distill_parent(handmade_pipeline):

@@ -2,6 +2,7 @@
 compression benchmark."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -179,8 +180,11 @@ def test_benchmark_synthetic_widths(tmp_path, capsys):
          "--results-dir", str(tmp_path)]))
     result = json.load(open(path))
     assert result["compact_widths"] == [6, 4, 2] and result["teacher_widths"] == [12, 8, 4]
-    assert set(result["cost"]) == {"teacher", "compact (pt2)", "compact (eager)"}
-    assert result["goals"]["bytes_ratio"] == result["cost"]["compact (pt2)"]["vs_teacher"]["bytes"] < 1
+    assert set(result["cost"]) == {"teacher", "teacher (ONNX Runtime)", "compact (ONNX Runtime)", "compact (eager)",
+                                   "compact (pt2, float debug export)"}
+    runtime_row = result["cost"]["compact (ONNX Runtime)"]
+    assert result["goals"]["bytes_ratio"] == runtime_row["vs_teacher"]["bytes"] < 1
+    assert result["goals"]["throughput_ratio"] == runtime_row["vs_teacher"]["images_per_s"]
     assert "goal <=" in capsys.readouterr().out
 
 
@@ -196,3 +200,39 @@ def test_benchmark_on_a_compact_run(handmade_pipeline, tmp_path):
     result = json.load(open(path))
     assert result["source"]["teacher"].startswith("teacher run")
     assert result["compact_widths"] == [9, 7, 1]
+
+
+def test_pareto_front_of_the_sweep():
+    bench = load_bench()
+    base = {"bytes": 100, "latency_ms": 1.0, "images_per_s": 10.0, "fd": 20.0, "downstream_accuracy": 0.7}
+    rows = [dict(base), {**base, "bytes": 50}, {**base, "bytes": 50, "fd": 30.0}, {**base, "bytes": 200, "fd": 10.0},
+            {**base, "bytes": 200, "fd": 25.0}]
+    assert bench.pareto_flags(rows) == [False, True, False, True, False]
+
+
+def test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set(tiny_distill_run, tiny_data_root,
+                                                                            tmp_path):
+    from conftest import TINY_PUBLIC
+    from utils.checkpoint import lineage, load_checkpoint
+    out, distill_dir = tiny_distill_run
+    teacher_dir = lineage(load_checkpoint(distill_dir, "distill"))["teacher"]
+    bench = load_bench()
+    path = bench.main(bench.parse_args(
+        ["--sweep", "--out", out, "--teacher-dir", teacher_dir, "--distill-dir", distill_dir, "--rhos", "2.5",
+         "--sweep-bits", "4", "--penalties", "uniform", "cost", "--student-steps", "3", "--student-batch-size", "16",
+         "--num-fd-samples", "100", "--num-downstream-samples", "200", "--classifier-epochs", "1",
+         "--data-root", tiny_data_root, "--public-size", str(TINY_PUBLIC), "--audit-samples", "100",
+         "--audit-members", "50", "--max-steps", "5", "--latency-repeats", "1", "--throughput-repeats", "1",
+         "--throughput-batch", "4", "--rounds", "1", "--results-dir", str(tmp_path / "results"),
+         "--sweep-out", str(tmp_path / "sweep"), "--device", "cpu"]))
+    result = json.load(open(path))
+    points = result["points"]
+    assert [(p["rho"], p["bits"], p["penalty"]) for p in points] == [(2.5, 4, "uniform"), (2.5, 4, "cost")]
+    for point in points:
+        assert point["bytes"] == os.path.getsize(os.path.join(point["run_dir"], "generator.onnx"))
+        assert point["vs_teacher"]["bytes"] == point["bytes"] / result["teacher"]["bytes"]
+        assert math.isfinite(point["fd"]) and 0 <= point["downstream_accuracy"] <= 1
+    assert any(point["pareto"] for point in points)
+    assert os.path.getsize(path.replace(".json", ".png")) > 0
+    table = open(path.replace(".json", ".md")).read()
+    assert "rho2.5-4bit-cost" in table and "Pareto" in table

@@ -12,7 +12,7 @@ import evaluate
 from conftest import tiny_data_args
 from models import Generator
 from utils.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_checkpoint
-from utils import deploy
+from utils import deploy, runtime
 from utils.cli import run_script
 from utils.data import load_split, to_unit_range
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, downstream_accuracy, frechet_distance, frechet_distance_of,
@@ -149,6 +149,7 @@ def make_fake_compact_run(teacher_dir, out):
     save_checkpoint(run_dir, {"stage": "compact", "generator": G.state_dict(), "parent": teacher_dir,
                               "model_args": {"generator": G.model_args()}, "privacy": ledger})
     deploy.save_artifact(G, os.path.join(run_dir, deploy.ARTIFACT_NAME))
+    runtime.save_runtime_artifact(G.eval(), os.path.join(run_dir, runtime.RUNTIME_NAME))
     mark_latest(run_dir)
     return run_dir
 
@@ -193,8 +194,12 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["downstream_epoch"] == 1
         assert len(row["downstream_holdout_accuracy"]) == 1
         assert row["parameters"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
-    for key in measured:  # each row reports its own generator's measured FD and AUC, not a stand-in
-        assert [row[key] for row in results["rows"]] == measured[key]
+    # each row reports its own generator's measured FD and AUC, not a stand-in (and the FD of its generator.onnx's
+    # own samples right after its model's, where it has one)
+    reported = {"fd": [value for row in results["rows"] for value in (row["fd"], row.get("fd_runtime"))
+                       if value is not None],
+                "mia_auc": [row["mia_auc"] for row in results["rows"]]}
+    assert reported == measured and len(measured["fd"]) == 3
     assert all(row["fd"] > 0.1 for row in results["rows"])  # untrained generators are far from the test set
     assert rows["teacher"]["vs_teacher"]["parameters"] == 1.0 and rows["teacher"]["bytes_source"] == "state dict"
     artifact = os.path.join(compact_dir, deploy.ARTIFACT_NAME)
@@ -205,8 +210,16 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert os.path.isfile(results["reference_classifier"]["path"])
     assert results["reference_classifier"]["path"].startswith(os.path.join(out, "reference"))
 
+    shipped = rows["compact"]["runtime"]  # what ships: generator.onnx in ONNX Runtime, its own samples
+    assert shipped["bytes"] == os.path.getsize(os.path.join(compact_dir, runtime.RUNTIME_NAME))
+    assert shipped["vs_teacher"]["bytes"] == shipped["bytes"] / rows["teacher"]["bytes"]
+    assert shipped["latency_ms"] > 0 and shipped["images_per_s"] > 0 and "runtime" not in rows["teacher"]
+    assert math.isfinite(rows["compact"]["fd_runtime"]) and 0 <= rows["compact"]["downstream_accuracy_runtime"] <= 1
+    assert rows["compact"]["runtime_pool_max_abs_diff"] <= runtime.TOLERANCE
+
     table = open(os.path.join(run_dir, "results.md")).read()
-    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2  # header + one per run
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 2 * (1 + 2) - 1  # 2 tables
+    assert "What ships: generator.onnx" in table
     assert "∞ (no DP guarantee)" in table and "Reference classifier" in table
     assert "| FD ↓ | precision ↑ | recall ↑ | downstream acc ↑ (custom variant of Bie et al. 2023 (240 samples, " \
            "1 epochs)) |" in table  # a variant is never labelled as the published protocol

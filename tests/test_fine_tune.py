@@ -30,12 +30,22 @@ def private_split(data_root):
     return load_split("fashion-mnist", "private", data_root, TINY_PUBLIC)
 
 
-def write_compact(out, ledger, discriminator=True, seed=0) -> str:
+def write_teacher(out, ledger) -> str:
+    """A teacher-stage checkpoint with a float Generator twice as wide as the compact one (cost ratios)."""
+    G = Generator(channels=[2 * width for width in COMPACT_WIDTHS], bits=32)
+    run_dir = new_run_dir(str(out), "teacher", "x")
+    Run(run_dir, "teacher").save({"stage": "teacher", "step": 0, "args": {}, "parent": None, "privacy": ledger,
+                                  "model_args": {"generator": G.model_args()}, "generator": unwrapped_state_dict(G)})
+    return run_dir
+
+
+def write_compact(out, ledger, discriminator=True, seed=0, teacher=None) -> str:
     """A compact-stage checkpoint as stage 4 writes it: an 8-bit Generator of small widths and `ledger`."""
     torch.manual_seed(seed)
     G = Generator(channels=COMPACT_WIDTHS, bits=8)
     checkpoint = {"stage": "compact", "step": 0, "args": {}, "parent": None, "privacy": ledger,
-                  "model_args": {"generator": G.model_args()}, "generator": unwrapped_state_dict(G)}
+                  "model_args": {"generator": G.model_args()}, "generator": unwrapped_state_dict(G),
+                  "teacher": teacher}
     if discriminator:
         D = Discriminator(channels=(8, 8))
         checkpoint["model_args"]["discriminator"] = D.model_args()
@@ -71,8 +81,10 @@ def no_artifacts(monkeypatch):
 def public_route_run(tiny_data_root, tmp_path_factory):
     """(out, compact dir, private run dir) of a full one-epoch fine-tuning to a total target of 4."""
     out = tmp_path_factory.mktemp("public-route")
-    compact = write_compact(out, public_ledger(tiny_data_root))
-    return out, compact, run_fine_tune(tiny_data_root, out, "--target-epsilon", "4")
+    teacher = write_teacher(out, public_ledger(tiny_data_root))
+    compact = write_compact(out, public_ledger(tiny_data_root), teacher=teacher)
+    return out, compact, run_fine_tune(tiny_data_root, out, "--target-epsilon", "4", "--latency-repeats", "1",
+                                       "--throughput-repeats", "1", "--throughput-batch", "8")
 
 
 # ---------------------------------------------------------------- the stage
@@ -96,7 +108,8 @@ def test_target_epsilon_met_and_public_route_equals_stage_alone(public_route_run
 def test_outputs_metrics_and_model_card(public_route_run):
     _, _, run_dir = public_route_run
     for name in ("checkpoint.pt", "metrics.jsonl", "samples.png", "loss.png", "epsilon.png", "MODEL_CARD.md",
-                 "model_card.json", "generator_int.pt", "generator.pt2"):
+                 "model_card.json", "generator_int.pt", "generator.pt2", "generator.onnx", "ort_runner.py",
+                 "cost.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == list(range(1, 13))  # --log-every 1
@@ -111,6 +124,19 @@ def test_outputs_metrics_and_model_card(public_route_run):
     assert card["artifacts"]["artifact_bytes"] == os.path.getsize(os.path.join(run_dir, "generator_int.pt"))
     text = open(os.path.join(run_dir, "MODEL_CARD.md")).read()
     assert "**Differential privacy**" in text and "torchcsprng" in text and "| teacher | public | 200 |" in text
+    assert "on-device artifact: generator.onnx" in text and "float debugging export" in text
+
+
+def test_cost_of_what_ships_against_the_teacher(public_route_run):
+    _, _, run_dir = public_route_run
+    cost = json.load(open(os.path.join(run_dir, "cost.json")))["cost"]
+    assert set(cost) == {"teacher", "teacher (ONNX Runtime)", "private (eager)", "private (ONNX Runtime)"}
+    shipped = cost["private (ONNX Runtime)"]
+    assert shipped["bytes"] == os.path.getsize(os.path.join(run_dir, "generator.onnx"))
+    assert shipped["vs_teacher"]["bytes"] == shipped["bytes"] / cost["teacher"]["bytes"] < 1
+    assert shipped["vs_teacher"]["images_per_s"] == shipped["images_per_s"] / cost["teacher"]["images_per_s"]
+    card = json.load(open(os.path.join(run_dir, "model_card.json")))
+    assert card["artifacts"]["cost"] == cost and card["artifacts"]["runtime_max_abs_diff"] <= 0.05
 
 
 def test_checkpoint_unwrapped_and_generator_keeps_compact_shape(public_route_run):

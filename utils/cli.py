@@ -102,6 +102,22 @@ def add_input_arg(group, flag: str, constant: str, what: str, fallback: str):
                             f"(this flag wins over both)")
 
 
+def add_speed_args(parser: argparse.ArgumentParser):
+    """The timing settings of the cost report (stages 4 and 5)."""
+    group = parser.add_argument_group("cost report")
+    group.add_argument("--latency-repeats", type=positive_int, default=50, help="timed batch-1 calls per model")
+    group.add_argument("--throughput-repeats", type=positive_int, default=10, help="timed big-batch calls per model")
+    group.add_argument("--throughput-batch", type=positive_int, default=256, help="batch size of the throughput test")
+    group.add_argument("--threads", type=nonnegative_int, default=0,
+                       help="CPU threads for the timings (0: torch's default)")
+
+
+def speed_settings(args) -> dict:
+    """utils.cost.measure_speed's keyword arguments from `add_speed_args`' flags."""
+    return {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
+            "throughput_batch": args.throughput_batch}
+
+
 def set_threads(threads: int):
     """torch's CPU threads for timings; 0 keeps torch's default."""
     if threads:

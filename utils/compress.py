@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from models import PRUNABLE_LAYERS, Generator
+from models import Generator
 
 MAX_ABS_DIFF = 1e-5  # compact(z, y) must equal student(z, y) to this tolerance in eval mode
 
@@ -54,7 +54,7 @@ def sliced_state_dict(student: Generator, kept: list) -> dict:
     state = student.state_dict()
     out = {"embed.weight": state["embed.weight"].clone()}
     previous = None  # kept input channels of the current layer (None: all of them)
-    for name, keep in zip(PRUNABLE_LAYERS, kept):
+    for name, keep in zip(student.prunable_layers, kept):
         weight = _slice(state[f"{name}.conv.weight"], 0, previous)  # (in, out, kh, kw)
         out[f"{name}.conv.weight"] = _slice(weight, 1, keep)
         out[f"{name}.conv.weight_scale"] = _slice(state[f"{name}.conv.weight_scale"], 0, keep)
@@ -90,11 +90,11 @@ def compress(student: Generator) -> Generator:
 def summary(student: Generator, compact: Generator) -> dict:
     """Widths before and after, per block."""
     masks = removable_mask(student)
-    return {"layers": list(PRUNABLE_LAYERS),
+    return {"layers": list(student.prunable_layers),
             "widths_before": list(student.channels),
             "widths_after": list(compact.channels),
             "removed": [int(m.sum()) for m in masks],
-            "all_dead_layers": [name for name, m in zip(PRUNABLE_LAYERS, masks) if bool(m.all())],
+            "all_dead_layers": [name for name, m in zip(student.prunable_layers, masks) if bool(m.all())],
             "bits": student.bits}
 
 

@@ -1,11 +1,15 @@
 """Datasets and the public/private partition (docs/DESIGN.md, "Data and the partition").
 
-Sources, in order: `--data-root` (raw IDX files, with or without .gz, directly there or in torchvision's
-`<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's download. Debian's .gz
-files fail torchvision's md5 check, so the IDX files are read here directly.
+Built-in sets (Fashion-MNIST, MNIST), in order: `--data-root` (raw IDX files, with or without .gz, directly there
+or in torchvision's `<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's
+download. Debian's .gz files fail torchvision's md5 check, so the IDX files are read here directly.
+A user's own images (`folder`, an ImageFolder-style directory) and CIFAR-10 (`cifar10`, torchvision's layout) are
+read by `utils/folder_data.py`, at `--image-size` and `--channels`, from a decode cache.
 
-A split is held in memory as uint8; batches are scaled to [-1, 1]. `public` and `private` are a disjoint,
-seeded partition of the training set with a fingerprint of the index set; the test set is never trained on.
+A split is held in memory as uint8 (N, H, W) or (N, C, H, W); batches are scaled to [-1, 1] with a channel axis.
+`public` and `private` are a disjoint, seeded partition of the training set with a fingerprint of the index set
+(for `folder`/`cifar10`, of the index set and the fingerprint of the file list, so that another folder or a
+changed file is a different split); the test set is never trained on.
 """
 import gzip
 import hashlib
@@ -17,12 +21,14 @@ import numpy as np
 import torch
 
 from utils.cli import UserError
+from utils.folder_data import ImageRequest, load_image_set
 
 DATASETS = {
     "fashion-mnist": {"torchvision": "FashionMNIST", "debian": "/usr/share/datasets/fashion-mnist",
-                      "package": "dataset-fashion-mnist"},
-    "mnist": {"torchvision": "MNIST", "debian": None, "package": None},
+                      "package": "dataset-fashion-mnist", "num_classes": 10},
+    "mnist": {"torchvision": "MNIST", "debian": None, "package": None, "num_classes": 10},
 }
+IMAGE_SET_DATASETS = ("folder", "cifar10")  # read by utils/folder_data.py, any size and colour
 SPLITS = ("all", "public", "private")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -38,13 +44,24 @@ class ImageSplit:
     indices: torch.Tensor  # positions in the training (or test) set
     source: str
     partition: dict  # the private partition this split belongs to (what the privacy ledger records)
+    list_fingerprint: str = None  # folder/cifar10: fingerprint of the file list the indices point into
+    classes: tuple = None  # folder/cifar10: the class names (label i is classes[i])
 
     def __len__(self):
         return len(self.labels)
 
     @property
     def fingerprint(self) -> str:
-        return index_fingerprint(self.indices)
+        return index_fingerprint(self.indices, self.list_fingerprint)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else DATASETS[self.dataset]["num_classes"]
+
+    @property
+    def image_shape(self) -> tuple:
+        """(channels, height, width) of every image."""
+        return tuple(self.images.shape[1:]) if self.images.dim() == 4 else (1, *self.images.shape[1:])
 
     def batch(self, positions) -> tuple:
         """Images scaled to [-1, 1] with a channel axis, and labels."""
@@ -52,13 +69,19 @@ class ImageSplit:
 
 
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float().unsqueeze(1) / 127.5 - 1.0
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [-1, 1]."""
+    images = images_uint8.float()
+    return (images.unsqueeze(1) if images.dim() == 3 else images) / 127.5 - 1.0
 
 
-def index_fingerprint(indices: torch.Tensor) -> str:
-    """Short hash of a sorted index set: two runs used the same partition iff their fingerprints agree."""
+def index_fingerprint(indices: torch.Tensor, list_fingerprint: str = None) -> str:
+    """Short hash of a sorted index set (and of the file list it indexes, when given): two runs used the same
+    partition iff their fingerprints agree."""
     ordered = np.sort(np.asarray(indices, dtype=np.int64))
-    return hashlib.sha256(ordered.tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(ordered.tobytes())
+    if list_fingerprint is not None:
+        digest.update(list_fingerprint.encode())
+    return digest.hexdigest()[:16]
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -149,33 +172,92 @@ def partition(num_train: int, public_size: int, partition_seed: int = 0):
     return order[:public_size].sort().values, order[public_size:].sort().values
 
 
+@dataclass
+class LoadedPart:
+    """The training or test set of a dataset, before any partition."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str
+    list_fingerprint: str = None
+    classes: tuple = None
+
+
+def load_parts(dataset: str, data_root: str, request: ImageRequest, need_test: bool) -> tuple:
+    """(training set, test set or None) as `LoadedPart`s."""
+    if dataset in IMAGE_SET_DATASETS:
+        image_set = load_image_set(dataset, data_root, request or ImageRequest())
+        parts = [LoadedPart(*image_set.part(name), image_set.source, image_set.fingerprint, image_set.classes)
+                 for name in ("train", "test")]
+        return parts[0], parts[1] if need_test else None
+    if request is not None and (request.image_size or 28, request.channels or 1) != (28, 1):
+        raise UserError(f"--image-size and --channels apply to --dataset folder or cifar10; {dataset} is 28x28 grey")
+    train = LoadedPart(*load_dataset(dataset, data_root, "train"))
+    return train, LoadedPart(*load_dataset(dataset, data_root, "test")) if need_test else None
+
+
 def load_split(dataset: str, split: str, data_root: str = "data", public_size: int = 10000,
-               partition_seed: int = 0) -> ImageSplit:
-    """The training split `all | public | private`, or `test`."""
-    part = "test" if split == "test" else "train"
-    images, labels, source = load_dataset(dataset, data_root, part)
+               partition_seed: int = 0, request: ImageRequest = None) -> ImageSplit:
+    """The training split `all | public | private`, or `test`; `request` sets the shape of folder/cifar10 images."""
+    if dataset not in DATASETS and dataset not in IMAGE_SET_DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join((*DATASETS, *IMAGE_SET_DATASETS))}")
     if split not in SPLITS + ("test",):
         raise UserError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
-    num_train = len(labels) if part == "train" else len(load_dataset(dataset, data_root, "train")[1])
-    public, private = partition(num_train, public_size, partition_seed)
-    indices = {"public": public, "private": private}.get(split, torch.arange(len(labels)))
-    info = {"dataset": dataset, "private_fingerprint": index_fingerprint(private), "private_size": len(private),
-            "public_size": public_size, "partition_seed": partition_seed}
-    return ImageSplit(images[indices], labels[indices], dataset, split, indices, source, info)
+    train, test = load_parts(dataset, data_root, request, need_test=split == "test")
+    public, private = partition(len(train.labels), public_size, partition_seed)
+    data = test if split == "test" else train
+    indices = {"public": public, "private": private}.get(split, torch.arange(len(data.labels)))
+    info = {"dataset": dataset, "private_fingerprint": index_fingerprint(private, train.list_fingerprint),
+            "private_size": len(private), "public_size": public_size, "partition_seed": partition_seed}
+    return ImageSplit(data.images[indices], data.labels[indices], dataset, split, indices, data.source, info,
+                      train.list_fingerprint, train.classes)
 
 
 def add_data_args(parser, default_split: str = "public"):
     """--dataset, --data-root, the partition's flags and --split (none with `default_split=None`: a script that
     reads several splits, like evaluate.py)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    group.add_argument("--data-root", default="data", help="directory with the dataset's IDX files")
+    group.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS) + list(IMAGE_SET_DATASETS),
+                       help="'folder': your own images, one sub-folder per class under --data-root; 'cifar10': "
+                            "torchvision's cifar-10-batches-py under --data-root (never downloaded)")
+    group.add_argument("--data-root", default="data", help="directory with the dataset's files")
+    group.add_argument("--image-size", type=int, choices=(28, 32, 64), default=None,
+                       help="folder/cifar10: resize and centre-crop to this square (default: the images' own size)")
+    group.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                       help="folder/cifar10: 1 (grey) or 3 (RGB) (default: 1 if every image is grey, else 3)")
     if default_split is not None:
         group.add_argument("--split", default=default_split, choices=SPLITS,
                            help="training split; 'private' or 'all' without DP makes the final epsilon infinite")
     group.add_argument("--public-size", type=int, default=10000, help="size of the public part of the partition")
     group.add_argument("--partition-seed", type=int, default=0,
                        help="seed of the public/private partition (keep it fixed across stages)")
+
+
+def image_request(args, model_args: dict = None) -> ImageRequest:
+    """The image shape to load: --image-size/--channels when given, else (folder/cifar10) the shape the model in
+    `model_args` was built for, so that a later stage reads the data as the first stage did with no flags."""
+    built_for = model_args if model_args and args.dataset in IMAGE_SET_DATASETS else {}
+    # getattr: the saved args of a run from before image sizes existed have neither option
+    return ImageRequest(getattr(args, "image_size", None) or built_for.get("image_size"),
+                        getattr(args, "channels", None) or built_for.get("image_channels"))
+
+
+def model_shape(split: ImageSplit) -> dict:
+    """The shape arguments a Generator or Discriminator for this data takes (and records in its model_args)."""
+    channels, height, width = split.image_shape
+    return {"num_classes": split.num_classes, "image_channels": channels, "image_size": height}
+
+
+def check_data_fits(split: ImageSplit, model_args: dict):
+    """Refuse data of another shape or class count than the model was built for (one line, naming both)."""
+    built_for = {"num_classes": model_args["num_classes"],
+                 "image_channels": model_args.get("image_channels", 1), "image_size": model_args.get("image_size", 28)}
+    if model_shape(split) != built_for:
+        have, want = model_shape(split), built_for
+        raise UserError(f"the {split.dataset} data is {have['image_channels']}x{have['image_size']}x"
+                        f"{have['image_size']} with {have['num_classes']} classes, but the model was built for "
+                        f"{want['image_channels']}x{want['image_size']}x{want['image_size']} with "
+                        f"{want['num_classes']}: use the --dataset, --data-root and --image-size/--channels of "
+                        f"the first stage")
 
 
 class EpochBatches:

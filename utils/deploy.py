@@ -1,4 +1,7 @@
-"""The compact generator as it ships: weights stored as real integers, and a self-contained exported program.
+"""The compact generator as it ships: the on-device artifact, the integer weight file and a debugging export.
+
+What a device runs is `generator.onnx` (utils/runtime.py: ONNX Runtime, integer weights inside, a torch-free
+runner `ort_runner.py` beside it); `write_device_artifacts` writes and checks all three files.
 
 Integer artifact (`generator_int.pt`, read with `torch.load(weights_only=True)`): a dict
 
@@ -13,7 +16,8 @@ zero pad nibble when the count is odd) for <= 4 bits, `int16` for 9-16 bits. A f
 entirely in `float`. Loading sets each float weight to q * scale: exactly the fake-quantised weight the compact
 model uses in eval mode, so the reloaded model's eval output is bit-identical.
 
-Exported program (`generator.pt2`): `torch.export` of the eval-mode compact generator with the weight
+Exported program (`generator.pt2`), a float debugging export (its weights are stored as floats, so it is as large
+as a float model): `torch.export` of the eval-mode compact generator with the weight
 quantisation folded in (weights replaced by their dequantised values q * scale, so no rounding of weights at run
 time; activation quantisation stays, it is part of the function). Inputs: z float32 [N, nz], labels int64 [N],
 N dynamic. A process with only torch runs it: `torch.export.load(path).module()(z, labels)`.
@@ -32,6 +36,7 @@ FORMAT = "device-gan-generator-int"
 FORMAT_VERSION = 1
 ARTIFACT_NAME = "generator_int.pt"
 PROGRAM_NAME = "generator.pt2"
+PROGRAM_NOTE = "float debugging export (weights stored as floats); the device artifact is generator.onnx"
 INT4_OFFSET = 8
 DEPLOY_TOLERANCE = 1e-6  # a reloaded artifact or exported program vs the model it was written from
 
@@ -205,7 +210,9 @@ def load_program(path: str) -> torch.nn.Module:
 @torch.no_grad()
 def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) -> dict:
     """The integer artifact and the exported program of stages 4 and 5, each reloaded and checked against the
-    eval-mode generator on fixed seeded inputs (RuntimeError above DEPLOY_TOLERANCE)."""
+    eval-mode generator on fixed seeded inputs (RuntimeError above DEPLOY_TOLERANCE), and the on-device artifact
+    with its runner, checked in ONNX Runtime (`utils.runtime.write_runtime_files`, its own tolerance)."""
+    from utils.runtime import VerifySettings, write_runtime_files
     model = copy.deepcopy(generator).cpu().eval()
     artifact_path, program_path = os.path.join(run_dir, ARTIFACT_NAME), os.path.join(run_dir, PROGRAM_NAME)
     artifact_bytes = save_artifact(model, artifact_path)
@@ -218,9 +225,10 @@ def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) ->
     for name, diff in diffs.items():
         if not diff <= DEPLOY_TOLERANCE:
             raise RuntimeError(f"the reloaded {name} differs from the generator it was written from by {diff:.3g}")
+    runtime = write_runtime_files(model, run_dir, VerifySettings(seed=seed + 2))
     return {"artifact": ARTIFACT_NAME, "artifact_bytes": artifact_bytes, "program": PROGRAM_NAME,
-            "program_bytes": os.path.getsize(program_path), "max_abs_diff_artifact": diffs["artifact"],
-            "max_abs_diff_program": diffs["program"]}
+            "program_bytes": os.path.getsize(program_path), "program_note": PROGRAM_NOTE,
+            "max_abs_diff_artifact": diffs["artifact"], "max_abs_diff_program": diffs["program"], **runtime}
 
 
 # ---------------------------------------------------------------- device cost report

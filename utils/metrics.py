@@ -42,15 +42,18 @@ CLASSIFIER_VERSION = 1  # bump when SmallCNN or its training changes: invalidate
 
 
 class SmallCNN(nn.Module):
-    """conv3x3(16) - ReLU - pool - conv3x3(32) - ReLU - pool - fc(hidden) - ReLU [features] - fc(classes)."""
+    """conv3x3(16) - ReLU - pool - conv3x3(32) - ReLU - pool - fc(hidden) - ReLU [features] - fc(classes), for
+    (image_channels, image_size, image_size) inputs (1x28x28 by default)."""
 
-    def __init__(self, num_classes: int = 10, channels=(16, 32), hidden: int = 128, image_channels: int = 1):
+    def __init__(self, num_classes: int = 10, channels=(16, 32), hidden: int = 128, image_channels: int = 1,
+                 image_size: int = 28):
         super().__init__()
         c0, c1 = channels
+        self.shape_args = {"num_classes": num_classes, "image_channels": image_channels, "image_size": image_size}
         self.body = nn.Sequential(
             nn.Conv2d(image_channels, c0, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c0, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(c1 * 7 * 7, hidden), nn.ReLU())
+            nn.Flatten(), nn.Linear(c1 * (image_size // 4) ** 2, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,18 +65,24 @@ class SmallCNN(nn.Module):
 
 # ---------------------------------------------------------------- classifier training
 
-def seeded_classifier(seed: int, num_classes: int = 10) -> SmallCNN:
-    """A freshly initialised SmallCNN that depends only on `seed` (the global RNG is left untouched)."""
+def classes_in(*label_sets) -> int:
+    """Number of classes of labelled data: one more than the largest label."""
+    return 1 + max(int(labels.max()) for labels in label_sets)
+
+
+def seeded_classifier(seed: int, num_classes: int = 10, image_shape=(1, 28, 28)) -> SmallCNN:
+    """A freshly initialised SmallCNN for (C, S, S) images that depends only on `seed` (the global RNG is left
+    untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SmallCNN(num_classes)
+        return SmallCNN(num_classes, image_channels=image_shape[0], image_size=image_shape[-1])
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, batch_size: int = 128,
                      lr: float = 1e-3, max_steps: int = None, device="cpu", desc: str = "classifier",
                      num_classes: int = 10) -> SmallCNN:
-    """Train a SmallCNN on images in [-1, 1] (N, 1, H, W) for a fixed number of epochs (or `max_steps`)."""
-    model = seeded_classifier(seed, num_classes).to(device)
+    """Train a SmallCNN on images in [-1, 1] (N, C, H, W) for a fixed number of epochs (or `max_steps`)."""
+    model = seeded_classifier(seed, num_classes, tuple(images.shape[1:])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr)
     rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, -(-len(labels) // batch_size))
@@ -112,7 +121,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 def downstream_accuracy(train_images, train_labels, test_images, test_labels, epochs: int, seed: int,
                         max_steps: int = None, device="cpu", desc: str = "downstream") -> float:
     """Test accuracy of a SmallCNN trained only on (train_images, train_labels), after its last epoch."""
-    model = train_classifier(train_images, train_labels, epochs, seed, max_steps=max_steps, device=device, desc=desc)
+    model = train_classifier(train_images, train_labels, epochs, seed, max_steps=max_steps, device=device, desc=desc,
+                             num_classes=classes_in(train_labels, test_labels))
     return accuracy(model, test_images, test_labels)
 
 
@@ -142,17 +152,19 @@ def reference_classifier(cache_dir: str, dataset: str, train, test, settings: di
     path = os.path.join(cache_dir, f"{dataset}-{key}.pt")
     if os.path.isfile(path):
         checkpoint = load_checkpoint(path, "reference")
-        model = SmallCNN(checkpoint["num_classes"])
+        model = SmallCNN(**checkpoint.get("shape_args", {"num_classes": checkpoint["num_classes"]}))
         model.load_state_dict(checkpoint["classifier"])
         return model.to(device).eval(), {**checkpoint["info"], "path": path, "cached": True}
     start = time.time()
     model = train_classifier(*train, epochs=settings["epochs"], seed=settings["seed"],
-                             max_steps=settings.get("max_steps"), device=device, desc="reference classifier")
+                             max_steps=settings.get("max_steps"), device=device, desc="reference classifier",
+                             num_classes=classes_in(train[1], test[1]))
     info = {"dataset": dataset, "train_fingerprint": fingerprint, "train_size": len(train[1]), "key": key,
             "settings": settings, "test_accuracy": accuracy(model, *test), "train_seconds": time.time() - start}
     os.makedirs(cache_dir, exist_ok=True)
     save_checkpoint(cache_dir, {"stage": "reference", "classifier": {k: v.cpu() for k, v in model.state_dict().items()},
-                                "num_classes": model.head.out_features, "info": info, "versions": versions()},
+                                "num_classes": model.head.out_features, "shape_args": model.shape_args,
+                                "info": info, "versions": versions()},
                     name=os.path.basename(path))
     return model, {**info, "path": path, "cached": False}
 

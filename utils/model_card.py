@@ -97,6 +97,25 @@ def _table(rows: list, columns: list) -> list:
     return lines
 
 
+def _artifact_lines(a: dict) -> list:
+    """What ships (generator.onnx), the other files, and the cost table measured at the end of the stage."""
+    lines = [f"- on-device artifact: {a.get('runtime_artifact') or 'not written'} ({a.get('runtime_bytes', '-')} "
+             f"bytes, {a.get('runtime', 'ONNX Runtime')}); run it without torch with {a.get('runtime_runner', '-')};"
+             f" layers in float arithmetic: {', '.join(a.get('runtime_float_layers', [])) or '-'}; max abs "
+             f"difference to the model {_fmt(a.get('runtime_max_abs_diff'))}"
+             + (f"; {a['runtime_note']}" if a.get("runtime_note") else ""),
+             f"- integer weight file: {a.get('artifact', 'not written')} ({a.get('artifact_bytes', '-')} bytes); "
+             f"{a.get('program', 'generator.pt2')} ({a.get('program_bytes', '-')} bytes) is a float debugging export"]
+    if a.get("cost"):
+        rows = [{"model": name, "bytes": row["bytes"], "ms (b=1)": row["latency_ms"],
+                 "img/s": row["images_per_s"], "bytes xT": row["vs_teacher"]["bytes"],
+                 "latency xT": row["vs_teacher"]["latency_ms"], "img/s xT": row["vs_teacher"]["images_per_s"]}
+                for name, row in a["cost"].items()]
+        lines += ["", "Cost on this machine's CPU, one process (xT: ratio to the teacher in eager torch):", ""]
+        lines += _table(rows, list(rows[0]))
+    return lines
+
+
 def render_markdown(card: dict) -> str:
     m, d, p, t, a = card["model"], card["data"], card["privacy"], card["training"], card["artifacts"]
     headline = "**Differential privacy**" if p["guarantee"] else "**WARNING**"
@@ -119,8 +138,7 @@ def render_markdown(card: dict) -> str:
     lines += _table(p["public_data"], ["stage", "split", "size", "run"])
     lines += ["", "## Model and device artifact", "",
               f"- widths {m['channels']}, {m['bits']}-bit weights and activations, {m['parameters']:,} parameters",
-              f"- integer artifact: {a.get('artifact', 'not written')} ({a.get('artifact_bytes', '-')} bytes); "
-              f"exported program: {a.get('program', 'not written')} ({a.get('program_bytes', '-')} bytes)",
+              *_artifact_lines(a),
               f"- run: {m['run_dir']}; parent: {m['parent']} (both relative to the pipeline directory)", "",
               "## Training", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in t.items() if value is not None]

@@ -12,7 +12,7 @@ from utils.checkpoint import read_metrics  # noqa: E402
 from utils.deploy import COST_METRICS  # noqa: E402
 from utils.gan import fixed_inputs, generate  # noqa: E402
 
-BAR_COLOURS = ["#777777", "#4c72b0", "#dd8452", "#55a868"]
+BAR_COLOURS = ["#777777", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
 
 
 def sample_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:

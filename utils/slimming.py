@@ -5,6 +5,13 @@ The channel scales are the gammas (weights) of the `PrunableBatchNorm2d` of ever
 After each optimiser step they are soft-thresholded, `g <- sign(g) * max(|g| - lr * rho, 0)`. A channel whose
 gamma is exactly 0 is dead for good: `alive` is cleared, gamma and beta are pinned to 0 (so the channel outputs
 exactly 0 and compression can drop it without changing the function) and its optimiser state is zeroed.
+
+Uniform L1 (GAN Slimming) gives every channel the same threshold. The cost-weighted option (`channel_costs`,
+penalty "cost") scales each channel's threshold by what the channel carries in the network as it is now (live
+widths): its share of the parameters plus its share of the multiply-accumulates (its own conv output channel and
+the next layer's input channel), normalised so that the mean weight over the live channels is 1, so rho keeps its
+meaning.
+
 `SlimmingStep` is the student's step for `utils.trainer.Trainer`: the discriminator's real samples are the stored
 teacher images with their labels, and the student's loss is beta * distillation + GAN loss (non-saturating, or the
 recipe's `--loss`, with its `--augment` on teacher and student images alike).
@@ -14,11 +21,13 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from models import PRUNABLE_LAYERS
 from utils.gan import d_loss, g_loss
 from utils.trainer import TrainingStep
 from utils.training import batches_from
 
 DISTILL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+PENALTIES = ("uniform", "cost")  # L1 weight per channel: the same for all, or by the channel's cost
 
 
 def prunable_norms(generator_model) -> list:
@@ -42,11 +51,64 @@ def soft_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proximal_step(generator_model, lr: float, rho: float):
-    """The L1 proximal step on every gamma (threshold lr * rho), then mark the channels it zeroed as dead."""
-    for gamma in gamma_parameters(generator_model):
-        gamma.copy_(soft_threshold(gamma, lr * rho))
+def proximal_step(generator_model, lr: float, rho: float, weights: list = None):
+    """The L1 proximal step on every gamma (threshold lr * rho, times the layer's weight from `channel_costs` when
+    given), then mark the channels it zeroed as dead."""
+    weights = weights or [1.0] * len(PRUNABLE_LAYERS)
+    for gamma, weight in zip(gamma_parameters(generator_model), weights):
+        gamma.copy_(soft_threshold(gamma, lr * rho * weight))
     mark_dead(generator_model)
+
+
+@dataclass
+class ChannelCost:
+    """How a channel's cost mixes its share of the parameters and its share of the MACs."""
+    params: float = 1.0
+    macs: float = 1.0
+
+
+def _conv_geometry(conv, size_in: int) -> tuple:
+    """(weights per (input, output) channel pair, output side) of a conv or transposed conv."""
+    kh, kw = conv.kernel_size
+    if isinstance(conv, torch.nn.ConvTranspose2d):
+        size_out = (size_in - 1) * conv.stride[0] - 2 * conv.padding[0] + kh
+    else:
+        size_out = (size_in + 2 * conv.padding[0] - kh) // conv.stride[0] + 1
+    return kh * kw, size_out
+
+
+def layer_costs(generator_model) -> list:
+    """Per prunable layer, (parameters, MACs per image) that one of its live channels carries: its column of its
+    own conv and its slice of the next conv's input, plus its BatchNorm gamma and beta."""
+    convs = [block.conv for block in generator_model.blocks()] + [generator_model.to_image]
+    live = [max(1, n) for n in generator_model.active_channels()]
+    widths = [convs[0].in_channels] + live + [convs[-1].out_channels]
+    size, taps, sizes_in = 1, [], []
+    for conv in convs:
+        sizes_in.append(size)
+        kernel, size = _conv_geometry(conv, size)
+        taps.append(kernel)
+    costs = []
+    for i in range(len(live)):
+        own, nxt = widths[i] * taps[i], widths[i + 2] * taps[i + 1]
+        # a transposed conv's MACs scale with its input pixels, a conv's with its output pixels
+        own_pixels = sizes_in[i] ** 2 if isinstance(convs[i], torch.nn.ConvTranspose2d) else sizes_in[i + 1] ** 2
+        next_pixels = (sizes_in[i + 1] ** 2 if isinstance(convs[i + 1], torch.nn.ConvTranspose2d)
+                       else _conv_geometry(convs[i + 1], sizes_in[i + 1])[1] ** 2)
+        costs.append((own + nxt + 2, own * own_pixels + nxt * next_pixels))
+    return costs
+
+
+def channel_costs(generator_model, cost: ChannelCost = ChannelCost()) -> list:
+    """Per prunable layer, the L1 weight of each of its channels: cost.params x (parameter share) + cost.macs x
+    (MAC share), normalised to mean 1 over the live channels."""
+    costs = layer_costs(generator_model)
+    live = [max(1, n) for n in generator_model.active_channels()]
+    total_params = sum(n * p for n, (p, _) in zip(live, costs))
+    total_macs = sum(n * m for n, (_, m) in zip(live, costs))
+    raw = [cost.params * p / total_params + cost.macs * m / total_macs for p, m in costs]
+    mean = sum(n * r for n, r in zip(live, raw)) / sum(live)
+    return [r / mean for r in raw]
 
 
 @torch.no_grad()
@@ -72,21 +134,24 @@ def enforce_dead(generator_model, optimizers=()):
 
 @dataclass(frozen=True)
 class SlimmingConfig:
-    """The student's loss: rho (L1 weight on the channel scales), beta (distillation over GAN loss)."""
+    """The student's loss: rho (L1 weight on the channel scales), beta (distillation over GAN loss), penalty
+    ("uniform": the same L1 weight for every channel; "cost": weighted by `channel_costs`)."""
     rho: float
     beta: float
     distill_loss: str = "l1"
+    penalty: str = "uniform"
 
     @classmethod
     def from_args(cls, args) -> "SlimmingConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        # a run saved before a field existed (resume) gets the field's default
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1",
-                  recipe=None) -> dict:
+                  penalty: str = "uniform", recipe=None) -> dict:
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
-    step on the channel scales and the pinning of dead channels. `optimizers`: "d", "g" (Adam, the student's
-    other weights) and "gamma" (SGD, the channel scales)."""
+    step on the channel scales (weighted per layer by `channel_costs` when `penalty` is "cost") and the pinning
+    of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales)."""
     z, labels, target = batch
     fake = G(z, labels)
     optimizers["d"].zero_grad(set_to_none=True)
@@ -104,7 +169,8 @@ def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distil
     (beta * distill + adversarial).backward()
     optimizers["g"].step()
     optimizers["gamma"].step()
-    proximal_step(G, optimizers["gamma"].param_groups[0]["lr"], rho)
+    weights = channel_costs(G) if penalty == "cost" else None
+    proximal_step(G, optimizers["gamma"].param_groups[0]["lr"], rho, weights)
     enforce_dead(G, (optimizers["g"], optimizers["gamma"]))
     return {"d_loss": discriminator_loss.item(), "g_loss": adversarial.item(), "distill_loss": distill.item()}
 
@@ -130,7 +196,8 @@ class SlimmingStep(TrainingStep):
     def optimize_parameters(self, batch, step: int) -> dict:
         c = self.config
         return slimming_step(self.generator, self.discriminator, self.optimizers,
-                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, self.recipe)
+                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, c.penalty,
+                             self.recipe)
 
     def log_fields(self) -> dict:
         return {"active_channels": self.generator.active_channels()}
