@@ -5,8 +5,11 @@ Inputs: the latest run of every generator stage found under --out (teacher, stud
 runs named with --runs (or in RUNS at the top of this script). For each generator:
   quality   Frechet distance (FD) between class-balanced generated samples and the real test set, in the
             penultimate-layer features of a reference CNN trained on the real training set (trained once, cached
-            under <out>/reference/, its own test accuracy reported); downstream accuracy of the same CNN trained
-            only on class-balanced generated samples and tested on the real test set (fixed epochs, final epoch);
+            under <out>/reference/, its own test accuracy reported); precision and recall (k-NN manifolds, k = 3)
+            against as many real test images, in the same features (low recall: within-class collapse);
+            downstream accuracy by the published protocol of Bie et al. 2023 (utils.metrics.PROTOCOL: 60k
+            class-balanced samples, the last 5k held out to choose the epoch, the PyTorch MNIST-example CNN,
+            10 epochs; the real test set chooses nothing), or with --quick its labelled quick variant;
   cost      parameters, MACs per image, bytes on disk of the deployable artifact (or of the float state dict
             where a run has no artifact; the table says which), CPU latency at batch 1 and throughput at batch
             256, each also as a ratio to the teacher;
@@ -28,6 +31,7 @@ import copy
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -38,8 +42,8 @@ from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, p
 from utils.data import add_data_args, check_data_fits, image_request, load_split, to_unit_range
 from utils.distributed import single_process_device
 from utils.files import write_json, write_text
-from utils.metrics import (downstream_accuracy, feature_statistics, frechet_distance, membership_auc, predict,
-                           reference_classifier)
+from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
+                           precision_recall, predict, protocol_accuracy, protocol_variant, reference_classifier)
 from utils.plots import plot_tradeoff, side_by_side_samples
 from utils.privacy import ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, warn_if_not_private
 from utils.training import Run, maybe_dry_run
@@ -52,9 +56,11 @@ GENERATOR_STAGES = ("teacher", "student", "compact", "private")
 RUNS = None
 TEACHER_DIR = None
 PRESETS = {
-    "full": {"num_fd_samples": 10000, "num_downstream_samples": 60000, "classifier_epochs": 3,
+    "full": {"num_fd_samples": 10000, "num_downstream_samples": PROTOCOL.num_samples,
+             "downstream_epochs": PROTOCOL.epochs, "classifier_epochs": 3,
              "audit_samples": 10000, "audit_members": 1000, "latency_repeats": 50, "throughput_repeats": 10},
-    "quick": {"num_fd_samples": 2000, "num_downstream_samples": 10000, "classifier_epochs": 1,
+    "quick": {"num_fd_samples": 2000, "num_downstream_samples": QUICK_PROTOCOL.num_samples,
+              "downstream_epochs": QUICK_PROTOCOL.epochs, "classifier_epochs": 1,
               "audit_samples": 2000, "audit_members": 500, "latency_repeats": 20, "throughput_repeats": 3},
 }
 
@@ -79,10 +85,14 @@ def parse_args(argv=None):
     add_input_arg(parser, "--teacher", "TEACHER_DIR", "baseline of the cost ratios",
                   "the evaluated teacher, else the evaluated runs' teacher, else <out>/teacher/latest")
     group = parser.add_argument_group("quality")
-    group.add_argument("--quick", action="store_true", help="fewer samples and one classifier epoch (fast pipeline)")
-    add_preset_option(group, "num_fd_samples", "generated samples for the Frechet distance")
-    add_preset_option(group, "num_downstream_samples", "generated samples the downstream classifier trains on")
-    add_preset_option(group, "classifier_epochs", "epochs of the reference and downstream classifiers")
+    group.add_argument("--quick", action="store_true",
+                       help="fewer samples, the quick variant of the downstream protocol (fast pipeline; labelled)")
+    add_preset_option(group, "num_fd_samples", "generated samples for the Frechet distance and precision/recall")
+    add_preset_option(group, "num_downstream_samples",
+                      "generated samples of the downstream protocol, its hold-out included (another number than "
+                      "the protocol's makes it a labelled variant)")
+    add_preset_option(group, "downstream_epochs", "epochs of the downstream protocol's classifier")
+    add_preset_option(group, "classifier_epochs", "epochs of the reference classifier")
     group = parser.add_argument_group("privacy")
     group.add_argument("--delta", type=positive_float, default=1e-5, help="delta of the reported epsilon")
     group.add_argument("--accountant", default="prv", choices=ACCOUNTANTS, help="accountant composing the ledger")
@@ -104,6 +114,12 @@ def apply_preset(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def downstream_protocol(args):
+    """The published protocol, its quick variant with --quick, or a named variant of either for other counts."""
+    return protocol_variant(QUICK_PROTOCOL if args.quick else PROTOCOL, args.num_downstream_samples,
+                            args.downstream_epochs)
 
 
 # ---------------------------------------------------------------- inputs
@@ -203,9 +219,10 @@ def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
 
 
 def quality(G, checkpoint, context, args, device, timings) -> dict:
-    """FD, downstream accuracy and the membership audit, all from one pool of generated samples; where the run
-    has a runtime artifact, FD and downstream accuracy of the artifact's own samples too (same z and labels)."""
-    size = max(args.num_fd_samples, args.num_downstream_samples, args.audit_samples)
+    """FD, precision/recall, downstream accuracy and the membership audit, all from one pool of generated
+    samples; where the run has a runtime artifact, FD, precision/recall and downstream accuracy of the artifact's
+    own samples too (same z and labels)."""
+    size = max(args.num_fd_samples, context["protocol"].num_samples, args.audit_samples)
     start = time.time()
     images, labels = generated_pool(G, size, args.seed, device, checkpoint["label"])
     timings["generate_s"], start = time.time() - start, time.time()
@@ -225,17 +242,21 @@ def quality(G, checkpoint, context, args, device, timings) -> dict:
 
 
 def sample_quality(images, labels, context, args, device, desc: str, timings: dict) -> dict:
-    """FD of the first --num-fd-samples and downstream accuracy of a CNN trained on the first
-    --num-downstream-samples of `images`."""
+    """FD and precision/recall of the first --num-fd-samples of `images`, and their downstream accuracy under
+    the run's protocol (its first `num_samples`, the tail held out)."""
     start = time.time()
     features = predict(context["reference"], images[:args.num_fd_samples], features=True)
     fd = frechet_distance(*feature_statistics(features.numpy()), *context["test_stats"])
-    timings["fd_s"], start = time.time() - start, time.time()
-    n = args.num_downstream_samples
-    acc = downstream_accuracy(images[:n], labels[:n], *context["data"]["test"], epochs=args.classifier_epochs,
-                              seed=args.seed, max_steps=args.max_steps, device=device, desc=f"downstream {desc}")
+    coverage = precision_recall(context["test_features"][:len(features)], features)
+    timings["fd_pr_s"], start = time.time() - start, time.time()
+    protocol = context["protocol"]
+    n = protocol.num_samples
+    downstream = protocol_accuracy(images[:n], labels[:n], *context["data"]["test"], protocol, device,
+                                   desc=f"downstream {desc}")
     timings["downstream_s"] = time.time() - start
-    return {"fd": fd, "downstream_accuracy": acc}
+    return {"fd": fd, "precision": coverage["precision"], "recall": coverage["recall"],
+            "downstream_accuracy": downstream["test_accuracy"], "downstream_epoch": downstream["epoch"],
+            "downstream_holdout_accuracy": downstream["holdout_accuracy"]}
 
 
 def audit(generated, generated_labels, data: dict, same_label: bool) -> float:
@@ -310,15 +331,23 @@ def ratio(row, key) -> str:
 
 
 TABLE_COLUMNS = ("stage", "run", "params", "MACs", "bytes on disk", "latency ms (b=1)", "img/s (b=256)",
-                 "params ×T", "MACs ×T", "bytes ×T", "latency ×T", "img/s ×T", "FD ↓", "downstream acc ↑",
-                 "epsilon", "delta", "MIA AUC")
+                 "params ×T", "MACs ×T", "bytes ×T", "latency ×T", "img/s ×T", "FD ↓", "precision ↑", "recall ↑",
+                 "downstream acc ↑", "epsilon", "delta", "MIA AUC")
+
+
+def table_columns(protocol) -> list:
+    """TABLE_COLUMNS with the downstream column labelled by its protocol (published, quick or a variant)."""
+    label = "Bie et al. 2023" if protocol == PROTOCOL else ("quick variant" if protocol == QUICK_PROTOCOL
+                                                             else protocol.name)
+    return [f"{name} ({label})" if name == "downstream acc ↑" else name for name in TABLE_COLUMNS]
 
 
 def table_row(row) -> list:
     return [row["label"], row["run"], human(row["parameters"]), human(row["macs"]),
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
             f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in deploy.COST_KEYS), f"{row['fd']:.2f}",
-            f"{100 * row['downstream_accuracy']:.1f}%", format_epsilon(row), f"{row['delta']:g}",
+            f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{100 * row['downstream_accuracy']:.1f}%",
+            format_epsilon(row), f"{row['delta']:g}",
             f"{row['mia_auc']:.3f}"]
 
 
@@ -351,7 +380,8 @@ def _ratio(ratios: dict, key: str) -> str:
 
 
 def results_markdown(rows, reference: dict, baseline_run, args) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    protocol = downstream_protocol(args)
+    lines = ["| " + " | ".join(table_columns(protocol)) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
     lines += shipped_table(rows)
     members = rows[0]["audit"]["members"] if rows else 0
@@ -360,9 +390,9 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
               f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"
               f" ({'cached' if reference['cached'] else 'trained'}: {reference['path']}).",
               f"FD: {args.num_fd_samples} class-balanced generated samples against the real test set, in the "
-              f"reference classifier's penultimate features. Downstream: the same CNN trained on "
-              f"{args.num_downstream_samples} generated samples for {args.classifier_epochs} epoch(s), final-epoch "
-              f"accuracy on the real test set.",
+              f"reference classifier's penultimate features. Precision/recall: k-NN manifolds (k = 3, "
+              f"Kynkaenniemi et al. 2019) of the same samples and as many real test images, same features.",
+              f"Downstream: {protocol.describe()}.",
               f"MIA AUC: distance-to-nearest of {args.audit_samples} generated samples"
               f"{' of the same label' if args.audit_same_label else ''}, {members} private-split members vs "
               f"{members} test non-members (0.5 = no measurable leakage).",
@@ -376,6 +406,7 @@ def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, dev
     write_text(run.path("results.md"), table)
     write_json(run.path("results.json"),
                {"rows": rows, "reference_classifier": reference, "teacher_baseline": baseline_run,
+                "downstream_protocol": asdict(downstream_protocol(args)),
                 "settings": {key: getattr(args, key) for key in (*PRESETS["full"], "audit_same_label", "delta",
                                                                  "accountant", "seed", "max_steps", "quick")}})
     side_by_side_samples({checkpoint["label"]: build_generator(checkpoint) for checkpoint in runs},
@@ -392,9 +423,11 @@ def prepare_reference(args, data, device) -> dict:
     model, info = reference_classifier(os.path.join(args.out, "reference"), args.dataset, data["train"],
                                        data["test"], settings, device)
     start = time.time()
-    test_stats = feature_statistics(predict(model, data["test"][0], features=True).numpy())
+    test_features = predict(model, data["test"][0], features=True)
     info["test_features_s"] = time.time() - start
-    return {"reference": model, "reference_info": info, "test_stats": test_stats, "data": data}
+    order = torch.randperm(len(test_features), generator=torch.Generator().manual_seed(args.seed + 2))
+    return {"reference": model, "reference_info": info, "test_stats": feature_statistics(test_features.numpy()),
+            "test_features": test_features[order], "data": data, "protocol": downstream_protocol(args)}
 
 
 def load_inputs(args) -> tuple:

@@ -46,6 +46,7 @@ from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
 from utils.audit import AUDIT_CONTROLS, AuditSettings, audit_split, make_canaries
 from utils.privacy import inherit, is_private, record_audit, record_data_read, warn_if_not_private
+from utils.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.runtime import shipped_cost_rows, shipped_summary
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="D steps between checkpoints (also at every epoch end)")
     add_dp_args(parser, default_target_epsilon=10.0)
+    add_recipe_args(parser, losses=False)
     add_speed_args(parser)
     add_audit_args(parser)
     add_common_args(parser)
@@ -114,6 +116,8 @@ def build_models(source: dict, device):
     """The generator (compact widths and bits) and discriminator of a compact or private checkpoint; a fresh
     discriminator (seeded) when the checkpoint has none."""
     G = build_generator(source)
+    if "generator_live" in source:  # a resumed run with a weight average: train on from the trained weights
+        G.load_state_dict(source["generator_live"])
     if "discriminator" in source:
         D = build_discriminator(source)
     else:
@@ -255,13 +259,14 @@ def fine_tune(args, device):
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
     data_parallel([G, D], [optimizers["g"]])  # D's DP optimizer reduces its own gradients (utils/dp.py)
+    recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step), G, args.seed)
     step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run,
-                  broken_clipping_norm=broken_clipping_norm(args))
+                  broken_clipping_norm=broken_clipping_norm(args), recipe=recipe)
     parent = checkpoint["parent"] if checkpoint is not None else source["run_dir"]
     steps = Trainer(step, run, train, args=args, parent=parent, data=data_fields(split)).fit()
     if not is_writer():
         return run.run_dir
-    card = write_outputs(run, G, config, device, args)
+    card = write_outputs(run, step.sampling_generator(), config, device, args)
     return run.finish(f"{steps} D steps; {card['privacy']['statement']}")
 
 

@@ -23,6 +23,7 @@ from utils.files import write_json
 from utils.gan import generate
 from utils.plots import plot_curves, plot_losses, side_by_side_samples
 from utils.privacy import inherit, warn_if_not_private
+from utils.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.slimming import DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, gamma_parameters, other_parameters
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="steps between checkpoints (also at every epoch end)")
+    add_recipe_args(parser, averaging=False)
     add_common_args(parser)
     add_resume_arg(parser)
     return parser.parse_args(argv)
@@ -173,7 +175,8 @@ def make_step(args, run: Run, distill, teacher_checkpoint, device) -> SlimmingSt
     ledger = run.checkpoint["privacy"] if run.checkpoint is not None else inherit(distill.ledger)
     warn_if_not_private(ledger)
     batches = ShardedBatches(EpochBatches(distill, args.batch_size, args.seed))  # this rank's part of each batch
-    return SlimmingStep(G, D, optimizers, batches, args.epochs, ledger, SlimmingConfig.from_args(args), device)
+    return SlimmingStep(G, D, optimizers, batches, args.epochs, ledger, SlimmingConfig.from_args(args), device,
+                        Recipe(RecipeConfig.from_args(args), G, args.seed))
 
 
 def main(args):

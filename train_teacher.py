@@ -18,6 +18,7 @@ from utils.distributed import ShardedBatches, check_divisible, data_parallel, di
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
+from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -48,15 +49,21 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
+    add_recipe_args(parser, ema_decay=None,
+                    ema_help=f" (default: {TEACHER_EMA_DECAY} without --dp, measured; none with --dp, not measured)")
     add_common_args(parser)
     add_resume_arg(parser)
     return parser.parse_args(argv)
 
 
 def build_models(args, checkpoint, split):
-    """Fresh G and D (seeded) for the data's size, colour and classes, or the ones of the run being resumed."""
+    """Fresh G and D (seeded) for the data's size, colour and classes, or the ones of the run being resumed (G:
+    the trained weights, not the weight average that the checkpoint's "generator" holds when there is one)."""
     if checkpoint is not None:
-        return build_generator(checkpoint), build_discriminator(checkpoint)
+        G = build_generator(checkpoint)
+        if "generator_live" in checkpoint:
+            G.load_state_dict(checkpoint["generator_live"])
+        return G, build_discriminator(checkpoint)
     try:
         return (Generator(nz=args.nz, channels=args.g_channels, bits=32, **model_shape(split)),
                 Discriminator(channels=args.d_channels, **model_shape(split)))
@@ -84,18 +91,24 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
     data_parallel([G, D], [optimizers["g"]] if args.dp else list(optimizers.values()))
     train = TrainConfig.from_args(args)
+    config = DPConfig.from_args(args)
     if args.dp:
-        return DPStep(G, D, optimizers, split, ledger, plan, DPConfig.from_args(args), train, run)
+        recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step, ema_decay=0.0), G, args.seed)
+        return DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe=recipe)
     if run.checkpoint is None:
         record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
     warn_if_not_private(ledger)
     batches = ShardedBatches(EpochBatches(split, args.batch_size, args.seed))  # this rank's part of each batch
-    return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device)
+    recipe = Recipe(RecipeConfig.from_args(args, ema_decay=TEACHER_EMA_DECAY), G, args.seed)
+    return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device, recipe)
 
 
 def main(args):
     if args.dp and args.split != "private":
         raise UserError("--dp trains the teacher on the private split under DP-SGD: add --split private")
+    if args.dp and (args.loss != "non-saturating" or args.augment != "none"):
+        raise UserError("--loss and --augment apply to non-private training only; the DP discriminator step keeps "
+                        "the non-saturating loss without augmentation")
     if maybe_dry_run(args):
         return None
     with distributed(args.device) as device:  # under torchrun: this process's part of the group
@@ -116,7 +129,7 @@ def train_stage(args, device):
     step = make_step(args, run, split, ledger, plan, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()
     if is_writer():
-        save_training_figures(run.run_dir, step.generator, "DP teacher" if args.dp else "teacher losses",
+        save_training_figures(run.run_dir, step.sampling_generator(), "DP teacher" if args.dp else "teacher losses",
                               device, private=args.dp)
     return run.finish(f"{steps} {'DP discriminator ' if args.dp else ''}steps")
 

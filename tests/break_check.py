@@ -36,6 +36,7 @@ DIST = "tests/test_distributed.py"
 R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py", "tests/test_fine_tune.py",
                           "tests/test_teacher.py", "tests/test_evaluate.py", "tests/test_compress.py",
                           "tests/test_data.py", "tests/test_lifecycle.py")
+P = "tests/test_protocol.py"
 I, S = "tests/test_folder_data.py", "tests/test_model_shapes.py"
 
 BREAKS = [
@@ -122,6 +123,27 @@ BREAKS = [
           "evaluate.py reports a membership AUC of 0.5 whatever the generator"),
     Break("auc-half", "utils/metrics.py", "return rank_auc(member_scores.numpy(), nonmember_scores.numpy())",
           "return 0.5", (E,), "the membership AUC is always 0.5"),
+    # ------------------------------------------------------------ the downstream protocol and the recipe
+    Break("protocol-holdout-from-the-head", "utils/metrics.py",
+          "holdout_images, holdout_labels = images[-protocol.holdout:], labels[-protocol.holdout:]",
+          "holdout_images, holdout_labels = images[:protocol.holdout], labels[:protocol.holdout]",
+          (P + "::test_the_holdout_is_the_generated_tail_and_the_test_set_is_scored_once_after_the_choice",),
+          "the protocol chooses the epoch on samples it also trained on"),
+    Break("protocol-test-chooses", "utils/metrics.py", "curve.append(accuracy(model, holdout_images, holdout_labels))",
+          "curve.append(accuracy(model, test_images, test_labels))", (P + "::test_the_test_set_chooses_nothing",),
+          "the real test set chooses the reported epoch"),
+    Break("recall-without-generated-radii", "utils/metrics.py",
+          '"recall": manifold_coverage(real, fake, knn_radii(fake, k))',
+          '"recall": manifold_coverage(real, fake, knn_radii(real, k))', (P,),
+          "recall measures generated samples with the real set's radii: collapse no longer shows"),
+    Break("weight-average-not-restored", "utils/gan.py",
+          'self.recipe.load_state_dict(checkpoint["recipe"], checkpoint["generator"])', "pass",
+          (T + "::test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume",),
+          "a resumed teacher restarts its weight average from the live weights"),
+    Break("weight-average-not-saved", "utils/gan.py", 'return {"generator": self.sampling_generator(), **live,',
+          'return {"generator": self.generator, **live,',
+          (T + "::test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume",),
+          "the checkpoint's generator (what later stages sample) is the live generator, not the average"),
     # ------------------------------------------------------------ your own images (issue 15)
     Break("private-fingerprint-ignores-file-list", "utils/data.py", "digest.update(list_fingerprint.encode())",
           "digest.update(b'')", (I + "::test_partition_fingerprint_covers_the_file_list",),

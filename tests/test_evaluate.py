@@ -15,8 +15,8 @@ from utils.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_che
 from utils import deploy, runtime
 from utils.cli import run_script
 from utils.data import load_split, to_unit_range
-from utils.metrics import (downstream_accuracy, frechet_distance, frechet_distance_of, membership_auc,
-                           rank_auc, reference_classifier)
+from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, downstream_accuracy, frechet_distance, frechet_distance_of,
+                           membership_auc, rank_auc, reference_classifier)
 from utils.privacy import inherit, record_data_read
 
 
@@ -156,7 +156,8 @@ def make_fake_compact_run(teacher_dir, out):
 
 def eval_argv(data_root, out, *extra):
     return ["--out", out, *tiny_data_args(data_root), "--device", "cpu", "--num-fd-samples", "100",
-            "--num-downstream-samples", "200", "--classifier-epochs", "1", "--audit-samples", "100",
+            "--num-downstream-samples", "240", "--downstream-epochs", "1", "--classifier-epochs", "1",
+            "--audit-samples", "100",
             "--audit-members", "50", "--latency-repeats", "2", "--throughput-repeats", "1", "--max-steps", "5",
             *extra]
 
@@ -190,6 +191,8 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert rows["compact"]["run_dir"] == os.path.realpath(compact_dir)
     for row in rows.values():
         assert math.isfinite(row["fd"]) and 0 <= row["downstream_accuracy"] <= 1 and 0 <= row["mia_auc"] <= 1
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["downstream_epoch"] == 1
+        assert len(row["downstream_holdout_accuracy"]) == 1
         assert row["parameters"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
     # each row reports its own generator's measured FD and AUC, not a stand-in (and the FD of its generator.onnx's
     # own samples right after its model's, where it has one)
@@ -218,6 +221,9 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 2 * (1 + 2) - 1  # 2 tables
     assert "What ships: generator.onnx" in table
     assert "∞ (no DP guarantee)" in table and "Reference classifier" in table
+    assert "| FD ↓ | precision ↑ | recall ↑ | downstream acc ↑ (custom variant of Bie et al. 2023 (240 samples, " \
+           "1 epochs)) |" in table  # a variant is never labelled as the published protocol
+    assert results["downstream_protocol"]["holdout"] == 20 and results["downstream_protocol"]["num_samples"] == 240
     captured = capsys.readouterr()
     assert "NO differential-privacy guarantee" in captured.err  # the plain warning for the epsilon = inf run
     assert run_dir in captured.out
@@ -234,8 +240,12 @@ def test_evaluate_rejects_bad_input_with_one_line(tiny_data_root, tmp_path, caps
 
 def test_quick_preset_and_explicit_flags(capsys):
     args = evaluate.parse_args(["--quick", "--num-fd-samples", "123", "--dry-run"])
-    assert args.num_fd_samples == 123 and args.num_downstream_samples == 10000 and args.classifier_epochs == 1
+    assert args.num_fd_samples == 123 and args.classifier_epochs == 1
+    assert evaluate.downstream_protocol(args) is QUICK_PROTOCOL
+    assert "(quick variant)" in evaluate.table_columns(QUICK_PROTOCOL)[15]
     full = evaluate.parse_args([])
-    assert full.num_fd_samples == 10000 and full.num_downstream_samples == 60000 and full.classifier_epochs == 3
+    assert full.num_fd_samples == 10000 and full.classifier_epochs == 3
+    assert evaluate.downstream_protocol(full) is PROTOCOL  # the published protocol is the default
+    assert "(Bie et al. 2023)" in evaluate.table_columns(PROTOCOL)[15]
     assert evaluate.main(args) is None
     assert '"num_fd_samples": 123' in capsys.readouterr().out

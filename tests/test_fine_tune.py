@@ -282,3 +282,24 @@ def test_generator_step_takes_no_accountant_step(tiny_data_root):
     assert any(not torch.equal(a, b) for a, b in zip(g_before, G.parameters()))
     pd.empty_step()  # an empty Poisson batch still is a (noisy) DP step
     assert pd.history == [(1.0, 32 / 400, 2)]
+
+
+def test_weight_average_and_adaptive_d_steps_under_dp_resume_exactly_and_cost_no_privacy(tiny_data_root, tmp_path,
+                                                                                          no_artifacts):
+    out = tmp_path / "out"
+    write_compact(out, public_ledger(tiny_data_root))
+    recipe = ["--noise-multiplier", "1.0", "--ema-decay", "0.9", "--adaptive-d-steps", "--d-steps-per-g-step", "2"]
+    plain = load_checkpoint(run_fine_tune(tiny_data_root, out, "--noise-multiplier", "1.0"), "private")
+    full = load_checkpoint(run_fine_tune(tiny_data_root, out, *recipe), "private")
+    partial_dir = run_fine_tune(tiny_data_root, out, *recipe, "--max-steps", "5")
+    resumed = load_checkpoint(fine_tune.main(fine_tune.parse_args(["--out", str(out), "--resume", partial_dir,
+                                                                   "--max-steps", str(full["step"])])), "private")
+    assert full["privacy"]["mechanisms"] == [dict(m, run=full["privacy"]["mechanisms"][0]["run"])
+                                             for m in plain["privacy"]["mechanisms"]]  # the same accounting
+    assert full["recipe"]["average"]["step"] == full["step"] // 2  # one update per generator step
+    assert any(not torch.equal(full["generator"][k], full["generator_live"][k]) for k in full["generator"])
+    for key in ("generator", "generator_live", "discriminator"):
+        for name, value in full[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+    assert full["recipe"]["schedule"] == resumed["recipe"]["schedule"]
+    assert build_generator(full).bits == 8  # the average is the released, compact 8-bit generator

@@ -128,9 +128,10 @@ def test_rho_prunes_channels_and_checkpoint_is_complete(tiny_teacher_run, tiny_d
     assert json.load(open(os.path.join(sparse, "args.json")))["distill_dir"] == distill["run_dir"]
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path):
-    whole = run_student(tmp_path / "whole", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "5")
-    part = run_student(tmp_path / "part", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "2")
+@pytest.mark.parametrize("recipe", [[], ["--loss", "hinge", "--augment", "translation,cutout"]])
+def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path, recipe):
+    whole = run_student(tmp_path / "whole", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "5", *recipe)
+    part = run_student(tmp_path / "part", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "2", *recipe)
     assert load_checkpoint(part, "student")["step"] == 2
     resumed = train_student.main(train_student.parse_args(["--out", str(tmp_path / "part"), "--resume",
                                                            "--max-steps", "5", "--device", "cpu"]))
@@ -141,3 +142,5 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
     strip = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]  # noqa: E731
     assert strip(read_metrics(whole)) == strip(read_metrics(resumed))
+    assert torch.equal(a["recipe"]["rng"], b["recipe"]["rng"])  # the augmentations continue where they stopped
+    assert b["args"]["loss"] == ("hinge" if recipe else "non-saturating")

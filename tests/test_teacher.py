@@ -75,3 +75,26 @@ def test_generator_rebuilds_with_one_call(tiny_teacher_run):
     z = torch.randn(1, G.nz).expand(2, -1)
     images = G(z, torch.tensor([0, 7]))
     assert images.shape == (2, 1, 28, 28) and (images[0] - images[1]).abs().max() > 0  # the label is used
+
+
+def test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume(tiny_data_root, tmp_path,
+                                                                               monkeypatch):
+    recipe = ["--loss", "hinge", "--augment", "translation,cutout", "--adaptive-d-steps", "--checkpoint-every", "2"]
+    sampled = []
+    monkeypatch.setattr(train_teacher, "save_training_figures", lambda run_dir, G, *a, **k: sampled.append(G))
+    straight = run_teacher(tiny_data_root, str(tmp_path / "a"), "--max-steps", "6", *recipe)
+    run_teacher(tiny_data_root, str(tmp_path / "b"), "--max-steps", "4", *recipe)
+    resumed = train_teacher.main(train_teacher.parse_args(["--out", str(tmp_path / "b"), "--resume", "--max-steps",
+                                                           "6"]))
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["recipe"]["average"] == {"step": 6, "max_decay": 0.995}  # one update per generator step
+    assert any(not torch.equal(a["generator"][k], a["generator_live"][k]) for k in a["generator"])
+    for key in ("generator", "generator_live", "discriminator"):  # the average continues exactly after a resume
+        for name in a[key]:
+            assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
+    assert torch.equal(a["recipe"]["rng"], b["recipe"]["rng"]) and a["recipe"]["schedule"] == b["recipe"]["schedule"]
+    for G in (sampled[0], build_generator(a)):  # the sample grid and every later stage use the average
+        for name, value in G.state_dict().items():
+            assert torch.equal(value.cpu(), a["generator"][name]), name
+    plain = load_checkpoint(run_teacher(tiny_data_root, str(tmp_path / "c"), "--max-steps", "2", "--ema-decay", "0"))
+    assert "generator_live" not in plain and plain["recipe"]["average"] is None

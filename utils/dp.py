@@ -295,7 +295,7 @@ class DPStep(TrainingStep):
     the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find."""
 
     def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
-                 train: TrainConfig, run, broken_clipping_norm: float = None):
+                 train: TrainConfig, run, broken_clipping_norm: float = None, recipe=None):
         self.name, self.run_name = run.stage, os.path.basename(run.run_dir)
         self.generator, self.ledger, self.plan, self.config, self.train = G, ledger, plan, config, train
         self.device = next(G.parameters()).device
@@ -309,14 +309,21 @@ class DPStep(TrainingStep):
         self.steps_per_epoch, self.planned_steps = plan.steps_per_epoch, plan.planned_steps
         self.rng = torch.Generator().manual_seed(train.seed)
         self.losses, self.eps = {}, {}
+        self.recipe = recipe  # weight average and adaptive D steps (utils/recipe.py); None: every d-th step
+
+    def sampling_generator(self):
+        return self.generator if self.recipe is None else self.recipe.sampling_generator(self.generator)
 
     def models(self) -> dict:
-        return {"generator": self.generator, "discriminator": self.pd.plain}
+        live = {"generator_live": self.generator} if self.sampling_generator() is not self.generator else {}
+        return {"generator": self.sampling_generator(), **live, "discriminator": self.pd.plain}
 
     def restore(self, checkpoint: dict):
         self.pd.restore(checkpoint["dp"]["history"], checkpoint["rng"])
         self.rng.set_state(checkpoint["rng"]["train"])
         self.losses = dict(checkpoint["dp"].get("losses", {}))
+        if self.recipe is not None and "recipe" in checkpoint:
+            self.recipe.load_state_dict(checkpoint["recipe"], checkpoint["generator"])
 
     def record(self):
         """This run's mechanism in the ledger, with the steps taken so far (from the accountant's history)."""
@@ -344,9 +351,16 @@ class DPStep(TrainingStep):
         d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng, n_global)
         if d_value is not None:  # an empty Poisson batch has no loss: the last one stands
             self.losses["d_loss"] = d_value
-        if step % self.config.d_steps_per_g_step == 0:
+        if self.recipe is None and step % self.config.d_steps_per_g_step == 0:
             self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
                                                       self.train.batch_size, self.rng, self.device)
+        elif self.recipe is not None and self.recipe.g_step_due():
+            with hooks_off(self.pd.module):  # D's accuracy on fakes reads no private data: no accountant step
+                accuracy = self.recipe.before_g_step(self.generator, self.pd.plain, self.train.batch_size,
+                                                     self.device)
+            self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
+                                                      self.train.batch_size, self.rng, self.device)
+            self.recipe.after_g_step(self.generator, accuracy)
         return dict(self.losses)
 
     def milestone(self, step: int, boundary: bool) -> dict:
@@ -361,7 +375,9 @@ class DPStep(TrainingStep):
 
     def extra_state(self) -> dict:
         self.record()
-        return {"dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)}}
+        recipe = {} if self.recipe is None else {"recipe": self.recipe.state_dict()}
+        return {"dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)},
+                **recipe}
 
 
 def describe_plan(plan: DPPlan, config: DPConfig, batch_size: int, private_size: int, ledger: dict) -> str:

@@ -35,57 +35,83 @@ def local_random_inputs(generator_model, n_global: int, rng: torch.Generator, de
     return local_part(z).to(device), local_part(labels).to(device)
 
 
-def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng) -> float:
+def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng, recipe=None) -> float:
     """One ordinary (non-private) discriminator update on this process's part of a global batch (equal parts
-    under torchrun) and as many fresh fakes; the loss of the global batch."""
+    under torchrun) and as many fresh fakes, with a `utils.recipe.Recipe`'s loss and augmentation when given;
+    the loss of the global batch."""
     z, fake_labels = local_random_inputs(G, len(real) * world_size(), rng, real.device)
     with torch.no_grad():
         fake = G(z, fake_labels)
     d_optimizer.zero_grad(set_to_none=True)
-    loss = d_loss(D(real, real_labels), D(fake, fake_labels))
+    if recipe is None:
+        loss = d_loss(D(real, real_labels), D(fake, fake_labels))
+    else:
+        loss = recipe.d_loss(D, real, real_labels, fake, fake_labels)
     loss.backward()
     d_optimizer.step()
     return global_mean(loss.item())
 
 
-def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device) -> float:
+def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device, recipe=None) -> float:
     """One generator update on `batch_size` fakes (the global batch; this process generates its part) against an
     ordinary discriminator (D's parameters get no update); the loss of the global batch."""
     z, labels = local_random_inputs(G, batch_size, rng, device)
     g_optimizer.zero_grad(set_to_none=True)
-    loss = g_loss(D(G(z, labels), labels))
+    fake = G(z, labels)
+    loss = g_loss(D(fake, labels)) if recipe is None else recipe.g_loss(D, fake, labels)
     loss.backward()
     g_optimizer.step()
     return global_mean(loss.item())
 
 
 class NonPrivateStep(TrainingStep):
-    """The teacher's step: one discriminator and one generator update per batch of `batches` (EpochBatches)."""
+    """The teacher's step: one discriminator update per batch of `batches` (EpochBatches) and a generator update
+    when the recipe says it is due (every batch by default). With a weight average, the checkpoint's "generator"
+    is the average (what every later stage samples) and "generator_live" the trained weights."""
     name = "teacher"
 
-    def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device):
+    def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device,
+                 recipe=None):
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
-        self.epoch_batches, self.ledger, self.device = batches, ledger, device
+        self.epoch_batches, self.ledger, self.device, self.recipe = batches, ledger, device, recipe
         self.rng = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batches)
         self.planned_steps = epochs * len(batches)
+        self.losses = {}
 
     def batches(self, start: int, total: int):
         return batches_from(self.epoch_batches, start, total)
 
     def optimize_parameters(self, batch, step: int) -> dict:
         real, labels = (t.to(self.device) for t in batch)
-        G, D = self.generator, self.discriminator
-        d_value = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng)
-        g_value = nonprivate_generator_step(G, D, self.optimizers["g"], len(real) * world_size(), self.rng,
-                                            self.device)
-        return {"d_loss": d_value, "g_loss": g_value}
+        G, D, recipe = self.generator, self.discriminator, self.recipe
+        self.losses["d_loss"] = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng,
+                                                              recipe)
+        if recipe is None or recipe.g_step_due():
+            accuracy = None if recipe is None else recipe.before_g_step(G, D, len(real), self.device)
+            self.losses["g_loss"] = nonprivate_generator_step(G, D, self.optimizers["g"], len(real) * world_size(),
+                                                              self.rng, self.device, recipe)
+            if recipe is not None:
+                recipe.after_g_step(G, accuracy)
+        return dict(self.losses)
+
+    def sampling_generator(self):
+        return self.generator if self.recipe is None else self.recipe.sampling_generator(self.generator)
+
+    def models(self) -> dict:
+        live = {"generator_live": self.generator} if self.sampling_generator() is not self.generator else {}
+        return {"generator": self.sampling_generator(), **live, "discriminator": self.discriminator}
 
     def rng_states(self) -> dict:
         return {"train": self.rng.get_state()}
 
+    def extra_state(self) -> dict:
+        return {} if self.recipe is None else {"recipe": self.recipe.state_dict()}
+
     def restore(self, checkpoint: dict):
         self.rng.set_state(checkpoint["rng"]["train"])
+        if self.recipe is not None and "recipe" in checkpoint:
+            self.recipe.load_state_dict(checkpoint["recipe"], checkpoint["generator"])
 
 
 def fixed_inputs(generator_model, per_class: int = 10, seed: int = 1234):

@@ -4,6 +4,15 @@
   *reference classifier*, whose penultimate layer is the feature space of the Frechet distance; trained only on
   generated, labelled samples and tested on the real test set it gives the *downstream accuracy* (fixed epochs,
   final-epoch accuracy: no model selection on the test set).
+- `protocol_accuracy`: the published downstream protocol of Bie, Kamath & Zhang (2023, "Private GANs, revisited"),
+  settings in `DownstreamProtocol`: the CNN of the PyTorch MNIST example (`MnistCNN`) trained on class-balanced
+  generated samples whose last `holdout` are held out; the epoch that scores best on that generated hold-out is
+  the one whose real-test accuracy is reported, so the real test set chooses nothing. `QUICK_PROTOCOL` is a
+  cheaper variant for smoke runs, labelled as such (its numbers are not comparable with published ones).
+- `precision_recall`: improved precision and recall (Kynkaenniemi et al. 2019): each set's manifold is the union
+  of balls reaching every point's k-th nearest neighbour; precision is the share of generated points inside the
+  real manifold, recall the share of real points inside the generated one. Within-class collapse shows as low
+  recall.
 - `frechet_distance`: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with the trace of the matrix square root
   computed from the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2) (same spectrum as S1 S2), which
   is stable and never produces an imaginary part.
@@ -14,10 +23,12 @@
 The reference classifier and the audit read real (also private) data: they are the data holder's own
 measurements, not part of the released generator, and their numbers are not covered by the DP guarantee.
 """
+import copy
 import hashlib
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -222,3 +233,136 @@ def membership_auc(members, nonmembers, generated, member_labels=None, nonmember
     member_scores = -nearest_distances(members, generated, member_labels, generated_labels)
     nonmember_scores = -nearest_distances(nonmembers, generated, nonmember_labels, generated_labels)
     return rank_auc(member_scores.numpy(), nonmember_scores.numpy())
+
+
+# ---------------------------------------------------------------- downstream protocol (Bie et al. 2023)
+
+class MnistCNN(nn.Module):
+    """The CNN of the PyTorch MNIST example: conv3x3(32) - ReLU - conv3x3(64) - ReLU - max-pool - dropout 0.25 -
+    fc(128) - ReLU - dropout 0.5 - fc(classes); the classifier of Bie et al.'s downstream protocol."""
+
+    def __init__(self, num_classes: int = 10, image_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        pooled = (image_size - 4) // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(image_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * pooled * pooled, 128), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass(frozen=True)
+class DownstreamProtocol:
+    """Settings of the downstream protocol: `num_samples` class-balanced generated samples, the last `holdout`
+    of them used only to choose the epoch; Adam(`lr`), batch `batch_size`, `epochs` epochs."""
+    name: str = "Bie et al. 2023"
+    num_samples: int = 60000
+    holdout: int = 5000
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.name}: MNIST-example CNN trained on {self.num_samples - self.holdout} of "
+                f"{self.num_samples} class-balanced generated samples, Adam lr {self.lr:g}, batch "
+                f"{self.batch_size}, {self.epochs} epochs; real-test accuracy at the epoch best on the last "
+                f"{self.holdout} generated samples (held out)")
+
+
+PROTOCOL = DownstreamProtocol()
+# `make pipeline`'s variant (a tenth of the samples, two epochs: about 160 classifier steps instead of 8600);
+# its numbers are for smoke runs and probes, never for comparison with published ones
+QUICK_PROTOCOL = DownstreamProtocol(name="quick variant (not the published protocol)", num_samples=6000,
+                                    holdout=1000, epochs=2)
+
+
+def protocol_variant(base: DownstreamProtocol, num_samples: int = None, epochs: int = None) -> DownstreamProtocol:
+    """`base` with other sample counts or epochs (tests, budgets): the hold-out keeps its share of the samples,
+    and the name says it is not `base` unless nothing changed."""
+    num_samples, epochs = num_samples or base.num_samples, epochs or base.epochs
+    if (num_samples, epochs) == (base.num_samples, base.epochs):
+        return base
+    holdout = max(1, round(num_samples * base.holdout / base.num_samples))
+    name = f"custom variant of {base.name} ({num_samples} samples, {epochs} epochs)"
+    return replace(base, name=name, num_samples=num_samples, holdout=holdout, epochs=epochs)
+
+
+def _train_one_epoch(model, optimizer, images, labels, batch_size: int, rng: torch.Generator, device):
+    model.train()
+    order = torch.randperm(len(labels), generator=rng)
+    for start in range(0, len(labels), batch_size):
+        batch = order[start:start + batch_size]
+        loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                      test_labels: torch.Tensor, protocol: DownstreamProtocol = PROTOCOL, device="cpu",
+                      desc: str = "downstream") -> dict:
+    """Real-test accuracy of an MnistCNN trained on `images[:-holdout]`, at the epoch best on the generated
+    hold-out `images[-holdout:]` (ties: the earliest). The test set is scored once, after the choice.
+
+    Returns test_accuracy, epoch (1-based), holdout_accuracy (per epoch), train_size and the protocol."""
+    if not 0 < protocol.holdout < len(labels):
+        raise ValueError(f"hold-out of {protocol.holdout} needs more than that many samples, got {len(labels)}")
+    train_images, train_labels = images[:-protocol.holdout], labels[:-protocol.holdout]
+    holdout_images, holdout_labels = images[-protocol.holdout:], labels[-protocol.holdout:]
+    with torch.random.fork_rng(devices=[]):  # initialisation and dropout depend only on the protocol's seed
+        torch.manual_seed(protocol.seed)
+        num_classes = 1 + max(int(labels.max()), int(test_labels.max()))
+        model = MnistCNN(num_classes, images.shape[1], images.shape[-1]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), protocol.lr)
+        rng = torch.Generator().manual_seed(protocol.seed)
+        curve, best_state = [], None
+        for _ in progress_bar(range(protocol.epochs), desc=desc, leave=False):
+            _train_one_epoch(model, optimizer, train_images, train_labels, protocol.batch_size, rng, device)
+            curve.append(accuracy(model, holdout_images, holdout_labels))
+            if curve[-1] > max(curve[:-1], default=-1.0):
+                best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return {"test_accuracy": accuracy(model, test_images, test_labels), "epoch": 1 + curve.index(max(curve)),
+            "holdout_accuracy": curve, "train_size": len(train_labels), "protocol": asdict(protocol)}
+
+
+def real_data_ceiling(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                      test_labels: torch.Tensor, protocol: DownstreamProtocol = PROTOCOL, device="cpu") -> dict:
+    """The protocol on real training images: a seeded shuffle (real sets are not in balanced order), then the
+    same share held out as the protocol holds out of its generated samples (5000 of 60000: 1/12)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(protocol.seed))
+    holdout = max(1, round(len(labels) * protocol.holdout / protocol.num_samples))
+    real = replace(protocol, name=f"{protocol.name} on real images", num_samples=len(labels), holdout=holdout)
+    return protocol_accuracy(images[order], labels[order], test_images, test_labels, real, device, "real ceiling")
+
+
+# ---------------------------------------------------------------- precision and recall (k-NN manifolds)
+
+@torch.no_grad()
+def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1000) -> torch.Tensor:
+    """Distance from every point to its k-th nearest neighbour in the same set (itself not counted)."""
+    if len(features) <= k:
+        raise ValueError(f"k = {k} nearest neighbours need more than {k} points, got {len(features)}")
+    features = features.reshape(len(features), -1).double()
+    radii = [torch.cdist(features[i:i + chunk], features).kthvalue(k + 1, dim=1).values
+             for i in range(0, len(features), chunk)]  # the (k+1)-th smallest: the first is the point itself
+    return torch.cat(radii)
+
+
+@torch.no_grad()
+def manifold_coverage(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, chunk: int = 1000) -> float:
+    """Share of `points` within radii[j] of some manifold point j."""
+    points, manifold = points.reshape(len(points), -1).double(), manifold.reshape(len(manifold), -1).double()
+    inside = [(torch.cdist(points[i:i + chunk], manifold) <= radii[None, :]).any(dim=1)
+              for i in range(0, len(points), chunk)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkaenniemi et al. 2019) of generated features against real ones."""
+    real, fake = torch.as_tensor(real_features), torch.as_tensor(fake_features)
+    return {"precision": manifold_coverage(fake, real, knn_radii(real, k)),
+            "recall": manifold_coverage(real, fake, knn_radii(fake, k)), "k": k}

@@ -13,7 +13,8 @@ the next layer's input channel), normalised so that the mean weight over the liv
 meaning.
 
 `SlimmingStep` is the student's step for `utils.trainer.Trainer`: the discriminator's real samples are the stored
-teacher images with their labels, and the student's loss is beta * distillation + non-saturating GAN loss.
+teacher images with their labels, and the student's loss is beta * distillation + GAN loss (non-saturating, or the
+recipe's `--loss`, with its `--augment` on teacher and student images alike).
 """
 from dataclasses import dataclass, fields
 
@@ -148,19 +149,22 @@ class SlimmingConfig:
 
 
 def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1",
-                  penalty: str = "uniform") -> dict:
+                  penalty: str = "uniform", recipe=None) -> dict:
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
     step on the channel scales (weighted per layer by `channel_costs` when `penalty` is "cost") and the pinning
     of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales)."""
     z, labels, target = batch
     fake = G(z, labels)
     optimizers["d"].zero_grad(set_to_none=True)
-    discriminator_loss = d_loss(D(target, labels), D(fake.detach(), labels))  # teacher images are the real ones
+    if recipe is None:  # teacher images are the real ones
+        discriminator_loss = d_loss(D(target, labels), D(fake.detach(), labels))
+    else:  # the recipe's loss and augmentation (utils/recipe.py)
+        discriminator_loss = recipe.d_loss(D, target, labels, fake.detach(), labels)
     discriminator_loss.backward()
     optimizers["d"].step()
 
     distill = DISTILL_LOSSES[distill_loss](fake, target)
-    adversarial = g_loss(D(fake, labels))
+    adversarial = g_loss(D(fake, labels)) if recipe is None else recipe.g_loss(D, fake, labels)
     optimizers["g"].zero_grad(set_to_none=True)
     optimizers["gamma"].zero_grad(set_to_none=True)
     (beta * distill + adversarial).backward()
@@ -178,11 +182,12 @@ class SlimmingStep(TrainingStep):
     name = "student"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, config: SlimmingConfig,
-                 device):
+                 device, recipe=None):
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
         self.epoch_batches, self.ledger, self.config, self.device = batches, ledger, config, device
         self.steps_per_epoch = len(batches)
         self.planned_steps = epochs * len(batches)
+        self.recipe = recipe  # the GAN loss and augmentation of the adversarial part
 
     def batches(self, start: int, total: int):
         return batches_from(self.epoch_batches, start, total)
@@ -193,7 +198,8 @@ class SlimmingStep(TrainingStep):
     def optimize_parameters(self, batch, step: int) -> dict:
         c = self.config
         return slimming_step(self.generator, self.discriminator, self.optimizers,
-                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, c.penalty)
+                             [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, c.penalty,
+                             self.recipe)
 
     def log_fields(self) -> dict:
         return {"active_channels": self.generator.active_channels()}
@@ -204,5 +210,10 @@ class SlimmingStep(TrainingStep):
     def rng_states(self) -> dict:
         return {"torch": torch.get_rng_state()}
 
+    def extra_state(self) -> dict:
+        return {} if self.recipe is None else {"recipe": self.recipe.state_dict()}
+
     def restore(self, checkpoint: dict):
         torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.recipe is not None and "recipe" in checkpoint:
+            self.recipe.load_state_dict(checkpoint["recipe"])

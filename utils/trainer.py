@@ -47,6 +47,10 @@ class TrainingStep:
     def models(self) -> dict:
         return {"generator": self.generator, "discriminator": self.discriminator}
 
+    def sampling_generator(self):
+        """The generator that samples and later stages use (a step with a weight average returns the average)."""
+        return self.generator
+
     def begin(self, step: int) -> dict:
         return {}
 
