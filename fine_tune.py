@@ -46,7 +46,7 @@ from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
 from utils.audit import AUDIT_CONTROLS, AuditSettings, audit_split, make_canaries
 from utils.privacy import inherit, is_private, record_audit, record_data_read, warn_if_not_private
-from utils.recipe import Recipe, RecipeConfig, add_recipe_args
+from utils.recipe import Recipe, RecipeConfig, add_recipe_args, check_recipe_args
 from utils.runtime import shipped_cost_rows, shipped_summary
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -88,6 +88,7 @@ def parse_args(argv=None):
         parser.error("--split: DP fine-tuning reads only the private split (the split the guarantee is about)")
     if args.audit_control != "none" and not args.audit_canaries:
         parser.error("--audit-control: only for an audit run (give --audit-canaries M)")
+    check_recipe_args(parser, args)
     return args
 
 

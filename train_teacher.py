@@ -18,7 +18,7 @@ from utils.distributed import ShardedBatches, check_divisible, data_parallel, di
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
-from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args
+from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args, check_recipe_args
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
@@ -53,7 +53,9 @@ def parse_args(argv=None):
                     ema_help=f" (default: {TEACHER_EMA_DECAY} without --dp, measured; none with --dp, not measured)")
     add_common_args(parser)
     add_resume_arg(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_recipe_args(parser, args)
+    return args
 
 
 def build_models(args, checkpoint, split):

@@ -1,5 +1,7 @@
 """Building blocks of the training recipe: the generator weight average (utils/ema.py), the hinge loss
 (utils/losses.py), DiffAugment (utils/augment.py) and the D-steps schedule (utils/dsteps.py)."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -277,3 +279,17 @@ def test_recipe_probe_measures_the_live_generator_and_its_average(tiny_data_root
         assert os.path.getsize(os.path.join(run_dir, f"samples-{row['generator']}.png")) > 0
     assert result["rows"][0]["fd"] != result["rows"][1]["fd"]
     assert capsys.readouterr().out.count("| t | loss hinge, augment translation,cutout") == 2
+
+
+@pytest.mark.parametrize("script", ["fine_tune", "train_teacher"])
+def test_adaptive_schedule_off_the_ladder_is_refused_before_anything_is_written(script, tmp_path, capsys):
+    """--adaptive-d-steps from a D-steps count that is not a rung: one argparse line, exit 2, nothing under --out."""
+    module = importlib.import_module(script)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(["--adaptive-d-steps", "--d-steps-per-g-step", "3", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adaptive-d-steps" in err[0] and "not 3" in err[0]
+    assert not out.exists()
+    assert module.parse_args(["--adaptive-d-steps", "--d-steps-per-g-step", "5"]).d_steps_per_g_step == 5

@@ -64,6 +64,14 @@ def add_recipe_args(parser, losses: bool = True, averaging: bool = True, ema_dec
                                 "on fakes drops to 0.6 (Bie et al. 2023)")
 
 
+def check_recipe_args(parser, args):
+    """Refuse, as an argparse error (one line, exit 2, before anything is written), an adaptive D-steps schedule
+    whose first rung is not on LADDER."""
+    if getattr(args, "adaptive_d_steps", False) and args.d_steps_per_g_step not in LADDER:
+        parser.error(f"--adaptive-d-steps: --d-steps-per-g-step must be one of {', '.join(map(str, LADDER))}, "
+                     f"not {args.d_steps_per_g_step}")
+
+
 def _policy(text: str) -> str:
     try:
         parse_policy(text)
