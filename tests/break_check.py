@@ -43,8 +43,8 @@ BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
     Break("noise-not-added", "utils/dp.py", "noise_multiplier=noise_multiplier,", "noise_multiplier=0.0,",
           (N,), "Opacus is given sigma 0: the clipped mean alone is applied while the ledger records sigma"),
-    Break("ledger-sigma-not-used", "utils/dp.py", "train.batch_size, plan.noise_multiplier,",
-          "train.batch_size, 0.5 * plan.noise_multiplier,",
+    Break("ledger-sigma-not-used", "utils/dp.py", "noise, engine = plan.noise_multiplier, config",
+          "noise, engine = 0.5 * plan.noise_multiplier, config",
           (N + "::test_the_ledgers_sigma_is_the_sigma_used",),
           "the training loop adds half the noise of the sigma its ledger (and epsilon) is computed from"),
     Break("noise-unseeded", "utils/dp.py", "noise_generator=self.noise_rng, ", "",
