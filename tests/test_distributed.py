@@ -173,7 +173,7 @@ def two_processes(tmp_path_factory):
     """What each of 2 gloo processes computed, by rank."""
     out_dir = str(tmp_path_factory.mktemp("distributed"))
     launch(worker, free_port(), out_dir)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

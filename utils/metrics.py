@@ -87,21 +87,11 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, se
     rng = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, -(-len(labels) // batch_size))
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    model.train()
     step = 0
     with progress_bar(total=total, desc=desc, leave=False) as progress:
         while step < total:
-            order = torch.randperm(len(labels), generator=rng)
-            for start in range(0, len(labels), batch_size):
-                batch = order[start:start + batch_size]
-                loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                progress.update(1)
-                if step >= total:
-                    break
+            step += _train_one_epoch(model, optimizer, images, labels, batch_size, rng, device,
+                                     max_batches=total - step, progress=progress)
     return model.eval()
 
 
@@ -290,15 +280,21 @@ def protocol_variant(base: DownstreamProtocol, num_samples: int = None, epochs: 
     return replace(base, name=name, num_samples=num_samples, holdout=holdout, epochs=epochs)
 
 
-def _train_one_epoch(model, optimizer, images, labels, batch_size: int, rng: torch.Generator, device):
+def _train_one_epoch(model, optimizer, images, labels, batch_size: int, rng: torch.Generator, device,
+                     max_batches: int = None, progress=None) -> int:
+    """One pass over a fresh permutation from `rng` (stopping after `max_batches`); returns the batches taken."""
     model.train()
     order = torch.randperm(len(labels), generator=rng)
-    for start in range(0, len(labels), batch_size):
+    starts = range(0, len(labels), batch_size)[:max_batches]
+    for start in starts:
         batch = order[start:start + batch_size]
         loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if progress is not None:
+            progress.update(1)
+    return len(starts)
 
 
 def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
