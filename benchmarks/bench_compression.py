@@ -3,10 +3,11 @@
 Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and bytes on disk, of what ships: the
 on-device artifact `generator.onnx` run by ONNX Runtime (utils/runtime.py), beside the compact model in eager
 torch (bytes: the integer artifact `generator_int.pt`) and `generator.pt2` (a float debugging export: its weights
-are stored as floats), against the teacher generator in eager torch (float32 state dict) and in ONNX Runtime. Either for a compact run of the pipeline (default: the latest
-under --out; its teacher comes from the run's lineage, or a float Generator of --teacher-widths stands in), or for
-a synthetic compact model of the given widths (--synthetic-widths: random weights, no pipeline run needed; cost
-does not depend on the weights) to see which widths meet the goals:
+are stored as floats), against the teacher generator in eager torch (float32 state dict) and in ONNX Runtime.
+Either for a compact run of the pipeline (default: the latest under --out; its teacher comes from the run's
+lineage, or a float Generator of --teacher-widths stands in), or for a synthetic compact model of the given widths
+(--synthetic-widths: random weights, no pipeline run needed; cost does not depend on the weights) to see which
+widths meet the goals:
 
     runtime artifact bytes <= 1/20 of the teacher's float bytes, throughput >= 4x the teacher's (eager torch).
 
@@ -40,6 +41,7 @@ from utils.cli import (UserError, add_common_args, make_parser, nonnegative_floa
 from utils.cost import measure_speed  # noqa: E402
 from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
                           format_table, load_program, save_artifact, state_dict_bytes)
+from utils.metrics import QUICK_PROTOCOL  # noqa: E402
 from utils.runtime import RUNTIME_NAME, runtime_forward, save_runtime_artifact  # noqa: E402
 from utils.training import maybe_dry_run  # noqa: E402
 
@@ -82,7 +84,8 @@ def add_sweep_args(parser):
     group.add_argument("--student-steps", type=positive_int, default=300, help="student steps per point")
     group.add_argument("--student-batch-size", type=positive_int, default=64)
     group.add_argument("--num-fd-samples", type=positive_int, default=2000)
-    group.add_argument("--num-downstream-samples", type=positive_int, default=10000)
+    # defaults: evaluate.py --quick's, so the sweep's numbers compare with make pipeline's
+    group.add_argument("--num-downstream-samples", type=positive_int, default=QUICK_PROTOCOL.num_samples)
     group.add_argument("--classifier-epochs", type=positive_int, default=1)
     group.add_argument("--data-root", default=None, help="passed to evaluate.py (None: its default)")
     group.add_argument("--public-size", type=positive_int, default=None, help="passed to evaluate.py")

@@ -2,7 +2,8 @@
 
 The label enters as `num_classes` extra one-hot input planes (this beat a projection discriminator at the same
 budget: docs/DESIGN.md, "GAN Slimming and compression"). No BatchNorm (it mixes samples, so per-sample gradients
-would be meaningless) and no in-place activations (they break Opacus's hooks): `ModuleValidator.validate` finds no errors.
+would be meaningless) and no in-place activations (they break Opacus's hooks): `ModuleValidator.validate` finds
+no errors.
 
     [image ++ one-hot planes] 28x28 -> conv 14x14 -> conv 7x7 -> conv 7x7 kernel -> one logit
     (32: 32-16-8-4 then a 4x4 kernel; 64: 64-32-16-8-4 then a 4x4 kernel; one width per strided conv)

@@ -6,7 +6,8 @@ Why ONNX Runtime and not ExecuTorch: see benchmarks/results/runtime_choice.md.
 The graph is written directly from the compact `Generator`'s integer weights (no exporter, no fake-quantisation
 arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
 
-    z, labels -> Gather(embedding) ++ z -> block0 -> block1 ... blockN -> to_image -> Tanh (N = 2 at 28x28, 3 at 32, 4 at 64)
+    z, labels -> Gather(embedding) ++ z -> block0 -> block1 ... blockN -> to_image -> Tanh
+    (N = 2 at 28x28, 3 at 32, 4 at 64)
 
 * Every BatchNorm is folded into its conv's per-output-channel weight scale and a bias: BN(conv(x, q * s)) =
   conv(x, q) * (s * a) + b with a = gamma / sqrt(var + eps), b = beta - mean * a. The integers q stay the
