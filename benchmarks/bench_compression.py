@@ -92,6 +92,9 @@ def add_sweep_args(parser):
     group.add_argument("--audit-samples", type=positive_int, default=None, help="passed to evaluate.py")
     group.add_argument("--audit-members", type=positive_int, default=None, help="passed to evaluate.py")
     group.add_argument("--sweep-out", default=None, help="root of the sweep's runs (None: <out>/sweep)")
+    group.add_argument("--reuse", action="store_true",
+                       help="reuse each point's finished student and compact runs already under --sweep-out (their "
+                            "settings must match), training only what is missing: continues an interrupted sweep")
 
 
 def synthetic_models(args):
@@ -205,16 +208,45 @@ def sweep_points(args) -> list:
             for penalty in args.penalties]
 
 
+def student_argv(args, point: SweepPoint) -> list:
+    return ["--teacher-dir", args.teacher_dir, "--distill-dir", args.distill_dir, "--rho", f"{point.rho:g}",
+            "--quant-bits", str(point.bits), "--penalty", point.penalty, "--batch-size", str(args.student_batch_size),
+            "--max-steps", str(args.student_steps)]
+
+
+def finished_run(root: str, stage: str, point: SweepPoint, expected: dict, done_file: str):
+    """With --reuse: the newest run of this point under root/stage that finished (`done_file` written) with the
+    `expected` settings; None when there is none. A finished run with other settings is refused, not mixed in."""
+    stage_dir = os.path.join(root, stage)
+    names = sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []
+    for name in reversed([n for n in names if n.endswith("-" + point.name)]):
+        run_dir = os.path.join(stage_dir, name)
+        if not os.path.isfile(os.path.join(run_dir, done_file)):
+            continue  # interrupted: trained again
+        with open(os.path.join(run_dir, "args.json")) as handle:
+            settings = json.load(handle)
+        wrong = {key: settings.get(key) for key, value in expected.items() if settings.get(key) != value}
+        if wrong:
+            raise UserError(f"--reuse: {run_dir} has other settings ({wrong}, expected {expected}); "
+                            "use another --sweep-out")
+        return run_dir
+    return None
+
+
 def train_point(args, point: SweepPoint, root: str) -> str:
-    """One point's student (from the sweep's teacher and distillation set), compressed: its compact run."""
+    """One point's student (from the sweep's teacher and distillation set), compressed: its compact run. With
+    --reuse, finished runs of the point are taken as they are."""
     import compress_student
     import train_student
     common = ["--out", root, "--seed", str(args.seed), "--device", "cpu", "--desc", point.name]
-    student = train_student.main(train_student.parse_args(
-        [*common, "--teacher-dir", args.teacher_dir, "--distill-dir", args.distill_dir, "--rho", f"{point.rho:g}",
-         "--quant-bits", str(point.bits), "--penalty", point.penalty, "--batch-size", str(args.student_batch_size),
-         "--max-steps", str(args.student_steps)]))
-    return compress_student.main(compress_student.parse_args(
+    student_settings = {"rho": point.rho, "quant_bits": point.bits, "penalty": point.penalty, "seed": args.seed,
+                        "max_steps": args.student_steps, "batch_size": args.student_batch_size,
+                        "teacher_dir": args.teacher_dir, "distill_dir": args.distill_dir}
+    student = args.reuse and finished_run(root, "student", point, student_settings, "summary.json")
+    if not student:
+        student = train_student.main(train_student.parse_args([*common, *student_argv(args, point)]))
+    compact = args.reuse and finished_run(root, "compact", point, {"student_dir": student}, "checkpoint.pt")
+    return compact or compress_student.main(compress_student.parse_args(
         [*common, "--student-dir", student, "--check-samples", "256", "--latency-repeats", "1",
          "--throughput-repeats", "1", "--throughput-batch", "8"]))
 

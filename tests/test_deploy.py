@@ -217,14 +217,15 @@ def test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set(tiny_
     out, distill_dir = tiny_distill_run
     teacher_dir = lineage(load_checkpoint(distill_dir, "distill"))["teacher"]
     bench = load_bench()
-    path = bench.main(bench.parse_args(
-        ["--sweep", "--out", out, "--teacher-dir", teacher_dir, "--distill-dir", distill_dir, "--rhos", "2.5",
-         "--sweep-bits", "4", "--penalties", "uniform", "cost", "--student-steps", "3", "--student-batch-size", "16",
-         "--num-fd-samples", "100", "--num-downstream-samples", "200", "--classifier-epochs", "1",
-         "--data-root", tiny_data_root, "--public-size", str(TINY_PUBLIC), "--audit-samples", "100",
-         "--audit-members", "50", "--max-steps", "5", "--latency-repeats", "1", "--throughput-repeats", "1",
-         "--throughput-batch", "4", "--rounds", "1", "--results-dir", str(tmp_path / "results"),
-         "--sweep-out", str(tmp_path / "sweep"), "--device", "cpu"]))
+    argv = ["--sweep", "--out", out, "--teacher-dir", teacher_dir, "--distill-dir", distill_dir, "--rhos", "2.5",
+            "--sweep-bits", "4", "--penalties", "uniform", "cost", "--student-steps", "3", "--student-batch-size",
+            "16", "--num-fd-samples", "100", "--num-downstream-samples", "200", "--classifier-epochs", "1",
+            "--data-root", tiny_data_root, "--public-size", str(TINY_PUBLIC), "--audit-samples", "100",
+            "--audit-members", "50", "--max-steps", "5", "--latency-repeats", "1", "--throughput-repeats", "1",
+            "--throughput-batch", "4", "--rounds", "1", "--results-dir", str(tmp_path / "results"),
+            "--sweep-out", str(tmp_path / "sweep"), "--device", "cpu"]
+    path = bench.main(bench.parse_args(argv))
+    check_reuse(bench, argv, str(tmp_path / "sweep"))
     result = json.load(open(path))
     points = result["points"]
     assert [(p["rho"], p["bits"], p["penalty"]) for p in points] == [(2.5, 4, "uniform"), (2.5, 4, "cost")]
@@ -236,3 +237,17 @@ def test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set(tiny_
     assert os.path.getsize(path.replace(".json", ".png")) > 0
     table = open(path.replace(".json", ".md")).read()
     assert "rho2.5-4bit-cost" in table and "Pareto" in table
+
+
+def check_reuse(bench, argv, sweep_root):
+    """--reuse takes a point's finished runs as they are (nothing trained), and refuses runs of other settings."""
+    from utils.cli import UserError
+    args = bench.parse_args([*argv, "--reuse"])
+    before = {stage: sorted(os.listdir(os.path.join(sweep_root, stage))) for stage in ("student", "compact")}
+    point = bench.SweepPoint(2.5, 4, "cost")
+    compact = bench.train_point(args, point, sweep_root)
+    assert os.path.basename(compact) in before["compact"] and compact.endswith("-" + point.name)
+    assert before == {stage: sorted(os.listdir(os.path.join(sweep_root, stage))) for stage in ("student", "compact")}
+    args.student_steps = 4
+    with pytest.raises(UserError, match="other settings"):
+        bench.train_point(args, point, sweep_root)

@@ -1,4 +1,5 @@
 """The on-device artifact (generator.onnx run by ONNX Runtime) and the cost-weighted channel penalty."""
+import copy
 import json
 import os
 import subprocess
@@ -62,6 +63,34 @@ def test_verify_catches_a_different_model(artifacts):
     model, _ = artifacts[8]
     _, other_path = artifacts[4]
     assert not runtime.verify_runtime(model, other_path, runtime.VerifySettings(num_samples=64))["ok"]
+
+
+def test_judge_lets_rare_flips_pass_and_refuses_a_systematic_or_widespread_difference():
+    settings = runtime.VerifySettings()
+    small = np.full(1000, 0.01)
+    assert runtime.judge(small, 1e-5, settings)["ok"]
+    flips = small.copy()
+    flips[:10] = 0.08  # 1 % of the images off by one rounding step somewhere: allowed
+    verdict = runtime.judge(flips, 1e-4, settings)
+    assert verdict["ok"] and verdict["images_over_tolerance"] == 10 and verdict["max_abs_diff"] == 0.08
+    flips[10] = 0.08  # one more image than the share allows
+    assert not runtime.judge(flips, 1e-4, settings)["ok"]
+    assert not runtime.judge(small, 2 * runtime.MEAN_TOLERANCE, settings)["ok"]  # every image a little off
+    assert not runtime.judge(np.array([0.0, np.nan]), 0.0, settings)["ok"]
+
+
+def test_verify_refuses_an_artifact_whose_output_bias_is_off(artifacts, tmp_path):
+    """A small systematic error (to_image's bias off by 0.01: every pixel moves by about that) is caught by the
+    mean, though no image is off by more than TOLERANCE."""
+    model, _ = artifacts[8]
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.to_image.bias.add_(0.01)
+    path = str(tmp_path / "shifted.onnx")
+    runtime.save_runtime_artifact(shifted, path)
+    verdict = runtime.verify_runtime(model, path, runtime.VerifySettings(num_samples=64))
+    assert not verdict["ok"] and verdict["mean_abs_diff"] > runtime.MEAN_TOLERANCE
+    assert verdict["images_over_tolerance"] == 0
 
 
 def initializer_types(path) -> dict:
@@ -201,7 +230,8 @@ def test_write_runtime_files_writes_artifact_and_runner(tmp_path):
 
 
 def test_write_runtime_files_refuses_a_mismatch_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "verify_runtime", lambda *a, **k: {"ok": False, "max_abs_diff": 1.0})
+    wrong = runtime.judge(np.ones(4), 1.0, runtime.VerifySettings())
+    monkeypatch.setattr(runtime, "verify_runtime", lambda *a, **k: wrong)
     with pytest.raises(RuntimeError, match="differs"):
         runtime.write_runtime_files(compact_model(8), str(tmp_path))
     assert os.listdir(tmp_path) == []

