@@ -94,6 +94,19 @@ def test_audit_report(audit_runs, tiny_data_root):
         assert json.load(open(os.path.join(run, "model_card.json")))["audit_result"]["report"] == report
 
 
+def test_a_bound_above_the_claim_writes_the_report_then_fails_loudly(audit_runs, tiny_data_root, monkeypatch,
+                                                                    capsys):
+    out, _, runs = audit_runs
+    import utils.audit
+    monkeypatch.setattr(utils.audit, "epsilon_lower_bound", lambda *args, **kwargs: 100.0)  # as a leaky run would
+    argv = ["--runs", runs["none"], "--out", out, "--data-root", tiny_data_root, "--num-samples", "100",
+            "--device", "cpu", "--desc", "failing"]
+    assert audit.run_audit(argv) == 1
+    assert "AUDIT FAILED" in capsys.readouterr().err
+    report = os.path.realpath(os.path.join(out, "audit-report", "latest"))
+    assert report.endswith("-failing") and os.path.isfile(os.path.join(report, "audit.json"))
+
+
 def test_audit_refuses_a_normal_run(tmp_path, tiny_data_root):
     compact = write_compact(tmp_path, public_ledger(tiny_data_root))
     assert audit.run_audit(["--runs", compact, "--out", str(tmp_path), "--data-root", tiny_data_root]) == 2
