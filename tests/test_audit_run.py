@@ -88,6 +88,8 @@ def test_audit_report(audit_runs, tiny_data_root):
     assert all(r["claimed_epsilon"] == "inf" and r["canaries"] == CANARIES for r in no_dp_rows)
     table = open(os.path.join(report, "results.md")).read()
     assert table.count("| white-box |") == 3 and "∞ (no DP)" in table
+    assert table.count("canaries added to the private split;") == 2
+    assert f"canaries added to a seeded subset of {SUBSET} private images (seed 0, " in table
     assert os.path.getsize(os.path.join(report, "audit.png")) > 1000
     for run in runs.values():
         assert "Empirical privacy audit" in open(os.path.join(run, "MODEL_CARD.md")).read()
