@@ -120,7 +120,16 @@ def audit_one(checkpoint: dict, args, device) -> dict:
             "rows": run_rows(run, claim, results), "scores": scores, "included": included,
             "white_box_reference": "parent discriminator" if start is not None else "none (raw logits)",
             "privacy": describe(checkpoint["privacy"], delta, checkpoint["args"]["accountant"]),
-            "control": checkpoint["args"].get("audit_control", "none"), "settings": vars(settings)}
+            "control": checkpoint["args"].get("audit_control", "none"), "settings": vars(settings),
+            "audit_split": audit_split_text(checkpoint)}
+
+
+def audit_split_text(checkpoint: dict) -> str:
+    """What the audit run trained on besides the canaries: the private split, or its seeded subset."""
+    subset = checkpoint["privacy"]["audits"][-1].get("subset")
+    if not subset:
+        return "the private split"
+    return f"a seeded subset of {subset['size']} private images (seed {subset['seed']}, {subset['fingerprint']})"
 
 
 # ---------------------------------------------------------------- reports
@@ -154,11 +163,11 @@ def write_reports(report_dir: str, audited: list, args) -> str:
     table = audit_markdown(rows)
     with atomic_write(os.path.join(report_dir, "results.md")) as handle:
         handle.write("# One-run privacy audit (Steinke, Nasr & Jagielski 2023)\n\n" + table + "\n" + "\n".join(
-            f"- {e['run']}: {e['privacy']}; control: {e['control']}; white-box reference: {e['white_box_reference']}"
-            for e in audited) + "\n")
+            f"- {e['run']}: {e['privacy']}; control: {e['control']}; canaries added to {e['audit_split']}; white-box "
+            f"reference: {e['white_box_reference']}" for e in audited) + "\n")
     write_json(os.path.join(report_dir, "audit.json"),
                {"rows": rows, "runs": [{k: e[k] for k in ("run", "run_dir", "privacy", "control", "settings",
-                                                         "white_box_reference")} for e in audited],
+                                                         "white_box_reference", "audit_split")} for e in audited],
                 "settings": {"num_samples": args.num_samples, "seed": args.seed}})
     plot_scores({e["run"]: (e["scores"], e["included"]) for e in audited}, os.path.join(report_dir, "audit.png"))
     for entry in audited:

@@ -14,8 +14,10 @@ runs named with --runs (or in RUNS at the top of this script). For each generato
             where a run has no artifact; the table says which), CPU latency at batch 1 and throughput at batch
             256, each also as a ratio to the teacher;
   privacy   epsilon and delta of the checkpoint's ledger, and an empirical membership-inference audit: AUC of the
-            distance-to-nearest-generated-sample attack, private-split training images (members) against as many
-            test images (non-members); about 0.5 means no measurable leakage.
+            distance-to-nearest-generated-sample attack, private images the run trained on (members: the whole
+            private split, or the seeded subset its ledger records, as for train_teacher.py --subset) against as
+            many test images (non-members); about 0.5 means no measurable leakage. A run whose ledger shows no
+            read of the private split (no DP mechanism, no non-DP read) has no members: its MIA is n/a.
 The same latent vectors and labels are used for every generator. The reference classifier and the audit read
 real (also private) data: they are the data holder's measurements, not covered by the generator's DP guarantee.
 
@@ -39,16 +41,18 @@ from utils import deploy, runtime
 from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
                        progress_bar, run_script, set_seed)
-from utils.data import add_data_args, check_data_fits, image_request, load_split, to_unit_range
+from utils.data import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
 from utils.distributed import single_process_device
 from utils.files import write_json, write_text
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
                            precision_recall, predict, protocol_accuracy, protocol_variant, reference_classifier)
 from utils.plots import plot_tradeoff, side_by_side_samples
-from utils.privacy import ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, warn_if_not_private
+from utils.privacy import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
+                           warn_if_not_private)
 from utils.training import Run, maybe_dry_run
 
 STAGE = "eval"
+MIA_NOT_READ = "n/a (private split not read)"
 GENERATOR_STAGES = ("teacher", "student", "compact", "private")
 # The runs to evaluate and the teacher of the cost ratios, editable here: None means every stage's
 # <out>/<stage>/latest, and the evaluated (else the runs' own, else the latest) teacher. --runs and --teacher
@@ -97,7 +101,8 @@ def parse_args(argv=None):
     group.add_argument("--delta", type=positive_float, default=1e-5, help="delta of the reported epsilon")
     group.add_argument("--accountant", default="prv", choices=ACCOUNTANTS, help="accountant composing the ledger")
     add_preset_option(group, "audit_samples", "generated samples the membership audit searches")
-    add_preset_option(group, "audit_members", "private-split members (and as many test non-members) audited")
+    add_preset_option(group, "audit_members", "members audited at most (private images the run trained on), and as "
+                                              "many test non-members")
     group.add_argument("--audit-same-label", action="store_true",
                        help="search only generated samples of the candidate's own label")
     group = parser.add_argument_group("speed")
@@ -158,16 +163,42 @@ def row_labels(runs) -> list:
 
 def load_data(args, built_for: dict) -> dict:
     """Real data as [-1, 1] tensors, read at the shape the generators were built for (`built_for`: their
-    model_args): the whole training set, the test set, and the audit's members/non-members."""
+    model_args): the whole training set and the test set; and the splits themselves (the audit's members)."""
     request = image_request(args, built_for)
     train, test, private = (load_split(args.dataset, split, args.data_root, args.public_size, args.partition_seed,
                                        request) for split in ("all", "test", "private"))
-    count = min(args.audit_members, len(private), len(test))
-    rng = torch.Generator().manual_seed(args.seed + 1)
-    members = torch.randperm(len(private), generator=rng)[:count]
-    nonmembers = torch.randperm(len(test), generator=rng)[:count]
     return {"train": (to_unit_range(train.images), train.labels), "test": (to_unit_range(test.images), test.labels),
-            "members": private.batch(members), "nonmembers": test.batch(nonmembers), "private": private}
+            "splits": {"all": train, "test": test, "private": private}, "private": private}
+
+
+def trained_private_ids(ledger: dict, splits: dict):
+    """Training-set positions of the private images the ledger's stages trained on: the whole private split after
+    a DP mechanism or a non-DP read of a whole split; only a seeded subset's images where every read was of one
+    (train_teacher.py --subset); None where the private split was never read."""
+    private = splits["private"].indices
+    reads = ledger["non_dp_reads"]
+    if history(ledger) or any("subset" not in read for read in reads):
+        return private
+    if not reads:
+        return None
+    read = torch.cat([subset_ids(splits[r["subset"]["of"]], r["subset"]) for r in reads])
+    return private[torch.isin(private, read)]
+
+
+def membership_sets(ledger: dict, data: dict, args):
+    """(members, non-members, where the members come from) of the membership audit, each set (images in [-1, 1],
+    labels); None where the private split was never read (no members: the attack would measure nothing)."""
+    pool = trained_private_ids(ledger, data["splits"])
+    if pool is None:
+        return None
+    splits = data["splits"]
+    count = min(args.audit_members, len(pool), len(splits["test"]))
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    members = pool[torch.randperm(len(pool), generator=rng)[:count]]
+    nonmembers = torch.randperm(len(splits["test"]), generator=rng)[:count]
+    whole = len(pool) == len(splits["private"])
+    source = "the whole private split" if whole else f"the {len(pool)} private images of its training subset"
+    return splits["all"].batch(members), splits["test"].batch(nonmembers), source
 
 
 # ---------------------------------------------------------------- per-generator measurements
@@ -228,8 +259,8 @@ def quality(G, checkpoint, context, args, device, timings) -> dict:
     timings["generate_s"], start = time.time() - start, time.time()
     result = sample_quality(images, labels, context, args, device, checkpoint["label"], timings)
     start = time.time()
-    result["mia_auc"] = audit(images[:args.audit_samples], labels[:args.audit_samples], context["data"],
-                              args.audit_same_label)
+    result.update(membership(images[:args.audit_samples], labels[:args.audit_samples], checkpoint, context["data"],
+                             args))
     timings["audit_s"] = time.time() - start
     path = os.path.join(checkpoint["run_dir"], runtime.RUNTIME_NAME)
     if os.path.isfile(path):
@@ -259,11 +290,16 @@ def sample_quality(images, labels, context, args, device, desc: str, timings: di
             "downstream_holdout_accuracy": downstream["holdout_accuracy"]}
 
 
-def audit(generated, generated_labels, data: dict, same_label: bool) -> float:
-    (members, member_labels), (nonmembers, nonmember_labels) = data["members"], data["nonmembers"]
-    if not same_label:
-        return membership_auc(members, nonmembers, generated)
-    return membership_auc(members, nonmembers, generated, member_labels, nonmember_labels, generated_labels)
+def membership(generated, generated_labels, checkpoint: dict, data: dict, args) -> dict:
+    """The membership audit's AUC, its members and their source; AUC None (and why) where the run never read the
+    private split."""
+    sets = membership_sets(checkpoint["privacy"], data, args)
+    if sets is None:
+        return {"mia_auc": None, "mia_note": MIA_NOT_READ, "audit": {"members": 0, "members_from": None}}
+    (members, member_labels), (nonmembers, nonmember_labels), source = sets
+    labels = (member_labels, nonmember_labels, generated_labels) if args.audit_same_label else ()
+    return {"mia_auc": membership_auc(members, nonmembers, generated, *labels),
+            "audit": {"members": len(member_labels), "members_from": source}}
 
 
 def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
@@ -277,8 +313,7 @@ def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
     row.update(device_cost(G, checkpoint["run_dir"], args))
     timings["cost_s"] = time.time() - start
     row.update(privacy_summary(checkpoint["privacy"], args.delta, args.accountant))
-    row["audit"] = {"members": len(context["data"]["members"][1]), "generated": args.audit_samples,
-                    "same_label": args.audit_same_label}
+    row["audit"].update(generated=args.audit_samples, same_label=args.audit_same_label)
     row["timings"] = timings
     return row
 
@@ -347,8 +382,14 @@ def table_row(row) -> list:
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
             f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in deploy.COST_KEYS), f"{row['fd']:.2f}",
             f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{100 * row['downstream_accuracy']:.1f}%",
-            format_epsilon(row), f"{row['delta']:g}",
-            f"{row['mia_auc']:.3f}"]
+            format_epsilon(row), f"{row['delta']:g}", format_mia(row)]
+
+
+def format_mia(row) -> str:
+    if row["mia_auc"] is None:
+        return row["mia_note"]
+    whole = row["audit"]["members_from"] == "the whole private split"
+    return f"{row['mia_auc']:.3f}" + ("" if whole else f" ({row['audit']['members']} training-subset members)")
 
 
 SHIPPED_COLUMNS = ("stage", "run", "generator.onnx bytes", "bytes ×T", "latency ms (b=1)", "latency ×T",
@@ -384,7 +425,7 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
     lines = ["| " + " | ".join(table_columns(protocol)) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
     lines += shipped_table(rows)
-    members = rows[0]["audit"]["members"] if rows else 0
+    members = max([row["audit"]["members"] for row in rows], default=0)
     lines += ["",
               f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
               f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"
@@ -394,8 +435,10 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
               f"Kynkaenniemi et al. 2019) of the same samples and as many real test images, same features.",
               f"Downstream: {protocol.describe()}.",
               f"MIA AUC: distance-to-nearest of {args.audit_samples} generated samples"
-              f"{' of the same label' if args.audit_same_label else ''}, {members} private-split members vs "
-              f"{members} test non-members (0.5 = no measurable leakage).",
+              f"{' of the same label' if args.audit_same_label else ''}, up to {members} members (private images "
+              f"the run trained on: the whole private split, or the seeded subset its ledger records) vs as many "
+              f"test non-members (0.5 = no measurable leakage); {MIA_NOT_READ} for a run whose ledger shows no "
+              f"read of the private split (it has no members).",
               f"×T: ratio to the teacher ({baseline_run or 'none available'}). Epsilon: {args.accountant.upper()} "
               f"accountant over the ledger's mechanisms."]
     return "\n".join(lines) + "\n"
@@ -439,6 +482,7 @@ def load_inputs(args) -> tuple:
     for checkpoint in runs:
         check_data_fits(data["private"], checkpoint["model_args"]["generator"])
         check_same_partition(checkpoint["privacy"], data["private"])
+        trained_private_ids(checkpoint["privacy"], data["splits"])  # a recorded subset must rebuild here
     return runs, data
 
 

@@ -25,7 +25,9 @@ directory <out>/audit/<NNNNN>-<desc>/ (stage "audit", its own `latest`, no devic
 released model, never moves <out>/private/latest, and its ledger and model card say it is an audit.
 --audit-control switches the DP machinery off for that audit run only, to show that the audit can fail: "no-dp"
 (no clipping, no noise: epsilon infinite) or "no-clip" (the calibrated noise, but a clipping norm no gradient
-reaches, while the ledger still claims the calibrated epsilon, as a bug would).
+reaches, while the ledger still claims the calibrated epsilon, as a bug would). --audit-subset N trains the audit
+on a seeded draw of N private images plus the included canaries (recorded in the ledger's audit entry), so that a
+run of minutes shows each canary tens of times; the sample rate and the accounting follow that split's real size.
 """
 import copy
 import os
@@ -37,7 +39,7 @@ from models import Discriminator
 from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
 from utils.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
                        positive_int, run_script, set_seed, set_threads, speed_settings)
-from utils.data import add_data_args, check_data_fits, image_request, load_split
+from utils.data import add_data_args, check_data_fits, image_request, load_split, seeded_subset
 from utils.deploy import format_table, write_device_artifacts
 from utils.distributed import data_parallel, distributed, is_writer
 from utils.files import write_json
@@ -88,6 +90,8 @@ def parse_args(argv=None):
         parser.error("--split: DP fine-tuning reads only the private split (the split the guarantee is about)")
     if args.audit_control != "none" and not args.audit_canaries:
         parser.error("--audit-control: only for an audit run (give --audit-canaries M)")
+    if args.audit_subset and not args.audit_canaries:
+        parser.error("--audit-subset: only for an audit run (give --audit-canaries M)")
     check_recipe_args(parser, args)
     return args
 
@@ -100,6 +104,9 @@ def add_audit_args(parser):
     group.add_argument("--audit-control", choices=AUDIT_CONTROLS, default="none",
                        help="none: DP as configured; no-dp: no clipping and no noise; no-clip: the calibrated "
                             "noise with clipping switched off (the ledger still claims the calibrated epsilon)")
+    group.add_argument("--audit-subset", type=positive_int, default=None, metavar="N",
+                       help="the audit split is a seeded draw (--seed) of N private images plus the included "
+                            "canaries, so that a short run shows each canary many times (default: the whole split)")
 
 
 # ---------------------------------------------------------------- inputs and models
@@ -150,10 +157,13 @@ def run_stage(args) -> str:
 
 
 def training_split(args, source: dict) -> tuple:
-    """(split, canaries): the private split, with the included canaries appended in an audit run (else None)."""
+    """(split, canaries): the private split, or in an audit run the private split (or its --audit-subset) with
+    the included canaries appended (canaries None otherwise)."""
     split = load_data(args, source)
     if not getattr(args, "audit_canaries", None):
         return split, None
+    if getattr(args, "audit_subset", None):  # getattr: saved args from before the option
+        split = seeded_subset(split, args.audit_subset, args.seed)
     test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed,
                       image_request(args, source["model_args"]["generator"]))
     canaries = make_canaries(test, AuditSettings(canaries=args.audit_canaries, seed=args.seed))
@@ -173,16 +183,19 @@ def broken_clipping_norm(args):
 def mark_audit(ledger: dict, args, run: Run, split, canaries):
     """The audit's entry in the ledger; a no-dp control is also a read of the private split without DP."""
     name = os.path.basename(run.run_dir)
-    record_audit(ledger, AUDIT_STAGE, name, {**canaries.record(), "control": args.audit_control})
+    record_audit(ledger, AUDIT_STAGE, name, {**canaries.record(), "control": args.audit_control,
+                                             "subset": split.subset})
     if args.audit_control == "no-dp":
-        record_data_read(ledger, AUDIT_STAGE, "private", len(split), name)
+        record_data_read(ledger, AUDIT_STAGE, "private", len(split), name, split.subset)
 
 
 def run_desc(args, config: DPConfig) -> str:
     desc = describe_run(config, args.dataset)
     if not getattr(args, "audit_canaries", None):
         return desc
-    return f"{desc}-canaries{args.audit_canaries}" + ("" if args.audit_control == "none" else f"-{args.audit_control}")
+    subset = f"-subset{args.audit_subset}" if getattr(args, "audit_subset", None) else ""
+    return f"{desc}-canaries{args.audit_canaries}{subset}" + ("" if args.audit_control == "none" else
+                                                              f"-{args.audit_control}")
 
 
 # ---------------------------------------------------------------- outputs and main

@@ -4,6 +4,9 @@ The checkpoint's privacy ledger records a non-DP read of the private split when 
 (the final epsilon is then infinite); --split public (the default) reads only the public part of the partition.
 With --dp (and --split private) the teacher is trained on the private split under DP-SGD on the discriminator
 (utils/dp.py, as in fine_tune.py): the ledger records the mechanism instead, and DP fine-tuning composes with it.
+--subset N trains on a seeded draw of N images of the split only (--seed; recorded in the checkpoint's data entry
+and the ledger): `--split private --subset 500` for many epochs is the membership audit's positive control, a
+model that must leak (evaluate.py takes its members from exactly those images).
 """
 import os
 
@@ -13,7 +16,8 @@ from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, data_fields
 from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
                        run_script, set_seed)
-from utils.data import EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape
+from utils.data import (EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape,
+                        seeded_subset)
 from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
@@ -43,6 +47,9 @@ def parse_args(argv=None):
                        help="discriminator widths, one per strided conv; default for 28 px: 64 128, 32 px: "
                             "64 128 256, 64 px: 32 64 128 256")
     group.add_argument("--nz", type=positive_int, default=100, help="latent dimension")
+    group.add_argument("--subset", type=positive_int, default=None, metavar="N",
+                       help="train on a seeded draw (--seed) of N images of the split only, recorded in the "
+                            "checkpoint and the ledger (e.g. --split private --subset 500: a model that leaks)")
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="steps between checkpoints (also at every epoch end)")
@@ -79,6 +86,8 @@ def load_data(args, checkpoint):
     built_for = checkpoint["model_args"]["generator"] if checkpoint is not None else None
     split = load_split(args.dataset, args.split, args.data_root, args.public_size, args.partition_seed,
                        image_request(args, built_for))
+    if getattr(args, "subset", None):  # getattr: the saved args of a run from before --subset have none
+        split = seeded_subset(split, args.subset, args.seed)
     if checkpoint is not None:
         check_data_fits(split, built_for)
     else:
@@ -98,7 +107,7 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
         recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step, ema_decay=0.0), G, args.seed)
         return DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe=recipe)
     if run.checkpoint is None:
-        record_data_read(ledger, STAGE, split.split, len(split), run=os.path.basename(run.run_dir))
+        record_data_read(ledger, STAGE, split.split, len(split), os.path.basename(run.run_dir), split.subset)
     warn_if_not_private(ledger)
     batches = ShardedBatches(EpochBatches(split, args.batch_size, args.seed))  # this rank's part of each batch
     recipe = Recipe(RecipeConfig.from_args(args, ema_decay=TEACHER_EMA_DECAY), G, args.seed)
@@ -126,7 +135,8 @@ def train_stage(args, device):
     ledger = checkpoint["privacy"] if checkpoint is not None else new_ledger(split.partition)
     plan = plan_for(checkpoint, DPConfig.from_args(args), TrainConfig.from_args(args), split, ledger) \
         if args.dp else None
-    run = Run.open(args, STAGE, f"{args.dataset}-{args.split}" + ("-dp" if args.dp else ""), checkpoint)
+    desc = f"{args.dataset}-{args.split}" + (f"-subset{args.subset}" if getattr(args, "subset", None) else "")
+    run = Run.open(args, STAGE, desc + ("-dp" if args.dp else ""), checkpoint)
     set_seed(args.seed)
     step = make_step(args, run, split, ledger, plan, device)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()

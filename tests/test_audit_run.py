@@ -10,22 +10,25 @@ import audit
 import fine_tune
 from test_fine_tune import ft_argv, public_ledger, write_compact
 from utils.checkpoint import load_checkpoint
-from utils.data import load_split
+from utils.data import load_split, seeded_subset
 from utils.privacy import epsilon, is_audit
 from conftest import TINY_PUBLIC
 
 CANARIES = 60
+SUBSET = 100
 
 
 @pytest.fixture(scope="module")
 def audit_runs(tiny_data_root, tmp_path_factory):
-    """(out, compact dir, {control: run dir}) of three 12-step audit runs: DP at epsilon 4, no-dp, no-clip."""
+    """(out, compact dir, {control: run dir}) of three one-epoch audit runs: DP at epsilon 4 and no-dp on the whole
+    private split, no-clip on a seeded subset of SUBSET private images (--audit-subset)."""
     out = tmp_path_factory.mktemp("audit")
     compact = write_compact(out, public_ledger(tiny_data_root))
     runs = {}
     for control in ("none", "no-dp", "no-clip"):
+        subset = ("--audit-subset", str(SUBSET)) if control == "no-clip" else ()
         argv = ft_argv(tiny_data_root, out, "--target-epsilon", "4", "--audit-canaries", str(CANARIES),
-                       "--audit-control", control, "--desc", control)
+                       "--audit-control", control, "--desc", control, *subset)
         runs[control] = fine_tune.main(fine_tune.parse_args(argv))
     return str(out), compact, runs
 
@@ -46,6 +49,7 @@ def test_audit_ledger_split_and_controls(audit_runs, tiny_data_root):
     dp_run = load_checkpoint(runs["none"], "audit")
     (entry,) = dp_run["privacy"]["audits"]
     assert is_audit(dp_run["privacy"]) and entry["canaries"] == CANARIES and entry["control"] == "none"
+    assert entry["subset"] is None and "subset" not in dp_run["data"]
     assert dp_run["data"]["size"] == len(private) + entry["included"] and 0 < entry["included"] < CANARIES
     assert dp_run["data"]["fingerprint"] == private.fingerprint  # the partition a normal run uses
     (mechanism,) = dp_run["privacy"]["mechanisms"]
@@ -57,6 +61,19 @@ def test_audit_ledger_split_and_controls(audit_runs, tiny_data_root):
     no_clip = load_checkpoint(runs["no-clip"], "audit")
     assert no_clip["privacy"]["mechanisms"][0]["max_grad_norm"] == 1.0  # the claim a bug would make
     assert 3.9 <= epsilon(no_clip["privacy"], 1e-5, "rdp") <= 4.0
+
+
+def test_audit_subset_is_the_audit_split_recorded_and_sets_the_sample_rate(audit_runs, tiny_data_root):
+    _, _, runs = audit_runs
+    private = load_split("fashion-mnist", "private", tiny_data_root, TINY_PUBLIC)
+    run = load_checkpoint(runs["no-clip"], "audit")
+    (entry,) = run["privacy"]["audits"]
+    assert entry["subset"] == seeded_subset(private, SUBSET, 0).subset == run["data"]["subset"]  # seeded by --seed
+    size = SUBSET + entry["included"]
+    assert run["data"]["size"] == size and run["data"]["fingerprint"] == private.fingerprint
+    (mechanism,) = run["privacy"]["mechanisms"]
+    assert mechanism["sample_rate"] == pytest.approx(32 / size) and mechanism["steps"] == int(size / 32)
+    assert run["args"]["audit_subset"] == SUBSET
     card = open(os.path.join(runs["none"], "MODEL_CARD.md")).read()
     assert "AUDIT run, not a released model" in card
 
@@ -71,10 +88,25 @@ def test_audit_report(audit_runs, tiny_data_root):
     assert all(r["claimed_epsilon"] == "inf" and r["canaries"] == CANARIES for r in no_dp_rows)
     table = open(os.path.join(report, "results.md")).read()
     assert table.count("| white-box |") == 3 and "∞ (no DP)" in table
+    assert table.count("canaries added to the private split;") == 2
+    assert f"canaries added to a seeded subset of {SUBSET} private images (seed 0, " in table
     assert os.path.getsize(os.path.join(report, "audit.png")) > 1000
     for run in runs.values():
         assert "Empirical privacy audit" in open(os.path.join(run, "MODEL_CARD.md")).read()
         assert json.load(open(os.path.join(run, "model_card.json")))["audit_result"]["report"] == report
+
+
+def test_a_bound_above_the_claim_writes_the_report_then_fails_loudly(audit_runs, tiny_data_root, monkeypatch,
+                                                                    capsys):
+    out, _, runs = audit_runs
+    import utils.audit
+    monkeypatch.setattr(utils.audit, "epsilon_lower_bound", lambda *args, **kwargs: 100.0)  # as a leaky run would
+    argv = ["--runs", runs["none"], "--out", out, "--data-root", tiny_data_root, "--num-samples", "100",
+            "--device", "cpu", "--desc", "failing"]
+    assert audit.run_audit(argv) == 1
+    assert "AUDIT FAILED" in capsys.readouterr().err
+    report = os.path.realpath(os.path.join(out, "audit-report", "latest"))
+    assert report.endswith("-failing") and os.path.isfile(os.path.join(report, "audit.json"))
 
 
 def test_audit_refuses_a_normal_run(tmp_path, tiny_data_root):
@@ -83,6 +115,8 @@ def test_audit_refuses_a_normal_run(tmp_path, tiny_data_root):
     assert audit.run_audit(["--out", str(tmp_path / "empty"), "--data-root", tiny_data_root]) == 2
 
 
-def test_audit_control_needs_canaries():
-    with pytest.raises(SystemExit):
-        fine_tune.parse_args(["--audit-control", "no-dp"])
+@pytest.mark.parametrize("flags", [["--audit-control", "no-dp"], ["--audit-subset", "100"]])
+def test_audit_options_need_canaries(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fine_tune.parse_args(flags)
+    assert exit_info.value.code == 2 and "only for an audit run" in capsys.readouterr().err

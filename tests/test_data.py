@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, TINY_PUBLIC, TINY_TEST, TINY_TRAIN, write_tiny_dataset
 from utils import data
 from utils.cli import UserError
-from utils.data import EpochBatches, load_split, read_idx
+from utils.data import EpochBatches, index_fingerprint, load_split, read_idx, seeded_subset, subset_ids
 
 
 def test_splits_are_disjoint_deterministic_and_cover(tiny_data_root):
@@ -24,6 +24,23 @@ def test_splits_are_disjoint_deterministic_and_cover(tiny_data_root):
     other_seed = load_split("fashion-mnist", "private", tiny_data_root, TINY_PUBLIC, partition_seed=1)
     assert other_seed.fingerprint != private.fingerprint
     assert public.partition == private.partition and public.partition["private_size"] == len(private)
+
+
+def test_seeded_subset_is_deterministic_recorded_and_keeps_the_split_it_is_of(tiny_data_root):
+    private = load_split("fashion-mnist", "private", tiny_data_root, TINY_PUBLIC)
+    everything = load_split("fashion-mnist", "all", tiny_data_root, TINY_PUBLIC)
+    subset, again, other = (seeded_subset(private, 50, seed) for seed in (3, 3, 4))
+    assert len(subset) == 50 and torch.equal(subset.images, again.images) and subset.subset == again.subset
+    assert not torch.equal(subset.images, other.images) and subset.subset["fingerprint"] != other.subset["fingerprint"]
+    ids = subset_ids(private, subset.subset)  # rebuilt from the record alone
+    assert len(set(ids.tolist()) & set(private.indices.tolist())) == 50
+    assert torch.equal(everything.images[ids], subset.images) and torch.equal(everything.labels[ids], subset.labels)
+    assert subset.subset == {"of": "private", "size": 50, "seed": 3, "fingerprint": index_fingerprint(ids)}
+    assert subset.fingerprint == private.fingerprint and private.subset is None  # the ledger's split is unchanged
+    with pytest.raises(UserError):
+        subset_ids(private, {**subset.subset, "seed": 4, "fingerprint": subset.subset["fingerprint"]})
+    with pytest.raises(UserError):
+        seeded_subset(private, len(private) + 1, 0)
 
 
 def test_test_split_and_batches_in_unit_range(tiny_data_root):

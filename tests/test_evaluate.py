@@ -14,10 +14,10 @@ from models import Generator
 from utils.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_checkpoint
 from utils import deploy, runtime
 from utils.cli import run_script
-from utils.data import load_split, to_unit_range
+from utils.data import load_split, seeded_subset, subset_ids, to_unit_range
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, downstream_accuracy, frechet_distance, frechet_distance_of,
                            membership_auc, rank_auc, reference_classifier)
-from utils.privacy import inherit, record_data_read
+from utils.privacy import inherit, new_ledger, record_data_read, record_mechanism
 
 
 def tiny(data_root, split):
@@ -190,7 +190,7 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert set(rows) == {"teacher", "compact"}
     assert rows["compact"]["run_dir"] == os.path.realpath(compact_dir)
     for row in rows.values():
-        assert math.isfinite(row["fd"]) and 0 <= row["downstream_accuracy"] <= 1 and 0 <= row["mia_auc"] <= 1
+        assert math.isfinite(row["fd"]) and 0 <= row["downstream_accuracy"] <= 1
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["downstream_epoch"] == 1
         assert len(row["downstream_holdout_accuracy"]) == 1
         assert row["parameters"] > 0 and row["macs"] > 0 and row["bytes"] > 0 and row["latency_ms"] > 0
@@ -198,8 +198,12 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     # own samples right after its model's, where it has one)
     reported = {"fd": [value for row in results["rows"] for value in (row["fd"], row.get("fd_runtime"))
                        if value is not None],
-                "mia_auc": [row["mia_auc"] for row in results["rows"]]}
+                "mia_auc": [row["mia_auc"] for row in results["rows"] if row["mia_auc"] is not None]}
     assert reported == measured and len(measured["fd"]) == 3
+    # the public teacher never read the private split: no members, no AUC; the compact's ledger reads it
+    assert rows["teacher"]["mia_auc"] is None and rows["teacher"]["mia_note"] == evaluate.MIA_NOT_READ
+    assert 0 <= rows["compact"]["mia_auc"] <= 1 and len(measured["mia_auc"]) == 1
+    assert rows["compact"]["audit"]["members"] == 50 and rows["teacher"]["audit"]["members"] == 0
     assert all(row["fd"] > 0.1 for row in results["rows"])  # untrained generators are far from the test set
     assert rows["teacher"]["vs_teacher"]["parameters"] == 1.0 and rows["teacher"]["bytes_source"] == "state dict"
     artifact = os.path.join(compact_dir, deploy.ARTIFACT_NAME)
@@ -221,12 +225,39 @@ def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_te
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 2 * (1 + 2) - 1  # 2 tables
     assert "What ships: generator.onnx" in table
     assert "∞ (no DP guarantee)" in table and "Reference classifier" in table
+    assert table.count(f"| {evaluate.MIA_NOT_READ} |") == 1
     assert "| FD ↓ | precision ↑ | recall ↑ | downstream acc ↑ (custom variant of Bie et al. 2023 (240 samples, " \
            "1 epochs)) |" in table  # a variant is never labelled as the published protocol
     assert results["downstream_protocol"]["holdout"] == 20 and results["downstream_protocol"]["num_samples"] == 240
     captured = capsys.readouterr()
     assert "NO differential-privacy guarantee" in captured.err  # the plain warning for the epsilon = inf run
     assert run_dir in captured.out
+
+
+def test_mia_members_are_the_private_images_the_ledger_says_were_read(tiny_data_root, tmp_path):
+    args = evaluate.parse_args(eval_argv(tiny_data_root, str(tmp_path)))
+    data = evaluate.load_data(args, None)
+    private, everything = data["splits"]["private"], data["splits"]["all"]
+    ledger = new_ledger(private.partition)
+    record_data_read(ledger, "teacher", "public", 200)
+    assert evaluate.membership_sets(ledger, data, args) is None  # public only: no members, MIA n/a
+    subset = seeded_subset(private, 40, 5)
+    on_subset = inherit(ledger)
+    record_data_read(on_subset, "teacher", "private", 40, "t", subset.subset)
+    (members, _), (nonmembers, _), source = evaluate.membership_sets(on_subset, data, args)
+    assert len(members) == len(nonmembers) == 40 and "40 private images of its training subset" in source
+    as_rows = lambda images: sorted(map(tuple, images.flatten(1).tolist()))
+    assert as_rows(members) == as_rows(to_unit_range(subset.images))  # exactly the images it trained on
+    wider = seeded_subset(everything, 100, 5)  # a subset of the whole training set: its private part
+    on_all = inherit(ledger)
+    record_data_read(on_all, "teacher", "all", 100, "t", wider.subset)
+    expected = set(subset_ids(everything, wider.subset).tolist()) & set(private.indices.tolist())
+    assert evaluate.trained_private_ids(on_all, data["splits"]).tolist() == sorted(expected)
+    dp = inherit(ledger)
+    record_mechanism(dp, "private", 1.0, 0.1, 10, 1.0, "rdp", "p")
+    assert torch.equal(evaluate.trained_private_ids(dp, data["splits"]), private.indices)
+    (members, _), _, source = evaluate.membership_sets(dp, data, args)
+    assert len(members) == 50 and source == "the whole private split"
 
 
 def test_evaluate_rejects_bad_input_with_one_line(tiny_data_root, tmp_path, capsys):

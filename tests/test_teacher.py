@@ -5,9 +5,10 @@ import os
 import torch
 
 import train_teacher
-from conftest import check_sample_grid, teacher_argv
+from conftest import TINY_PUBLIC, check_sample_grid, teacher_argv
 from utils.checkpoint import build_generator, load_checkpoint
 from utils.cli import run_script
+from utils.data import load_split, seeded_subset
 from utils.privacy import epsilon
 
 
@@ -33,9 +34,14 @@ def test_teacher_run_writes_everything(tiny_teacher_run):
 
 
 def test_private_split_without_dp_means_infinite_epsilon(tiny_data_root, tmp_path, capsys):
-    run_dir = run_teacher(tiny_data_root, str(tmp_path), "--split", "private", "--max-steps", "1")
-    ledger = load_checkpoint(run_dir, "teacher")["privacy"]
-    assert ledger["non_dp_reads"][0]["stage"] == "teacher"
+    """On a seeded subset of the private split (--subset): the subset is recorded in the checkpoint and the ledger."""
+    run_dir = run_teacher(tiny_data_root, str(tmp_path), "--split", "private", "--max-steps", "1", "--subset", "40")
+    checkpoint = load_checkpoint(run_dir, "teacher")
+    ledger, subset = checkpoint["privacy"], checkpoint["data"]["subset"]
+    assert ledger["non_dp_reads"] == [{"stage": "teacher", "split": "private", "size": 40,
+                                       "run": os.path.basename(run_dir), "subset": subset}]
+    private = load_split("fashion-mnist", "private", tiny_data_root, TINY_PUBLIC)
+    assert subset == seeded_subset(private, 40, 0).subset and checkpoint["data"]["size"] == 40
     assert epsilon(ledger, 1e-5) == math.inf
     assert "NO differential-privacy guarantee" in capsys.readouterr().err
 

@@ -147,8 +147,9 @@ def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: d
 
 def data_fields(split) -> dict:
     """The `data` entry of a checkpoint whose stage trained on `split` (a `utils.data.ImageSplit`)."""
-    return {"dataset": split.dataset, "split": split.split, "size": len(split), "fingerprint": split.fingerprint,
-            "source": split.source}
+    fields = {"dataset": split.dataset, "split": split.split, "size": len(split), "fingerprint": split.fingerprint,
+              "source": split.source}
+    return {**fields, "subset": split.subset} if split.subset else fields
 
 
 def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME) -> str:

@@ -9,13 +9,14 @@ read by `utils/folder_data.py`, at `--image-size` and `--channels`, from a decod
 A split is held in memory as uint8 (N, H, W) or (N, C, H, W); batches are scaled to [-1, 1] with a channel axis.
 `public` and `private` are a disjoint, seeded partition of the training set with a fingerprint of the index set
 (for `folder`/`cifar10`, of the index set and the fingerprint of the file list, so that another folder or a
-changed file is a different split); the test set is never trained on.
+changed file is a different split); the test set is never trained on. `seeded_subset` cuts a split to a seeded
+draw of N of its images (a small-data positive control, or an audit run on few images) and records which.
 """
 import gzip
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ DATASETS = {
 }
 IMAGE_SET_DATASETS = ("folder", "cifar10")  # read by utils/folder_data.py, any size and colour
 SPLITS = ("all", "public", "private")
+SUBSET_SEED_OFFSET = 49979687  # a subset's draw differs from --seed's other generators
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -41,11 +43,14 @@ class ImageSplit:
     labels: torch.Tensor
     dataset: str
     split: str
-    indices: torch.Tensor  # positions in the training (or test) set
+    # positions in the training (or test) set of the split (a subset or an audit split keeps its parent's: the
+    # fingerprint names the split the privacy ledger's guarantee is about)
+    indices: torch.Tensor
     source: str
     partition: dict  # the private partition this split belongs to (what the privacy ledger records)
     list_fingerprint: str = None  # folder/cifar10: fingerprint of the file list the indices point into
     classes: tuple = None  # folder/cifar10: the class names (label i is classes[i])
+    subset: dict = None  # a seeded subset (`seeded_subset`): of which split, size, seed, fingerprint of its images
 
     def __len__(self):
         return len(self.labels)
@@ -82,6 +87,36 @@ def index_fingerprint(indices: torch.Tensor, list_fingerprint: str = None) -> st
     if list_fingerprint is not None:
         digest.update(list_fingerprint.encode())
     return digest.hexdigest()[:16]
+
+
+def subset_positions(count: int, size: int, seed: int) -> torch.Tensor:
+    """`size` sorted positions of `count`, a seeded draw (the same for the same count, size and seed)."""
+    if not 0 < size <= count:
+        raise UserError(f"a subset of {size} images must be between 1 and the split's {count}")
+    generator = torch.Generator().manual_seed(seed + SUBSET_SEED_OFFSET)
+    return torch.randperm(count, generator=generator)[:size].sort().values
+
+
+def seeded_subset(split: ImageSplit, size: int, seed: int) -> ImageSplit:
+    """`size` images of `split` from a seeded draw. The subset keeps `split`'s indices (and fingerprint: the
+    ledger's guarantee is about the whole split, and a draw fixed in advance reads at most each of its images
+    once); which images it holds is in `subset` (`subset_ids` rebuilds them from that record)."""
+    positions = subset_positions(len(split), size, seed)
+    record = {"of": split.split, "size": size, "seed": seed,
+              "fingerprint": index_fingerprint(split.indices[positions], split.list_fingerprint)}
+    return replace(split, images=split.images[positions], labels=split.labels[positions], subset=record)
+
+
+def subset_ids(split: ImageSplit, record: dict) -> torch.Tensor:
+    """The training-set positions of the subset `record` (`seeded_subset`) of `split`, checked against it."""
+    if record["of"] != split.split:
+        raise ValueError(f"the subset is of the {record['of']} split, not of {split.split!r}")
+    ids = split.indices[subset_positions(len(split), record["size"], record["seed"])]
+    if index_fingerprint(ids, split.list_fingerprint) != record["fingerprint"]:
+        raise UserError(f"the recorded subset of the {split.split} split ({record['size']} images, seed "
+                        f"{record['seed']}) is not this one: use the --data-root, --public-size and "
+                        f"--partition-seed of its run")
+    return ids
 
 
 def read_idx(path: str) -> np.ndarray:

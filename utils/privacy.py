@@ -32,9 +32,12 @@ def inherit(parent_ledger: dict) -> dict:
     return copy.deepcopy(parent_ledger)
 
 
-def record_data_read(ledger: dict, stage: str, split: str, size: int, run: str = None):
-    """Note that `stage` trained on `split` without DP: private/all reads break the guarantee."""
+def record_data_read(ledger: dict, stage: str, split: str, size: int, run: str = None, subset: dict = None):
+    """Note that `stage` trained on `split` without DP: private/all reads break the guarantee. `subset`: the
+    seeded subset it read instead of the whole split (`utils.data.seeded_subset`'s record)."""
     entry = {"stage": stage, "split": split, "size": int(size), "run": run}
+    if subset:
+        entry["subset"] = subset
     if split in ("private", "all"):
         ledger["non_dp_reads"].append(entry)
     if split in ("public", "all"):
