@@ -30,7 +30,7 @@ test: setup
 pipeline: setup
 	$(PY) train_teacher.py --out $(OUT) --batch-size 64 --max-steps 600 --desc quick
 	$(PY) create_dataset.py --out $(OUT) --num-samples 10000 --desc quick
-	$(PY) train_student.py --out $(OUT) --batch-size 64 --max-steps 300 --rho 0.05 --desc quick
+	$(PY) train_student.py --out $(OUT) --batch-size 64 --max-steps 300 --rho 0.15 --desc quick
 	$(PY) compress_student.py --out $(OUT) --desc quick
 	$(PY) fine_tune.py --out $(OUT) --batch-size 64 --epochs 0.25 --target-epsilon 10 --desc quick
 	$(PY) evaluate.py --out $(OUT) --quick
