@@ -71,7 +71,8 @@ def parse_args(argv=None):
     add_data_args(parser, default_split="private")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_float, default=20,
-                       help="passes over the private split in expectation: epochs * N/batch D steps (may be fractional)")
+                       help="passes over the private split in expectation: epochs * N/batch D steps "
+                            "(may be fractional)")
     group.add_argument("--batch-size", type=positive_int, default=128, help="expected Poisson batch size")
     group.add_argument("--lr-g", type=positive_float, default=1e-4, help="Adam learning rate of the generator")
     group.add_argument("--lr-d", type=positive_float, default=2e-4, help="Adam learning rate of the discriminator")

@@ -2,7 +2,8 @@
 
 Privacy model (docs/DESIGN.md, "Privacy"). Only the discriminator touches the private split, and only through
 DP-SGD with Opacus: Poisson sampling with expected batch B (sample rate q = B/N), per-sample clipping to C,
-Gaussian noise of standard deviation sigma * C. The generator is post-processing of the discriminator's released parameters.
+Gaussian noise of standard deviation sigma * C. The generator is post-processing of the discriminator's released
+parameters.
 
 - Discriminator step (Opacus's DCGAN example): the real Poisson batch and as many fakes (latent vectors and
   uniform random labels, never the real batch's labels) go through the wrapped discriminator, both losses are

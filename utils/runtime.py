@@ -405,7 +405,8 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
     return {"runtime_artifact": RUNTIME_NAME, "runtime_bytes": size, "runtime": f"onnxruntime {ort_version()}",
             "runtime_runner": RUNNER_NAME, "runtime_max_abs_diff": check["max_abs_diff"],
             "runtime_mean_abs_diff": check["mean_abs_diff"], "runtime_tolerance": settings.tolerance,
-            "runtime_pixels_over_tolerance": check["pixels_over_tolerance"], "runtime_pixel_share": settings.pixel_share,
+            "runtime_pixels_over_tolerance": check["pixels_over_tolerance"],
+            "runtime_pixel_share": settings.pixel_share,
             "runtime_mean_tolerance": settings.mean_tolerance,
             "runtime_check_samples": settings.num_samples, "runtime_float_layers": float_layers(generator),
             "runtime_integer_layers": [] if generator.bits >= 32 else integer_layers(generator)}
