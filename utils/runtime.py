@@ -36,8 +36,11 @@ misplaced channel or label) moves every image. So the check is two-fold (images 
 difference per pixel is at most MEAN_TOLERANCE, and at most PIXEL_SHARE of the pixels are off by more than
 TOLERANCE. Measured on 1,024 samples of trained 4-bit students of the sweep (300 steps from the quick teacher):
 247/92/54 channels: mean 2.4e-4, max 0.077, 3 of 1,024 images with a pixel above 0.05; 255/61/54: mean 3.0e-4,
-max 0.097, 61 of 803k pixels (7.6e-5) above 0.05 in 46 images, 99.9th percentile 0.024. On a pruned copy of a
-trained quick-preset teacher (96/48/24, 4,096 samples): max 0.0006 at 8 bits, 0.008 at 4.
+max 0.097, 61 of 803k pixels (7.6e-5) above 0.05 in 46 images, 99.9th percentile 0.024; 75/5/x (cost penalty,
+rho 0.15, a block of 5 channels, so one flip moves more pixels): mean 3.7e-4, max 0.18, 959 pixels (0.12 %) above
+0.05. PIXEL_SHARE = 1 % sits above these; the mean guards against systematic errors (tested: a 0.01 shift of the
+output bias fails it). On a pruned copy of a trained quick-preset teacher (96/48/24, 4,096 samples): max 0.0006 at
+8 bits, 0.008 at 4.
 
 Weights are stored as INT8 initializers, or INT4 (ONNX's packed type, two per byte) for <= 4 bits, plus float
 scales and biases. 32-bit (float) generators are written as a plain float graph (transposed convs as they are).
@@ -62,7 +65,7 @@ RUNNER_NAME = "ort_runner.py"
 FORMAT = "device-gan-generator-onnx"
 OPSET = 21  # INT4 initializers and Cast from INT4
 TOLERANCE = 0.05  # |runtime - compact| of one pixel, images in [-1, 1] (see the module docstring)
-PIXEL_SHARE = 1e-3  # share of the pixels allowed above TOLERANCE (rounding-boundary flips)
+PIXEL_SHARE = 0.01  # share of the pixels allowed above TOLERANCE (rounding-boundary flips; measured up to 0.12 %)
 MEAN_TOLERANCE = 1e-3  # mean |runtime - compact| per pixel
 FLOAT_LAYERS = ("block0", "to_image")  # integer weights, float arithmetic (see the module docstring)
 
