@@ -191,6 +191,14 @@ BREAKS = [
           'return {"generator": self.generator, **live,',
           (T + "::test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume",),
           "the checkpoint's generator (what later stages sample) is the live generator, not the average"),
+    # ------------------------------------------------------------ what ships (issue 12)
+    Break("runtime-check-ignores-the-mean", "utils/runtime.py",
+          "\"ok\": finite and mean <= settings.mean_tolerance and ", "\"ok\": finite and ", ("tests/test_runtime.py",),
+          "generator.onnx with a small systematic error (every pixel a little off) passes the artifact check"),
+    Break("sweep-reuse-ignores-settings", "benchmarks/bench_compression.py", "        if wrong:\n",
+          "        if False:\n",
+          ("tests/test_deploy.py::test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set",),
+          "a continued sweep mixes in runs trained with other settings"),
     # ------------------------------------------------------------ your own images (issue 15)
     Break("private-fingerprint-ignores-file-list", "utils/data.py", "digest.update(list_fingerprint.encode())",
           "digest.update(b'')", (I + "::test_partition_fingerprint_covers_the_file_list",),
