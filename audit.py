@@ -1,11 +1,12 @@
 """Score audit runs: empirical lower bounds on epsilon from one training run each (utils/audit.py).
 
 Inputs: audit runs of `fine_tune.py --audit-canaries M` (stage "audit", under <out>/audit/; default: every one
-there), or the runs named with --runs. For each run the canaries are rebuilt from the test set with the count and
-seed its ledger records, and checked against the recorded fingerprints (which canaries there were, which went
-in); then two attacks score them:
-  white-box  the final discriminator's logit on (canary, wrong label) minus that of the discriminator the run
-             started from (its parent's, public: what training added);
+there), or the runs named with --runs. For each run the canaries it stored (canaries.pt) are read and checked
+against the fingerprints its ledger records (which canaries there were, which went in); then two attacks score
+them:
+  white-box  the final discriminator's logit on (canary, its label) minus that of the discriminator the run
+             started from (its parent's, public: what training added); for mislabelled canaries minus the same
+             change under the image's other wrong labels;
   black-box  minus the distance of the canary to its nearest generated sample of the canary's label, among
              --num-samples class-balanced samples of the run's generator.
 Each attack gives guesses, an epsilon lower bound at the run's delta (95% confidence, the k fixed in advance) and
@@ -24,10 +25,9 @@ import sys
 import torch
 
 from utils.audit import (AuditFailure, AuditSettings, audit_attack, audit_markdown, check_claim, discriminator_scores,
-                         generator_scores, make_canaries, plot_scores, run_rows)
+                         generator_scores, load_canaries, plot_scores, run_rows)
 from utils.checkpoint import build_discriminator, build_generator, load_checkpoint, mark_latest, new_run_dir
 from utils.cli import UserError, add_common_args, make_parser, positive_int, resolve_device, run_script, set_seed
-from utils.data import load_split
 from utils.files import atomic_write, write_json
 from utils.model_card import CARD_JSON, CARD_MD
 from utils.privacy import describe, epsilon, is_audit
@@ -68,17 +68,9 @@ def load_audit_run(path: str) -> dict:
     return checkpoint
 
 
-def rebuild_canaries(checkpoint: dict, data_root: str):
-    """The run's canaries, rebuilt from its ledger's record and checked against it."""
-    ledger = checkpoint["privacy"]
-    record = ledger["audits"][-1]
-    test = load_split(ledger["dataset"], "test", data_root, ledger["public_size"], ledger["partition_seed"])
-    canaries = make_canaries(test, AuditSettings(canaries=record["canaries"], seed=record["seed"]))
-    mismatch = {key for key, value in canaries.record().items() if record.get(key) != value}
-    if mismatch:
-        raise UserError(f"{checkpoint['run_dir']}: the rebuilt canaries differ from the recorded ones in "
-                        f"{', '.join(sorted(mismatch))} (another test set in --data-root?)")
-    return canaries
+def run_canaries(checkpoint: dict):
+    """The run's stored canaries, checked against its ledger's record."""
+    return load_canaries(checkpoint["run_dir"], checkpoint["privacy"]["audits"][-1])
 
 
 def starting_discriminator(checkpoint: dict):
@@ -105,14 +97,15 @@ def claimed_epsilon(checkpoint: dict) -> float:
 
 def audit_one(checkpoint: dict, args, device) -> dict:
     """Scores, results and table rows of one audit run."""
-    canaries = rebuild_canaries(checkpoint, args.data_root)
+    canaries = run_canaries(checkpoint)
     start = starting_discriminator(checkpoint)
     D = build_discriminator(checkpoint).to(device)
-    white = discriminator_scores(D, canaries, None if start is None else start.to(device), device)
+    white = discriminator_scores(D, canaries, None if start is None else start.to(device), device,
+                                 label_control=canaries.kind == "mislabelled")
     images, labels = generated_samples(build_generator(checkpoint).to(device), args.num_samples, args.seed, device)
     scores = {"white-box": white, "black-box": generator_scores(canaries, images, labels)}
     included, delta = canaries.included.numpy(), checkpoint["args"]["delta"]
-    settings = AuditSettings(canaries=len(canaries), seed=canaries.seed)
+    settings = AuditSettings(canaries=len(canaries), seed=canaries.seed, kind=canaries.kind)
     results = [audit_attack(name, values, included, delta, settings) for name, values in scores.items()]
     run = os.path.basename(checkpoint["run_dir"])
     claim = claimed_epsilon(checkpoint)

@@ -46,7 +46,8 @@ from utils.files import write_json
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.model_card import build_card, write_model_card
 from utils.plots import save_training_figures
-from utils.audit import AUDIT_CONTROLS, AuditSettings, audit_split, make_canaries
+from utils.audit import (AUDIT_CONTROLS, CANARY_KINDS, AuditSettings, audit_split, generated_canaries,
+                         load_canaries, make_canaries, save_canaries)
 from utils.privacy import inherit, is_private, record_audit, record_data_read, warn_if_not_private
 from utils.recipe import Recipe, RecipeConfig, add_recipe_args, check_recipe_args
 from utils.runtime import shipped_cost_rows, shipped_summary
@@ -100,8 +101,12 @@ def parse_args(argv=None):
 def add_audit_args(parser):
     group = parser.add_argument_group("privacy audit (a separate run under <out>/audit/, never a released model)")
     group.add_argument("--audit-canaries", type=positive_int, default=None, metavar="M",
-                       help="insert M canaries (mislabelled test images), each with probability 1/2 (seeded by "
-                            "--seed), and train an audit run; score it with audit.py")
+                       help="insert M canaries, each with probability 1/2 (seeded by --seed), and train an audit "
+                            "run; score it with audit.py")
+    group.add_argument("--audit-canary-kind", choices=CANARY_KINDS, default="generated",
+                       help="generated: samples of the starting generator inserted as real images (D can only call "
+                            "one real by remembering it); mislabelled: test images with a wrong label (weak: D "
+                            "barely uses the label)")
     group.add_argument("--audit-control", choices=AUDIT_CONTROLS, default="none",
                        help="none: DP as configured; no-dp: no clipping and no noise; no-clip: the calibrated "
                             "noise with clipping switched off (the ledger still claims the calibrated epsilon)")
@@ -157,18 +162,30 @@ def run_stage(args) -> str:
     return AUDIT_STAGE if getattr(args, "audit_canaries", None) else STAGE
 
 
-def training_split(args, source: dict) -> tuple:
+def training_split(args, source: dict, checkpoint) -> tuple:
     """(split, canaries): the private split, or in an audit run the private split (or its --audit-subset) with
-    the included canaries appended (canaries None otherwise)."""
+    the included canaries appended (canaries None otherwise); a resumed audit run reads back its own canaries."""
     split = load_data(args, source)
     if not getattr(args, "audit_canaries", None):
         return split, None
     if getattr(args, "audit_subset", None):  # getattr: saved args from before the option
         split = seeded_subset(split, args.audit_subset, args.seed)
+    if checkpoint is not None:
+        canaries = load_canaries(checkpoint["run_dir"], checkpoint["privacy"]["audits"][-1])
+    else:
+        canaries = build_canaries(args, source, split)
+    return audit_split(split, canaries), canaries
+
+
+def build_canaries(args, source: dict, split):
+    """The audit's canaries: samples of the starting generator (default) or mislabelled test images."""
+    kind = getattr(args, "audit_canary_kind", "mislabelled")  # getattr: saved args from before the option
+    settings = AuditSettings(canaries=args.audit_canaries, seed=args.seed, kind=kind)
+    if kind == "generated":
+        return generated_canaries(build_generator(source), settings, args.batch_size, split.images.dim())
     test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed,
                       image_request(args, source["model_args"]["generator"]))
-    canaries = make_canaries(test, AuditSettings(canaries=args.audit_canaries, seed=args.seed))
-    return audit_split(split, canaries), canaries
+    return make_canaries(test, settings)
 
 
 def switch_off_dp(args):
@@ -186,6 +203,7 @@ def mark_audit(ledger: dict, args, run: Run, split, canaries):
     name = os.path.basename(run.run_dir)
     record_audit(ledger, AUDIT_STAGE, name, {**canaries.record(), "control": args.audit_control,
                                              "subset": split.subset})
+    save_canaries(run.run_dir, canaries)
     if args.audit_control == "no-dp":
         record_data_read(ledger, AUDIT_STAGE, "private", len(split), name, split.subset)
 
@@ -258,7 +276,7 @@ def fine_tune(args, device):
     """From the resumed or new run to its model card, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, run_stage(args))
     source = load_source(args, checkpoint)
-    split, canaries = training_split(args, source)
+    split, canaries = training_split(args, source, checkpoint)
     if checkpoint is None:
         switch_off_dp(args)
     config, train = DPConfig.from_args(args), TrainConfig.from_args(args)

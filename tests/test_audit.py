@@ -158,6 +158,31 @@ def test_canaries_are_deterministic_from_the_seed_and_mislabelled(splits):
     assert first.record() == again.record() and first.record()["included"] == int(first.included.sum())
 
 
+def test_generated_canaries_are_the_generators_fakes_seeded_and_labelled_with_their_class():
+    from models import Generator
+    from utils.audit import content_fingerprint, generated_canaries
+    torch.manual_seed(0)
+    G = Generator(channels=(8, 4, 4))
+    running_mean = G.block0.norm.running_mean.clone()
+    first = generated_canaries(G, AuditSettings(40, seed=3), batch_size=16)
+    again = generated_canaries(G, AuditSettings(40, seed=3), batch_size=16)
+    other = generated_canaries(G, AuditSettings(40, seed=4), batch_size=16)
+    assert first.images.shape == (40, 28, 28) and first.images.dtype == torch.uint8 and first.kind == "generated"
+    for name in ("images", "labels", "included"):
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    assert not torch.equal(first.images, other.images) and torch.equal(first.labels, first.true_labels)
+    assert torch.equal(G.block0.norm.running_mean, running_mean)  # G itself is untouched
+    z = torch.randn(40, G.nz, generator=torch.Generator().manual_seed(3 + 15485863 + 3))
+    G.train()
+    with torch.no_grad():  # the first batch of 16, as D sees fakes: training mode, the run's batch size
+        expected = torch.round((G(z[:16], first.labels[:16]).clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+    assert torch.equal(first.images[:16], expected.squeeze(1))
+    record = first.record()
+    assert record["canary_kind"] == "generated" and record["canary_fingerprint"] == content_fingerprint(
+        first.images, first.labels) and record != other.record()
+    assert generated_canaries(G, AuditSettings(4, seed=3), 4, image_dims=4).images.shape == (4, 1, 28, 28)
+
+
 def test_about_half_the_canaries_are_included():
     draw = inclusion_draw(20000, seed=0)
     assert abs(draw.float().mean().item() - 0.5) < 0.015  # 4.2 standard deviations

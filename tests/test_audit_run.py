@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 import audit
 import fine_tune
@@ -21,12 +22,13 @@ SUBSET = 100
 @pytest.fixture(scope="module")
 def audit_runs(tiny_data_root, tmp_path_factory):
     """(out, compact dir, {control: run dir}) of three one-epoch audit runs: DP at epsilon 4 and no-dp on the whole
-    private split, no-clip on a seeded subset of SUBSET private images (--audit-subset)."""
+    private split with generated canaries (the default), no-clip on a seeded subset of SUBSET private images
+    (--audit-subset) with mislabelled canaries."""
     out = tmp_path_factory.mktemp("audit")
     compact = write_compact(out, public_ledger(tiny_data_root))
     runs = {}
     for control in ("none", "no-dp", "no-clip"):
-        subset = ("--audit-subset", str(SUBSET)) if control == "no-clip" else ()
+        subset = ("--audit-subset", str(SUBSET), "--audit-canary-kind", "mislabelled") if control == "no-clip" else ()
         argv = ft_argv(tiny_data_root, out, "--target-epsilon", "4", "--audit-canaries", str(CANARIES),
                        "--audit-control", control, "--desc", control, *subset)
         runs[control] = fine_tune.main(fine_tune.parse_args(argv))
@@ -61,6 +63,50 @@ def test_audit_ledger_split_and_controls(audit_runs, tiny_data_root):
     no_clip = load_checkpoint(runs["no-clip"], "audit")
     assert no_clip["privacy"]["mechanisms"][0]["max_grad_norm"] == 1.0  # the claim a bug would make
     assert 3.9 <= epsilon(no_clip["privacy"], 1e-5, "rdp") <= 4.0
+
+
+def test_audit_runs_store_the_canaries_their_ledger_names(audit_runs):
+    from utils.audit import CANARY_FILE, load_canaries
+    _, compact, runs = audit_runs
+    for control, kind in (("none", "generated"), ("no-clip", "mislabelled")):
+        run = load_checkpoint(runs[control], "audit")
+        (entry,) = run["privacy"]["audits"]
+        canaries = load_canaries(runs[control], entry)
+        assert entry["canary_kind"] == canaries.kind == kind and len(canaries) == CANARIES
+        assert int(canaries.included.sum()) == entry["included"]
+    generated = load_canaries(runs["none"], load_checkpoint(runs["none"], "audit")["privacy"]["audits"][0])
+    assert torch.equal(generated.labels, generated.true_labels) and generated.images.dtype == torch.uint8
+    # the same seed and starting generator give the same canaries in every audit run
+    no_dp = load_canaries(runs["no-dp"], load_checkpoint(runs["no-dp"], "audit")["privacy"]["audits"][0])
+    assert torch.equal(generated.images, no_dp.images) and torch.equal(generated.included, no_dp.included)
+    assert os.path.isfile(os.path.join(runs["none"], CANARY_FILE))
+
+
+def test_a_resumed_audit_run_reads_back_its_canaries(audit_runs):
+    """On --resume the generator at hand is the audit run's own (trained): canaries drawn from it again would be
+    other images, so the run's stored ones are used."""
+    from utils.audit import load_canaries
+    from utils.training import resume_args
+    _, _, runs = audit_runs
+    args, checkpoint = resume_args(fine_tune.parse_args(["--resume", runs["no-dp"]]), "audit")
+    _, canaries = fine_tune.training_split(args, checkpoint, checkpoint)
+    stored = load_canaries(runs["no-dp"], checkpoint["privacy"]["audits"][0])
+    assert torch.equal(canaries.images, stored.images) and torch.equal(canaries.included, stored.included)
+    redrawn = fine_tune.build_canaries(args, checkpoint, fine_tune.load_data(args, checkpoint))
+    assert not torch.equal(redrawn.images, stored.images)  # what a resume must not do
+
+
+def test_audit_refuses_canaries_other_than_the_recorded_ones(audit_runs, tiny_data_root, tmp_path):
+    import shutil
+    from utils.audit import CANARY_FILE
+    _, _, runs = audit_runs
+    copy = str(tmp_path / "audit" / "00000-copy")
+    shutil.copytree(runs["none"], copy)
+    stored = torch.load(os.path.join(copy, CANARY_FILE), weights_only=True)
+    stored["images"][0, 10, 10] ^= 1  # one bit of one pixel
+    torch.save(stored, os.path.join(copy, CANARY_FILE))
+    argv = ["--runs", copy, "--out", str(tmp_path), "--data-root", tiny_data_root, "--num-samples", "100"]
+    assert audit.run_audit(argv) == 2
 
 
 def test_audit_subset_is_the_audit_split_recorded_and_sets_the_sample_rate(audit_runs, tiny_data_root):

@@ -7,9 +7,16 @@ the training is (epsilon, delta)-DP, the number of correct guesses cannot be muc
 response with accuracy e^eps / (1 + e^eps); the largest epsilon the observed count rules out (at 95% confidence)
 is an empirical LOWER bound on the true epsilon.
 
-- Canaries: m test-set images (never in any training split), each with a WRONG label: the true label plus a
-  seeded offset in 1..9 (mod 10). A mislabelled pair is easy to tell from the data for a class-conditional
-  discriminator, and memorising one does not teach it the others.
+- Canaries, two kinds (`--audit-canary-kind`):
+  - "generated" (the default): m samples of the audited stage's starting generator (public), drawn from a
+    seeded generator in training mode and in batches of the run's expected batch size, exactly as the fakes D is
+    trained to reject, each labelled with the class it was drawn for. D can only call an included one real by
+    remembering that very image: its generalisation says "fake". Measured (docs/DESIGN.md, "Privacy audit"): a
+    non-private discriminator gives them a membership AUC of about 0.96 where the mislabelled kind stays at 0.5.
+  - "mislabelled": m test-set images (never in any training split), each with a WRONG label: the true label plus
+    a seeded offset in 1..9 (mod 10). Kept for comparison: the discriminator barely uses the label, scores real
+    images as real whatever their label, and its loss on them saturates, so it does not remember them.
+  An audit run stores its canaries (`canaries.pt`, checked against the ledger's fingerprints by audit.py).
 - Inclusion: one Bernoulli(1/2) per canary from its own seeded generator (`inclusion_draw`). The normal private
   split is untouched: its index set, its fingerprint and a normal run's ledger are the same whether or not this
   module exists. The audit split is the private split plus the included canaries, and an audit run's ledger
@@ -20,10 +27,10 @@ is an empirical LOWER bound on the true epsilon.
   bound of Theorem 3.1 holds for ANY fixed non-canary data set, since DP is a guarantee per example, whatever the
   other examples are; the subset is drawn before, and independently of, the canaries' inclusion. The sample rate
   (and so the claimed epsilon the audit tests) is B / (N + included canaries), the audit split's real size.
-- Attacks: white-box, the final discriminator's logit on (canary, wrong label), minus the logit of the
+- Attacks: white-box, the final discriminator's logit on (canary, its label), minus the logit of the
   discriminator the stage started from where given (the public starting point: removing each canary's prior
-  score leaves what training added), minus the same change on the canary's image under its other wrong labels
-  (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its
+  score leaves what training added), and for mislabelled canaries minus the same change on the canary's image
+  under its other wrong labels (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its
   nearest generated sample of the canary's label.
 - Guesses: "in" on the k+ highest scores, "out" on the k- lowest, abstain on the rest (r = k+ + k-). A canary
   the training never sampled looks like a non-member, so membership shows mostly at the top: besides k+ = k-,
@@ -42,7 +49,10 @@ best k after the fact; the audit run's sample rate is B / (N + included canaries
 the subset's) size, so it moves with the draw (by about 1 part in 100 for m = 1000 and the whole split; more on a
 small subset) and the accountant, as for every run, takes q as given.
 """
+import copy
+import hashlib
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -58,6 +68,10 @@ CANARY_SEED_OFFSET = 15485863  # canary draws differ from --seed's other generat
 CANARY_SOURCE = "test"
 # an audit run's DP machinery: as configured, switched off (no clipping, no noise), or noise with clipping off
 AUDIT_CONTROLS = ("none", "no-dp", "no-clip")
+CANARY_KINDS = ("generated", "mislabelled")
+CANARY_DESCRIPTIONS = {"generated": "samples of the starting generator, inserted as real",
+                       "mislabelled": "mislabelled test images"}
+CANARY_FILE = "canaries.pt"
 
 
 @dataclass
@@ -66,6 +80,7 @@ class AuditSettings:
     seed: int = 0
     guess_fractions: tuple = (0.02, 0.05, 0.1, 0.2, 0.5)  # k+ = fraction * m, fixed in advance
     significance: float = SIGNIFICANCE
+    kind: str = "mislabelled"
 
     def guess_plans(self) -> list:
         """The (k+, k-) tried: for each k+ = fraction * m (at least 1, at most m // 2), k- = k+ and k- = 0."""
@@ -77,23 +92,34 @@ class AuditSettings:
 
 @dataclass
 class Canaries:
-    """m mislabelled images: uint8 (m, H, W), the wrong labels, where they came from, which were included."""
+    """m canary images: uint8 in the private split's layout, the labels they are inserted with, their true
+    labels, where they came from, which were included, and their kind (`CANARY_KINDS`)."""
     images: torch.Tensor
     labels: torch.Tensor
     true_labels: torch.Tensor
-    source_indices: torch.Tensor  # positions in the test set
+    source_indices: torch.Tensor  # positions in the test set (mislabelled), draw order (generated)
     included: torch.Tensor  # bool (m,)
     seed: int
+    kind: str = "mislabelled"
 
     def __len__(self):
         return len(self.labels)
 
     def record(self) -> dict:
         """What an audit run's ledger says about its canaries (enough to rebuild them and check the draw)."""
+        content = (index_fingerprint(self.source_indices) if self.kind == "mislabelled" else
+                   content_fingerprint(self.images, self.labels))
         return {"canaries": len(self), "included": int(self.included.sum()), "seed": self.seed,
-                "source": CANARY_SOURCE, "kind": "mislabelled test images",
-                "canary_fingerprint": index_fingerprint(self.source_indices),
+                "source": CANARY_SOURCE if self.kind == "mislabelled" else "starting generator",
+                "kind": CANARY_DESCRIPTIONS[self.kind], "canary_kind": self.kind, "canary_fingerprint": content,
                 "included_fingerprint": index_fingerprint(torch.nonzero(self.included).flatten())}
+
+
+def content_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """Short hash of the canaries' bytes: images and labels."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def canary_generator(seed: int, purpose: int) -> torch.Generator:
@@ -117,6 +143,45 @@ def make_canaries(test: ImageSplit, settings: AuditSettings) -> Canaries:
     true_labels = test.labels[chosen]
     return Canaries(test.images[chosen], (true_labels + offsets) % classes, true_labels, test.indices[chosen],
                     inclusion_draw(settings.canaries, settings.seed), settings.seed)
+
+
+@torch.no_grad()
+def generated_canaries(G, settings: AuditSettings, batch_size: int, image_dims: int = 3) -> Canaries:
+    """`settings.canaries` samples of the starting generator `G`, each labelled with its class: seeded latents and
+    labels, G in training mode on a copy (its BatchNorm statistics untouched) in batches of `batch_size`, as the
+    fakes D sees; uint8 with `image_dims` dimensions per batch (3: (m, H, W), the layout of a grey split)."""
+    rng = canary_generator(settings.seed, 3)
+    z = torch.randn(settings.canaries, G.nz, generator=rng)
+    labels = torch.randint(0, G.num_classes, (settings.canaries,), generator=rng)
+    G = copy.deepcopy(G).cpu().train()
+    fakes = torch.cat([G(z[i:i + batch_size], labels[i:i + batch_size])
+                       for i in range(0, settings.canaries, batch_size)])
+    images = torch.round((fakes.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+    if image_dims == 3:
+        images = images.squeeze(1)
+    return Canaries(images, labels, labels.clone(), torch.arange(settings.canaries),
+                    inclusion_draw(settings.canaries, settings.seed), settings.seed, "generated")
+
+
+def save_canaries(run_dir: str, canaries: Canaries) -> str:
+    path = os.path.join(run_dir, CANARY_FILE)
+    torch.save({"images": canaries.images, "labels": canaries.labels, "true_labels": canaries.true_labels,
+                "source_indices": canaries.source_indices, "included": canaries.included, "seed": canaries.seed,
+                "kind": canaries.kind}, path)
+    return path
+
+
+def load_canaries(run_dir: str, record: dict) -> Canaries:
+    """An audit run's stored canaries, refused unless they are the ones its ledger records."""
+    path = os.path.join(run_dir, CANARY_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: no {CANARY_FILE} (an audit run writes its canaries there)")
+    canaries = Canaries(**torch.load(path, weights_only=True))
+    mismatch = sorted(key for key, value in canaries.record().items() if record.get(key) != value)
+    if mismatch or not torch.equal(canaries.included, inclusion_draw(len(canaries), canaries.seed)):
+        raise UserError(f"{path}: these canaries are not the ones the ledger records (differ in "
+                        f"{', '.join(mismatch) or 'the inclusion draw'})")
+    return canaries
 
 
 def audit_split(private: ImageSplit, canaries: Canaries) -> ImageSplit:
