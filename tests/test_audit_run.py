@@ -96,17 +96,18 @@ def test_a_resumed_audit_run_reads_back_its_canaries(audit_runs):
     assert not torch.equal(redrawn.images, stored.images)  # what a resume must not do
 
 
-def test_audit_refuses_canaries_other_than_the_recorded_ones(audit_runs, tiny_data_root, tmp_path):
+def test_audit_refuses_canaries_other_than_the_recorded_ones(audit_runs, tmp_path):
     import shutil
     from utils.audit import CANARY_FILE
     _, _, runs = audit_runs
-    copy = str(tmp_path / "audit" / "00000-copy")
+    copy = str(tmp_path / "00000-copy")
     shutil.copytree(runs["none"], copy)
+    assert len(audit.run_canaries(load_checkpoint(copy, "audit"))) == CANARIES  # as stored: accepted
     stored = torch.load(os.path.join(copy, CANARY_FILE), weights_only=True)
     stored["images"][0, 10, 10] ^= 1  # one bit of one pixel
     torch.save(stored, os.path.join(copy, CANARY_FILE))
-    argv = ["--runs", copy, "--out", str(tmp_path), "--data-root", tiny_data_root, "--num-samples", "100"]
-    assert audit.run_audit(argv) == 2
+    with pytest.raises(Exception, match="not the ones the ledger records"):
+        audit.run_canaries(load_checkpoint(copy, "audit"))
 
 
 def test_audit_subset_is_the_audit_split_recorded_and_sets_the_sample_rate(audit_runs, tiny_data_root):
