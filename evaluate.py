@@ -425,7 +425,8 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
     lines = ["| " + " | ".join(table_columns(protocol)) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
     lines += shipped_table(rows)
-    members = max([row["audit"]["members"] for row in rows], default=0)
+    # the cap where no row has members (all public-only): "up to 0 members" would read as a setting
+    members = max([row["audit"]["members"] for row in rows], default=0) or args.audit_members
     lines += ["",
               f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
               f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"

@@ -19,10 +19,12 @@ cost.json (bytes, latency at batch 1 and throughput at batch 256 of generator.on
 model in eager torch, ratios to the teacher of its lineage measured in the same process), MODEL_CARD.md and
 model_card.json.
 
-Audit mode (--audit-canaries M, utils/audit.py; scored by audit.py): M canaries (mislabelled test images) are each
-inserted into the private split with probability 1/2 from a seeded draw (--seed), and the run goes to its own
-directory <out>/audit/<NNNNN>-<desc>/ (stage "audit", its own `latest`, no device artifact): it never replaces a
-released model, never moves <out>/private/latest, and its ledger and model card say it is an audit.
+Audit mode (--audit-canaries M, utils/audit.py; scored by audit.py): M canaries (by default samples of the
+starting generator inserted as real images; --audit-canary-kind mislabelled: test images with a wrong label) are
+each inserted into the private split with probability 1/2 from a seeded draw (--seed), and the run goes to its own
+directory <out>/audit/<NNNNN>-<desc>/ (stage "audit", its own `latest`, no device artifact, its canaries in
+canaries.pt): it never replaces a released model, never moves <out>/private/latest, and its ledger and model card
+say it is an audit.
 --audit-control switches the DP machinery off for that audit run only, to show that the audit can fail: "no-dp"
 (no clipping, no noise: epsilon infinite) or "no-clip" (the calibrated noise, but a clipping norm no gradient
 reaches, while the ledger still claims the calibrated epsilon, as a bug would). --audit-subset N trains the audit
@@ -65,7 +67,9 @@ GENERATOR_DIR = None
 def parse_args(argv=None):
     parser = make_parser(__doc__, "python fine_tune.py --target-epsilon 10          # <out>/compact/latest\n"
                                   "  python fine_tune.py --noise-multiplier 1.0 --accountant rdp --max-steps 200 "
-                                  "--desc quick")
+                                  "--desc quick\n"
+                                  "  python fine_tune.py --audit-canaries 500 --audit-subset 100 --epochs 110 "
+                                  "--batch-size 32 --lr-d 1e-3 --audit-control no-dp   # audit control")
     group = parser.add_argument_group("input")
     add_input_arg(group, "--generator-dir", "GENERATOR_DIR", "compact (or private) run to fine-tune",
                   "<out>/compact/latest")

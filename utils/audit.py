@@ -27,10 +27,10 @@ is an empirical LOWER bound on the true epsilon.
   bound of Theorem 3.1 holds for ANY fixed non-canary data set, since DP is a guarantee per example, whatever the
   other examples are; the subset is drawn before, and independently of, the canaries' inclusion. The sample rate
   (and so the claimed epsilon the audit tests) is B / (N + included canaries), the audit split's real size.
-- Attacks: white-box, the final discriminator's logit on (canary, its label), minus the logit of the
-  discriminator the stage started from where given (the public starting point: removing each canary's prior
-  score leaves what training added), and for mislabelled canaries minus the same change on the canary's image
-  under its other wrong labels (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its
+- Attacks: white-box, the final discriminator's logit on (canary, its label), minus the logit of the discriminator
+  the stage started from where given (the public starting point: removing each canary's prior score leaves what
+  training added), and for mislabelled canaries minus the same change on the canary's image under its other wrong
+  labels (what training did to the image whatever its label); black-box, minus the L2 distance of the canary to its
   nearest generated sample of the canary's label.
 - Guesses: "in" on the k+ highest scores, "out" on the k- lowest, abstain on the rest (r = k+ + k-). A canary
   the training never sampled looks like a non-member, so membership shows mostly at the top: besides k+ = k-,
@@ -61,6 +61,7 @@ import torch
 
 from utils.cli import UserError
 from utils.data import ImageSplit, index_fingerprint, to_unit_range
+from utils.distill import encode_images
 from utils.metrics import nearest_distances, rank_auc
 
 SIGNIFICANCE = 0.05  # the paper's 95% confidence
@@ -156,7 +157,7 @@ def generated_canaries(G, settings: AuditSettings, batch_size: int, image_dims: 
     G = copy.deepcopy(G).cpu().train()
     fakes = torch.cat([G(z[i:i + batch_size], labels[i:i + batch_size])
                        for i in range(0, settings.canaries, batch_size)])
-    images = torch.round((fakes.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+    images = torch.from_numpy(encode_images(fakes, "uint8"))  # the distillation set's rounding
     if image_dims == 3:
         images = images.squeeze(1)
     return Canaries(images, labels, labels.clone(), torch.arange(settings.canaries),
