@@ -183,9 +183,8 @@ def training_split(args, source: dict, checkpoint) -> tuple:
 
 def build_canaries(args, source: dict, split):
     """The audit's canaries: samples of the starting generator (default) or mislabelled test images."""
-    kind = getattr(args, "audit_canary_kind", "mislabelled")  # getattr: saved args from before the option
-    settings = AuditSettings(canaries=args.audit_canaries, seed=args.seed, kind=kind)
-    if kind == "generated":
+    settings = AuditSettings(canaries=args.audit_canaries, seed=args.seed, kind=args.audit_canary_kind)
+    if settings.kind == "generated":
         return generated_canaries(build_generator(source), settings, args.batch_size, split.images.dim())
     test = load_split(args.dataset, "test", args.data_root, args.public_size, args.partition_seed,
                       image_request(args, source["model_args"]["generator"]))
