@@ -257,7 +257,7 @@ def evaluate_runs(args, runs: list, root: str) -> dict:
     argv = ["--out", root, "--seed", str(args.seed), "--device", "cpu", "--runs", *runs, "--quick",
             "--num-fd-samples", str(args.num_fd_samples), "--num-downstream-samples",
             str(args.num_downstream_samples), "--classifier-epochs", str(args.classifier_epochs),
-            "--latency-repeats", "1", "--throughput-repeats", "1"]
+            "--latency-repeats", "1", "--throughput-repeats", "1", "--artifact-downstream"]
     for flag in ("data_root", "public_size", "audit_samples", "audit_members", "max_steps"):
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -296,11 +296,9 @@ def sweep_rows(points, compacts: dict, costs: dict, quality: dict, teacher_row: 
         q = quality[os.path.realpath(run_dir)]
         rows.append({"point": point.name, "rho": point.rho, "bits": point.bits, "penalty": point.penalty,
                      "widths": list(model.channels), "run_dir": run_dir, **costs[point.name],
-                     "fd": q.get("fd_runtime", q["fd"]),
-                     "downstream_accuracy": q.get("downstream_accuracy_runtime", q["downstream_accuracy"]),
-                     "fd_ratio": q.get("fd_runtime", q["fd"]) / teacher_row["fd"],
-                     "accuracy_drop": teacher_row["downstream_accuracy"]
-                     - q.get("downstream_accuracy_runtime", q["downstream_accuracy"])})
+                     "fd": q["fd_runtime"], "downstream_accuracy": q["downstream_accuracy_runtime"],
+                     "fd_ratio": q["fd_runtime"] / teacher_row["fd"],
+                     "accuracy_drop": teacher_row["downstream_accuracy"] - q["downstream_accuracy_runtime"]})
     for row, front in zip(rows, pareto_flags(rows)):
         row["pareto"] = front
         ratios = row["vs_teacher"]
