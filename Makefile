@@ -27,13 +27,15 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Quick preset: all five stages and the evaluation on real Fashion-MNIST (public pre-training route, epsilon 10).
+# Batch 32 for teacher and student: more updates in the same time, measured better than batch 64 (README, Results).
+# The evaluation skips the student: it computes what the compact model computes (compress_student.py checks it).
 pipeline: setup
-	$(PY) train_teacher.py --out $(OUT) --batch-size 64 --max-steps 600 --desc quick
+	$(PY) train_teacher.py --out $(OUT) --batch-size 32 --max-steps 1000 --desc quick
 	$(PY) create_dataset.py --out $(OUT) --num-samples 10000 --desc quick
-	$(PY) train_student.py --out $(OUT) --batch-size 64 --max-steps 300 --rho 0.15 --desc quick
+	$(PY) train_student.py --out $(OUT) --batch-size 32 --max-steps 300 --rho 0.15 --desc quick
 	$(PY) compress_student.py --out $(OUT) --desc quick
 	$(PY) fine_tune.py --out $(OUT) --batch-size 64 --epochs 0.25 --target-epsilon 10 --desc quick
-	$(PY) evaluate.py --out $(OUT) --quick
+	$(PY) evaluate.py --out $(OUT) --quick --runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
 	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
 
 # The original research settings (hours on 2 CPU cores; see README for the measured per-stage times).
