@@ -10,7 +10,6 @@ transposed convolutions alone, forward+backward, in the default memory layout an
 """
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
+from utils.cost import median_seconds  # noqa: E402
 from utils.cli import make_parser, nonnegative_int, positive_int, run_script, set_seed, set_threads  # noqa: E402
 from utils.files import write_json  # noqa: E402
 
@@ -38,13 +38,7 @@ def parse_args(argv=None):
 
 
 def median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(call, repeats, warmup=1)
 
 
 def conv_share(call) -> float:

@@ -45,17 +45,22 @@ def count_macs(generator_model: nn.Module) -> int:
     return total[0]
 
 
-@torch.inference_mode()
-def time_forward(run, z, labels, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of `run(z, labels)` over `repeats` calls."""
+def median_seconds(call, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `call()` over `repeats` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
-        run(z, labels)
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(z, labels)
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def time_forward(run, z, labels, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `run(z, labels)` over `repeats` calls."""
+    return median_seconds(lambda: run(z, labels), repeats, warmup)
 
 
 def measure_speed(generator_model, run=None, latency_repeats: int = 50, throughput_repeats: int = 10,
