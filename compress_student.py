@@ -3,8 +3,9 @@
 Removes every channel whose output is exactly 0 (BatchNorm gamma exactly 0 and beta <= 0: the student's dead
 channels), keeping the student's bit width and its stored per-channel weight scales, and checks on fixed seeded
 inputs that the compact generator computes the same images as the student in eval mode (refused, nothing
-written, if the largest difference exceeds 1e-5). Post-processing of the student: the privacy ledger is copied
-unchanged.
+written, if the largest difference exceeds 1e-5; measured in float32, and again in float64 where float32's
+summation order moves an activation across a quantisation level: utils/compress.py). Post-processing of the
+student: the privacy ledger is copied unchanged.
 
 Writes `<out>/compact/<NNNNN>-<desc>/`: checkpoint.pt (stage "compact"), generator.onnx (the on-device artifact:
 ONNX Runtime, integer weights inside, checked against the compact model; utils/runtime.py) with ort_runner.py (runs
@@ -23,7 +24,7 @@ from models import Generator
 from utils.checkpoint import build_generator, checkpoint_fields, input_run, latest_run, lineage, load_checkpoint
 from utils.cli import (UserError, add_common_args, add_input_arg, add_speed_args, make_parser, positive_int,
                        resolve_device, run_script, set_seed, set_threads, speed_settings)
-from utils.compress import MAX_ABS_DIFF, compress, max_abs_difference, summary
+from utils.compress import MAX_ABS_DIFF, checked_difference, compress, summary
 from utils.deploy import ARTIFACT_NAME, format_table, write_device_artifacts
 from utils.files import write_json
 from utils.plots import plot_cost_bars, side_by_side_samples
@@ -78,13 +79,14 @@ def find_teacher(student_checkpoint: dict, student):
 # ---------------------------------------------------------------- compression
 
 def compress_checked(student, args):
-    """(compact, max abs diff): refuses (UserError, before anything is written) above MAX_ABS_DIFF."""
+    """(compact, {max_abs_diff, check_precision}): refuses (UserError, before anything is written) above
+    MAX_ABS_DIFF (`utils.compress.checked_difference`: measured in float32, else in float64)."""
     compact = compress(student)
-    diff = max_abs_difference(student, compact, args.check_samples, seed=args.seed)
+    diff, precision = checked_difference(student, compact, args.check_samples, seed=args.seed)
     if not diff <= MAX_ABS_DIFF:
         raise UserError(f"the compact generator differs from the student by {diff:.3g} (> {MAX_ABS_DIFF:g}) on "
-                        f"{args.check_samples} fixed inputs: refused, nothing written")
-    return compact, diff
+                        f"{args.check_samples} fixed inputs in {precision}: refused, nothing written")
+    return compact, {"max_abs_diff": diff, "check_precision": precision}
 
 
 # ---------------------------------------------------------------- report
@@ -109,12 +111,12 @@ def make_checkpoint(args, student_checkpoint, compact, compression, teacher_dir)
     return checkpoint
 
 
-def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info, diff: float) -> dict:
+def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info, check: dict) -> dict:
     """The device artifacts, compression.json/png, samples.png and the metrics record; the compression entry."""
     teacher, student, compact = models["teacher"], models["student"], models["compact"]
     deploy = write_device_artifacts(run.run_dir, compact, args.seed)
     rows = cost_report(args, models, run.run_dir)
-    compression = {**summary(student, compact), "max_abs_diff": diff, "check_samples": args.check_samples,
+    compression = {**summary(student, compact), **check, "check_samples": args.check_samples,
                    "tolerance": MAX_ABS_DIFF, **deploy}
     teacher_source, teacher_dir = teacher_info
     write_json(run.path("compression.json"), {
@@ -128,8 +130,8 @@ def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info,
     plot_cost_bars(rows, run.path("compression.png"),
                    title=f"teacher vs student vs compact ({compact.bits}-bit, widths {list(compact.channels)})")
     side_by_side_samples({"student": student, "compact": compact}, run.path("samples.png"),
-                         f"student vs compact (max |diff| {diff:.2g} on the check inputs)")
-    run.metrics.append(step=0, max_abs_diff=diff, widths=list(compact.channels),
+                         f"student vs compact (max |diff| {check['max_abs_diff']:.2g} on the check inputs)")
+    run.metrics.append(step=0, max_abs_diff=check["max_abs_diff"], widths=list(compact.channels),
                        artifact_bytes=deploy["artifact_bytes"])
     print(format_table(rows))
     print(shipped_summary(rows, "compact", deploy))
@@ -144,14 +146,15 @@ def main(args):
     student_checkpoint = load_student(args)
     warn_if_not_private(student_checkpoint["privacy"])
     student = build_generator(student_checkpoint).eval()
-    compact, diff = compress_checked(student, args)
+    compact, check = compress_checked(student, args)
     teacher, teacher_source, teacher_dir = find_teacher(student_checkpoint, student)
     print(f"compact widths {list(student.channels)} -> {list(compact.channels)} at {compact.bits} bits; "
-          f"max |compact - student| = {diff:.3g} on {args.check_samples} fixed inputs")
+          f"max |compact - student| = {check['max_abs_diff']:.3g} on {args.check_samples} fixed inputs "
+          f"({check['check_precision']})")
     print(f"teacher: {teacher_source}")
     run = Run.open(args, STAGE, "w{}-{}-{}-{}bit".format(*compact.channels, compact.bits))
     compression = write_report(run, args, {"teacher": teacher, "student": student, "compact": compact},
-                               student_checkpoint, (teacher_source, teacher_dir), diff)
+                               student_checkpoint, (teacher_source, teacher_dir), check)
     run.save(make_checkpoint(args, student_checkpoint, compact, compression, teacher_dir))
     return run.finish(f"widths {list(compact.channels)}, {compression['artifact_bytes']} bytes")
 

@@ -11,7 +11,8 @@ from conftest import handmade_student, write_handmade_run
 from models import Generator
 from utils.checkpoint import build_generator, load_checkpoint
 from utils.cli import UserError, run_script
-from utils.compress import MAX_ABS_DIFF, compress, kept_channels, max_abs_difference, removable_mask
+from utils.compress import MAX_ABS_DIFF, checked_difference, compress, kept_channels, max_abs_difference, \
+    removable_mask
 from utils.deploy import load_artifact
 
 DEAD_PATTERNS = {
@@ -196,6 +197,31 @@ def test_difference_above_tolerance_refuses_and_writes_nothing(handmade_pipeline
     with pytest.raises(UserError, match="refused, nothing written"):
         compress_student.main(compress_student.parse_args(quick_argv(out)))
     assert not os.path.exists(os.path.join(out, "compact"))
+
+
+class SumOrder(torch.nn.Module):
+    """Adds 1e8, 1 and -1e8 in one of two orders: in float32 1e8 + 1 rounds back to 1e8, in float64 it does not
+    (what a conv over fewer input channels does to a sum, at a larger scale)."""
+    nz, num_classes = 2, 10
+
+    def __init__(self, big_first: bool):
+        super().__init__()
+        self.embed, self.big_first = torch.nn.Embedding(10, 1), big_first
+
+    def forward(self, z, labels):
+        big = torch.full_like(z[:, :1], 1e8)
+        return (big + 1) - big if self.big_first else (big - big) + 1
+
+
+def test_a_float32_summation_order_difference_is_rechecked_in_float64():
+    """The guard compares functions, not float32 rounding: a difference that only float32's summation order makes
+    is measured again in float64, where it vanishes (a real student did this: 0.0062 in float32, 0 in float64)."""
+    a, b = SumOrder(big_first=True), SumOrder(big_first=False)
+    assert max_abs_difference(a, b, 64) == 1.0
+    assert checked_difference(a, b, 64) == (0.0, "float64")
+    assert a.embed.weight.dtype == torch.float32  # the float64 check ran on copies
+    student = handmade_student(bits=8, dead=DEAD_PATTERNS[list(DEAD_PATTERNS)[0]], seed=0)
+    assert checked_difference(student, compress(student), 256)[1] == "float32"  # the usual case: float32 is enough
 
 
 # the guarantee (utils/compress.py, README): the compact generator equals the student to 1e-5 in eval mode
