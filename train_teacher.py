@@ -56,8 +56,7 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
-    add_recipe_args(parser, ema_decay=None,
-                    ema_help=f" (default: {TEACHER_EMA_DECAY} without --dp, measured; none with --dp, not measured)")
+    add_recipe_args(parser, ema_decay=TEACHER_EMA_DECAY, ema_help=" (measured with and without --dp: README, Results)")
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)
@@ -104,6 +103,7 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
     train = TrainConfig.from_args(args)
     config = DPConfig.from_args(args)
     if args.dp:
+        # a run saved before the average was the --dp default has ema_decay None: it resumes without one
         recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step, ema_decay=0.0), G, args.seed)
         return DPStep(G, D, optimizers, split, ledger, plan, config, train, run, recipe=recipe)
     if run.checkpoint is None:

@@ -20,6 +20,7 @@ from utils.checkpoint import build_discriminator, build_generator, load_checkpoi
 from utils.cli import run_script
 from utils.data import load_split
 from utils.privacy import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
+from utils.recipe import TEACHER_EMA_DECAY
 from utils.training import Run
 
 DELTA = 1e-5
@@ -231,6 +232,9 @@ def test_dp_teacher_route_composes(tiny_data_root, tmp_path, no_artifacts, capsy
     teacher_dir = train_teacher.main(train_teacher.parse_args(argv))
     teacher = load_checkpoint(teacher_dir, "teacher")
     assert not teacher["privacy"]["non_dp_reads"] and teacher["privacy"]["mechanisms"][0]["stage"] == "teacher"
+    # the weight average is the --dp default too (measured on route 2): what later stages sample is the average
+    assert teacher["recipe"]["average"]["max_decay"] == TEACHER_EMA_DECAY
+    assert any(not torch.equal(teacher["generator"][k], teacher["generator_live"][k]) for k in teacher["generator"])
     eps_teacher = epsilon(teacher["privacy"], DELTA, "rdp")
     assert 2.95 <= eps_teacher <= 3.0
     write_compact(out, inherit(teacher["privacy"]))  # stages 2-4 are post-processing: the ledger is copied
