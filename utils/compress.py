@@ -124,7 +124,9 @@ def max_abs_difference(a: torch.nn.Module, b: torch.nn.Module, num_samples: int 
     modes = a.training, b.training
     a.eval(), b.eval()
     rng = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_samples, a.nz, generator=rng).to(dtype or torch.float32)
+    z = torch.randn(num_samples, a.nz, generator=rng)
+    if dtype is not None:
+        z = z.to(dtype)
     labels = torch.arange(num_samples) % a.num_classes
     device = a.embed.weight.device
     worst = 0.0
