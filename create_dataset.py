@@ -21,6 +21,7 @@ from utils.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decod
 from utils.distributed import single_process_device
 from utils.files import write_json
 from utils.plots import save_samples
+from utils.precision import add_precision_arg, announce, resolve_precision
 from utils.privacy import inherit, warn_if_not_private
 from utils.training import Run, maybe_dry_run
 
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     group.add_argument("--batch-size", type=positive_int, default=1000, help="teacher batch size while sampling")
     group.add_argument("--image-dtype", choices=sorted(IMAGE_ENCODINGS), default="uint8",
                        help="storage of teacher images; uint8 is round((x+1)*127.5), error <= 1/255")
+    add_precision_arg(group)
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -61,7 +63,8 @@ def check_disk_space(directory: str, needed: int):
 
 @torch.no_grad()
 def write_arrays(directory: str, teacher, z, labels, specs: dict, batch_size: int, device):
-    """Fill `<name>.npy` memory maps batch by batch, so memory use does not grow with the set."""
+    """Fill `<name>.npy` memory maps batch by batch, so memory use does not grow with the set. `teacher` is the
+    network or its precision's wrapper (utils/precision.py)."""
     arrays = {name: np.lib.format.open_memmap(os.path.join(directory, f"{name}.npy"), mode="w+",
                                               dtype=specs[name]["dtype"], shape=tuple(specs[name]["shape"]))
               for name in ARRAYS}
@@ -108,16 +111,16 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def write_set(directory: str, args, teacher_checkpoint, teacher, specs: dict, device):
-    """The arrays, meta.json and samples.png of the set, into `directory`."""
+def write_set(directory: str, args, teacher_checkpoint, teacher, specs: dict, device, precision):
+    """The arrays, meta.json and samples.png of the set, into `directory`; the teacher runs in `precision`."""
     count, image_shape = specs["labels"]["shape"][0], specs["images"]["shape"][1:]
     z, labels = draw_inputs(count, teacher.nz, teacher.num_classes, args.seed)
-    write_arrays(directory, teacher, z, labels, specs, args.batch_size, device)
+    write_arrays(directory, precision.wrap(teacher), z, labels, specs, args.batch_size, device)
     write_json(os.path.join(directory, META_NAME), {
         "teacher": teacher_checkpoint["run_dir"], "seed": args.seed, "count": count, "nz": teacher.nz,
         "num_classes": teacher.num_classes, "image_shape": image_shape, "image_dtype": args.image_dtype,
         "image_encoding": IMAGE_ENCODINGS[args.image_dtype], "labels": "balanced over classes, shuffled",
-        "files": specs})
+        "files": specs, "precision": precision.describe()})
     save_grid(directory, teacher.num_classes)
 
 
@@ -126,6 +129,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     device = single_process_device(args.device, "create_dataset.py")
+    precision = resolve_precision(args.precision, device).for_use("sampling")
     teacher_checkpoint = load_checkpoint(args.teacher_dir, "teacher")
     args.teacher_dir = teacher_checkpoint["run_dir"]  # the run actually used, not a `latest` link that moves
     warn_if_not_private(teacher_checkpoint["privacy"])
@@ -134,8 +138,9 @@ def main(args):
     # written into a hidden directory, numbered only once complete; the checkpoint comes last, so `latest`
     # moves only to a set whose every file is in place
     run = Run.open(args, STAGE, f"n{sample_count(args)}", staged=True)
+    announce(precision, STAGE)
     try:
-        write_set(run.run_dir, args, teacher_checkpoint, teacher, specs, device)
+        write_set(run.run_dir, args, teacher_checkpoint, teacher, specs, device, precision)
         run.publish()
     except BaseException:
         run.discard()

@@ -47,9 +47,10 @@ from utils.files import write_json, write_text
 from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
                            precision_recall, predict, protocol_accuracy, protocol_variant, reference_classifier)
 from utils.plots import plot_tradeoff, side_by_side_samples
+from utils.precision import FP32, add_precision_arg, announce, resolve_precision
 from utils.privacy import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
                            warn_if_not_private)
-from utils.training import Run, maybe_dry_run
+from utils.training import Run, maybe_dry_run, snapshot_file
 
 STAGE = "eval"
 MIA_NOT_READ = "n/a (private split not read)"
@@ -102,6 +103,7 @@ def parse_args(argv=None):
                             "classifier per shipped generator: 30 min each under the published protocol on 2 CPU "
                             "cores); without it the artifact's samples get FD, precision/recall and their largest "
                             "pixel difference from the model's")
+    add_precision_arg(group)
     group = parser.add_argument_group("privacy")
     group.add_argument("--delta", type=positive_float, default=1e-5, help="delta of the reported epsilon")
     group.add_argument("--accountant", default="prv", choices=ACCOUNTANTS, help="accountant composing the ledger")
@@ -145,25 +147,31 @@ def run_paths(args) -> list:
 
 
 def load_runs(paths) -> list:
-    """Generator checkpoints of the named runs (each once), with the plain warning for infinite epsilon."""
+    """Generator checkpoints of the named runs or snapshot files (each once), with the plain warning for infinite
+    epsilon; a snapshot (`--snapshot-steps`) carries `snapshot`: its step."""
     runs, seen = [], set()
     for path in paths:
         checkpoint = load_checkpoint(path, GENERATOR_STAGES)
-        if checkpoint["run_dir"] in seen:
+        snapshot = os.path.isfile(path) and os.path.basename(path) == snapshot_file(checkpoint.get("step", -1))
+        key = (checkpoint["run_dir"], checkpoint["step"] if snapshot else None)
+        if key in seen:
             continue
-        seen.add(checkpoint["run_dir"])
+        seen.add(key)
         warn_if_not_private(checkpoint["privacy"])
-        runs.append(checkpoint)
+        runs.append({**checkpoint, "snapshot": checkpoint["step"]} if snapshot else checkpoint)
     for checkpoint, label in zip(runs, row_labels(runs)):
         checkpoint["label"] = label
     return runs
 
 
 def row_labels(runs) -> list:
-    """The stage name, with the run number where a stage appears more than once."""
-    stages = [c["stage"] for c in runs]
-    return [c["stage"] if stages.count(c["stage"]) == 1 else f"{c['stage']}#{os.path.basename(c['run_dir'])[:5]}"
-            for c in runs]
+    """The stage name, with the run number where runs of one stage appear, and `@step` for a snapshot."""
+    run_dirs = {stage: {c["run_dir"] for c in runs if c["stage"] == stage} for stage in GENERATOR_STAGES}
+    labels = []
+    for c in runs:
+        label = c["stage"] if len(run_dirs[c["stage"]]) == 1 else f"{c['stage']}#{os.path.basename(c['run_dir'])[:5]}"
+        labels.append(label + (f"@{c['snapshot']}" if c.get("snapshot") is not None else ""))
+    return labels
 
 
 def load_data(args, built_for: dict) -> dict:
@@ -209,12 +217,13 @@ def membership_sets(ledger: dict, data: dict, args):
 # ---------------------------------------------------------------- per-generator measurements
 
 @torch.no_grad()
-def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500, run=None) -> tuple:
-    """n samples of G (eval mode; or of `run`, e.g. its runtime artifact) with class-balanced labels; the same z
-    and labels for every generator."""
+def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500, run=None,
+                   precision=FP32) -> tuple:
+    """n samples of G (eval mode, its forward passes in `precision`; or of `run`, e.g. its runtime artifact) with
+    class-balanced labels; the same z and labels for every generator."""
     z, labels = G.sample_inputs(n, generator=torch.Generator().manual_seed(seed))
     G.eval()
-    run = run or G
+    run = run or precision.wrap(G)
     images = [run(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
               for i in progress_bar(range(0, n, batch_size), desc=f"generate {desc}", leave=False)]
     return torch.cat(images), labels
@@ -261,7 +270,8 @@ def quality(G, checkpoint, context, args, device, timings) -> dict:
     downstream accuracy."""
     size = max(args.num_fd_samples, context["protocol"].num_samples, args.audit_samples)
     start = time.time()
-    images, labels = generated_pool(G, size, args.seed, device, checkpoint["label"])
+    images, labels = generated_pool(G, size, args.seed, device, checkpoint["label"],
+                                    precision=context["precision"].for_use("sampling"))
     timings["generate_s"], start = time.time() - start, time.time()
     result = sample_quality(images, labels, context, args, device, checkpoint["label"], timings)
     start = time.time()
@@ -295,7 +305,7 @@ def sample_quality(images, labels, context, args, device, desc: str, timings: di
     protocol = context["protocol"]
     n = protocol.num_samples
     accuracy = protocol_accuracy(images[:n], labels[:n], *context["data"]["test"], protocol, device,
-                                 desc=f"downstream {desc}")
+                                 desc=f"downstream {desc}", precision=context["precision"].for_use("classifier"))
     timings["downstream_s"] = time.time() - start
     return {**result, "downstream_accuracy": accuracy["test_accuracy"], "downstream_epoch": accuracy["epoch"],
             "downstream_holdout_accuracy": accuracy["holdout_accuracy"]}
@@ -317,7 +327,8 @@ def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
     G = build_generator(checkpoint).to(device).eval()
     timings = {}
     row = {"label": checkpoint["label"], "stage": checkpoint["stage"], "run": os.path.basename(checkpoint["run_dir"]),
-           "run_dir": checkpoint["run_dir"], "parent": checkpoint.get("parent"),
+           "run_dir": checkpoint["run_dir"], "step": checkpoint.get("step"), "snapshot": checkpoint.get("snapshot"),
+           "parent": checkpoint.get("parent"),
            "generator": checkpoint["model_args"]["generator"]}
     row.update(quality(G, checkpoint, context, args, device, timings))
     start = time.time()
@@ -449,6 +460,7 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
               f"reference classifier's penultimate features. Precision/recall: k-NN manifolds (k = 3, "
               f"Kynkaenniemi et al. 2019) of the same samples and as many real test images, same features.",
               f"Downstream: {protocol.describe()}.",
+              f"Precision of sampling and the downstream classifier: {args.resolved_precision}.",
               f"MIA AUC: distance-to-nearest of {args.audit_samples} generated samples"
               f"{' of the same label' if args.audit_same_label else ''}, up to {members} members (private images "
               f"the run trained on: the whole private split, or the seeded subset its ledger records) vs as many "
@@ -466,7 +478,8 @@ def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, dev
                {"rows": rows, "reference_classifier": reference, "teacher_baseline": baseline_run,
                 "downstream_protocol": asdict(downstream_protocol(args)),
                 "settings": {key: getattr(args, key) for key in (*PRESETS["full"], "audit_same_label", "delta",
-                                                                 "accountant", "seed", "max_steps", "quick")}})
+                                                                 "accountant", "seed", "max_steps", "quick",
+                                                                 "resolved_precision")}})
     side_by_side_samples({checkpoint["label"]: build_generator(checkpoint) for checkpoint in runs},
                          run.path("comparison.png"), "same z and labels (one row per class)", device)
     plot_tradeoff(rows, run.path("tradeoff.png"))
@@ -475,8 +488,9 @@ def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, dev
 
 # ---------------------------------------------------------------- main
 
-def prepare_reference(args, data, device) -> dict:
-    """The cached reference classifier and the feature statistics of the real test set."""
+def prepare_reference(args, data, device, precision) -> dict:
+    """The cached reference classifier (float32: its features define FD) and the feature statistics of the real
+    test set; `precision` is that of sampling and the downstream classifier."""
     settings = {"epochs": args.classifier_epochs, "seed": args.seed, "max_steps": args.max_steps}
     model, info = reference_classifier(os.path.join(args.out, "reference"), args.dataset, data["train"],
                                        data["test"], settings, device)
@@ -485,7 +499,8 @@ def prepare_reference(args, data, device) -> dict:
     info["test_features_s"] = time.time() - start
     order = torch.randperm(len(test_features), generator=torch.Generator().manual_seed(args.seed + 2))
     return {"reference": model, "reference_info": info, "test_stats": feature_statistics(test_features.numpy()),
-            "test_features": test_features[order], "data": data, "protocol": downstream_protocol(args)}
+            "test_features": test_features[order], "data": data, "protocol": downstream_protocol(args),
+            "precision": precision}
 
 
 def load_inputs(args) -> tuple:
@@ -505,16 +520,20 @@ def main(args):
     if maybe_dry_run(args):
         return None
     device = single_process_device(args.device, "evaluate.py")
+    precision = resolve_precision(args.precision, device)
+    args.resolved_precision = precision.describe()
     set_seed(args.seed)
     runs, data = load_inputs(args)
     run = Run.open(args, STAGE, f"{args.dataset}{'-quick' if args.quick else ''}")
-    context = prepare_reference(args, data, device)
+    announce(precision, STAGE)
+    context = prepare_reference(args, data, device, precision)
     rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
     baseline, baseline_run = teacher_cost(rows, runs, args)
     deploy.add_ratios({row["label"]: row for row in rows}, baseline=baseline)
     deploy.add_ratios({row["label"]: row["runtime"] for row in rows if "runtime" in row}, baseline=baseline)
     table = write_reports(run, rows, runs, context["reference_info"], baseline_run, args, device)
-    run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs]})
+    run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs],
+              "snapshots": [checkpoint.get("snapshot") for checkpoint in runs]})
     print(table)
     return run.finish(f"{len(rows)} generators")
 

@@ -14,14 +14,15 @@ import torch
 
 from models import QUANT_BITS, Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
-from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, make_parser, nonnegative_float,
-                       positive_float, positive_int, quant_bits, run_script, set_seed)
+from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, add_snapshot_arg, make_parser,
+                       nonnegative_float, positive_float, positive_int, quant_bits, run_script, set_seed)
 from utils.data import EpochBatches
 from utils.distill import load_distill_set
 from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.files import write_json
 from utils.gan import generate
 from utils.plots import plot_curves, plot_losses, side_by_side_samples
+from utils.precision import add_precision_arg, announce, resolve_precision
 from utils.privacy import inherit, warn_if_not_private
 from utils.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.slimming import DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, gamma_parameters, other_parameters
@@ -66,9 +67,11 @@ def parse_args(argv=None):
     group.add_argument("--gamma-momentum", type=nonnegative_float, default=0.5, help="SGD momentum of the scales")
     group.add_argument("--lr-d", type=positive_float, default=2e-4, help="Adam lr of the discriminator")
     group.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (student and discriminator)")
+    add_precision_arg(group)
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="steps between checkpoints (also at every epoch end)")
+    add_snapshot_arg(group)
     add_recipe_args(parser, averaging=False)
     add_common_args(parser)
     add_resume_arg(parser)
@@ -165,7 +168,7 @@ def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
     return summary
 
 
-def make_step(args, run: Run, distill, teacher_checkpoint, device) -> SlimmingStep:
+def make_step(args, run: Run, distill, teacher_checkpoint, device, precision) -> SlimmingStep:
     G, D = (m.to(device) for m in build_models(args, run.checkpoint, teacher_checkpoint))
     G.frozen_norm_stats = norm_stats_frozen(args, teacher_checkpoint)
     G.train()
@@ -176,7 +179,7 @@ def make_step(args, run: Run, distill, teacher_checkpoint, device) -> SlimmingSt
     warn_if_not_private(ledger)
     batches = ShardedBatches(EpochBatches(distill, args.batch_size, args.seed))  # this rank's part of each batch
     return SlimmingStep(G, D, optimizers, batches, args.epochs, ledger, SlimmingConfig.from_args(args), device,
-                        Recipe(RecipeConfig.from_args(args), G, args.seed))
+                        Recipe(RecipeConfig.from_args(args), G, args.seed), precision)
 
 
 def main(args):
@@ -190,14 +193,17 @@ def main(args):
 def train_stage(args, inputs, device):
     """From the resumed or new run to its reports, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, STAGE)
+    precision = resolve_precision(getattr(args, "precision", None), device).for_use("student")
     check_divisible(args.batch_size)
     distill, teacher_checkpoint = inputs or load_inputs(args)
     penalty = "-cost" if getattr(args, "penalty", "uniform") == "cost" else ""
     run = Run.open(args, STAGE, f"b{args.quant_bits}-rho{args.rho:g}{penalty}", checkpoint)
     set_seed(args.seed)
-    step = make_step(args, run, distill, teacher_checkpoint, device)
+    step = make_step(args, run, distill, teacher_checkpoint, device, precision)
+    if is_writer():
+        announce(precision, STAGE)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, parent=args.distill_dir,
-                    extra={"teacher": args.teacher_dir}).fit()
+                    extra={"teacher": args.teacher_dir, "precision": precision.describe()}).fit()
     if not is_writer():
         return run.run_dir
     summary = write_reports(run.run_dir, step.generator, build_generator(teacher_checkpoint), distill, args, device)

@@ -14,14 +14,15 @@ import torch
 
 from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, data_fields
-from utils.cli import (UserError, add_common_args, add_resume_arg, make_parser, positive_float, positive_int,
-                       run_script, set_seed)
+from utils.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser, positive_float,
+                       positive_int, run_script, set_seed)
 from utils.data import (EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape,
                         seeded_subset)
 from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.gan import NonPrivateStep
 from utils.plots import save_training_figures
+from utils.precision import add_precision_arg, announce, resolve_precision
 from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args, check_recipe_args
 from utils.privacy import new_ledger, record_data_read, warn_if_not_private
 from utils.trainer import Trainer
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     group.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics records")
     group.add_argument("--checkpoint-every", type=positive_int, default=500,
                        help="steps between checkpoints (also at every epoch end)")
+    add_snapshot_arg(group)
+    add_precision_arg(group)
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
@@ -94,8 +97,9 @@ def load_data(args, checkpoint):
     return split
 
 
-def make_step(args, run: Run, split, ledger: dict, plan, device):
-    """The non-private step, or with --dp the DP step (the ledger records the mechanism, not a data read)."""
+def make_step(args, run: Run, split, ledger: dict, plan, device, precision):
+    """The non-private step (its forward passes in `precision`), or with --dp the DP step (float32; the ledger
+    records the mechanism, not a data read)."""
     G, D = (model.to(device) for model in build_models(args, run.checkpoint, split))
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
@@ -111,7 +115,8 @@ def make_step(args, run: Run, split, ledger: dict, plan, device):
     warn_if_not_private(ledger)
     batches = ShardedBatches(EpochBatches(split, args.batch_size, args.seed))  # this rank's part of each batch
     recipe = Recipe(RecipeConfig.from_args(args, ema_decay=TEACHER_EMA_DECAY), G, args.seed)
-    return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device, recipe)
+    return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device, recipe,
+                          precision.for_use("teacher"))
 
 
 def main(args):
@@ -129,6 +134,8 @@ def main(args):
 def train_stage(args, device):
     """From the resumed or new run to its figures, in one process or as one rank of the torchrun group."""
     args, checkpoint = resume_args(args, STAGE)
+    precision = resolve_precision(getattr(args, "precision", None), device, allowed=not args.dp,
+                                  why_not="the DP paths stay float32")
     if not args.dp:
         check_divisible(args.batch_size)
     split = load_data(args, checkpoint)
@@ -138,8 +145,11 @@ def train_stage(args, device):
     desc = f"{args.dataset}-{args.split}" + (f"-subset{args.subset}" if getattr(args, "subset", None) else "")
     run = Run.open(args, STAGE, desc + ("-dp" if args.dp else ""), checkpoint)
     set_seed(args.seed)
-    step = make_step(args, run, split, ledger, plan, device)
-    steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split)).fit()
+    step = make_step(args, run, split, ledger, plan, device, precision)
+    if is_writer():
+        announce(precision.for_use("teacher"), STAGE)
+    steps = Trainer(step, run, TrainConfig.from_args(args), args=args, data=data_fields(split),
+                    extra={"precision": precision.for_use("teacher").describe()}).fit()
     if is_writer():
         save_training_figures(run.run_dir, step.sampling_generator(), "DP teacher" if args.dp else "teacher losses",
                               device, private=args.dp)

@@ -42,7 +42,7 @@ def unwrapped_state_dict(module: torch.nn.Module) -> dict:
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
-        state[key] = value.detach().clone()
+        state[key] = value.detach().clone(memory_format=torch.contiguous_format)  # channels-last networks too
     return state
 
 

@@ -124,6 +124,12 @@ def set_threads(threads: int):
         torch.set_num_threads(threads)
 
 
+def add_snapshot_arg(group):
+    group.add_argument("--snapshot-steps", type=positive_int, nargs="+", default=None, metavar="STEP",
+                       help="also keep the checkpoint of these steps, as snapshot-<step>.pt in the run directory "
+                            "(evaluate.py --runs reads them; learning curves: benchmarks/learning_curve.py)")
+
+
 def add_resume_arg(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its last checkpoint (default: this stage's latest run)")

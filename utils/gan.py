@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.distributed import global_mean, local_part, world_size
+from utils.precision import FP32
 from utils.trainer import TrainingStep
 from utils.training import batches_from
 
@@ -67,12 +68,15 @@ def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device, recipe
 class NonPrivateStep(TrainingStep):
     """The teacher's step: one discriminator update per batch of `batches` (EpochBatches) and a generator update
     when the recipe says it is due (every batch by default). With a weight average, the checkpoint's "generator"
-    is the average (what every later stage samples) and "generator_live" the trained weights."""
+    is the average (what every later stage samples) and "generator_live" the trained weights. The networks' forward
+    passes run in `precision` (utils/precision.py: fp32 calls them as they are); the updates stay float32."""
     name = "teacher"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device,
-                 recipe=None):
+                 recipe=None, precision=FP32):
+        precision.prepare(G, D)
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
+        self.forward_g, self.forward_d = precision.wrap(G), precision.wrap(D)
         self.epoch_batches, self.ledger, self.device, self.recipe = batches, ledger, device, recipe
         self.rng = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batches)
@@ -84,7 +88,7 @@ class NonPrivateStep(TrainingStep):
 
     def optimize_parameters(self, batch, step: int) -> dict:
         real, labels = (t.to(self.device) for t in batch)
-        G, D, recipe = self.generator, self.discriminator, self.recipe
+        G, D, recipe = self.forward_g, self.forward_d, self.recipe
         self.losses["d_loss"] = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng,
                                                               recipe)
         if recipe is None or recipe.g_step_due():
@@ -92,7 +96,7 @@ class NonPrivateStep(TrainingStep):
             self.losses["g_loss"] = nonprivate_generator_step(G, D, self.optimizers["g"], len(real) * world_size(),
                                                               self.rng, self.device, recipe)
             if recipe is not None:
-                recipe.after_g_step(G, accuracy)
+                recipe.after_g_step(self.generator, accuracy)
         return dict(self.losses)
 
     def sampling_generator(self):

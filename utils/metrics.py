@@ -37,6 +37,7 @@ from torch import nn
 
 from utils.checkpoint import load_checkpoint, save_checkpoint, versions
 from utils.cli import progress_bar
+from utils.precision import FP32
 
 CLASSIFIER_VERSION = 1  # bump when SmallCNN or its training changes: invalidates cached reference classifiers
 
@@ -299,9 +300,10 @@ def _train_one_epoch(model, optimizer, images, labels, batch_size: int, rng: tor
 
 def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                       test_labels: torch.Tensor, protocol: DownstreamProtocol = PROTOCOL, device="cpu",
-                      desc: str = "downstream") -> dict:
+                      desc: str = "downstream", precision=FP32) -> dict:
     """Real-test accuracy of an MnistCNN trained on `images[:-holdout]`, at the epoch best on the generated
-    hold-out `images[-holdout:]` (ties: the earliest). The test set is scored once, after the choice.
+    hold-out `images[-holdout:]` (ties: the earliest). The test set is scored once, after the choice. The
+    classifier's forward passes run in `precision` (utils/precision.py); its weights and updates in float32.
 
     Returns test_accuracy, epoch (1-based), holdout_accuracy (per epoch), train_size and the protocol."""
     if not 0 < protocol.holdout < len(labels):
@@ -312,16 +314,18 @@ def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: t
         torch.manual_seed(protocol.seed)
         num_classes = 1 + max(int(labels.max()), int(test_labels.max()))
         model = MnistCNN(num_classes, images.shape[1], images.shape[-1]).to(device)
+        precision.prepare(model)
+        forward = precision.wrap(model)
         optimizer = torch.optim.Adam(model.parameters(), protocol.lr)
         rng = torch.Generator().manual_seed(protocol.seed)
         curve, best_state = [], None
         for _ in progress_bar(range(protocol.epochs), desc=desc, leave=False):
-            _train_one_epoch(model, optimizer, train_images, train_labels, protocol.batch_size, rng, device)
-            curve.append(accuracy(model, holdout_images, holdout_labels))
+            _train_one_epoch(forward, optimizer, train_images, train_labels, protocol.batch_size, rng, device)
+            curve.append(accuracy(forward, holdout_images, holdout_labels))
             if curve[-1] > max(curve[:-1], default=-1.0):
                 best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    return {"test_accuracy": accuracy(model, test_images, test_labels), "epoch": 1 + curve.index(max(curve)),
+    return {"test_accuracy": accuracy(forward, test_images, test_labels), "epoch": 1 + curve.index(max(curve)),
             "holdout_accuracy": curve, "train_size": len(train_labels), "protocol": asdict(protocol)}
 
 

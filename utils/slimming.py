@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from models import PRUNABLE_LAYERS
 from utils.distributed import global_mean
 from utils.gan import d_loss, g_loss
+from utils.precision import FP32
 from utils.trainer import TrainingStep
 from utils.training import batches_from
 
@@ -149,22 +150,24 @@ class SlimmingConfig:
 
 
 def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1",
-                  penalty: str = "uniform", recipe=None) -> dict:
+                  penalty: str = "uniform", recipe=None, precision=FP32) -> dict:
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
     step on the channel scales (weighted per layer by `channel_costs` when `penalty` is "cost") and the pinning
-    of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales)."""
+    of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales).
+    The forward passes run in `precision` (utils/precision.py); losses and updates in float32."""
     z, labels, target = batch
-    fake = G(z, labels)
+    forward_g, forward_d = precision.wrap(G), precision.wrap(D)
+    fake = forward_g(z, labels)
     optimizers["d"].zero_grad(set_to_none=True)
     if recipe is None:  # teacher images are the real ones
-        discriminator_loss = d_loss(D(target, labels), D(fake.detach(), labels))
+        discriminator_loss = d_loss(forward_d(target, labels), forward_d(fake.detach(), labels))
     else:  # the recipe's loss and augmentation (utils/recipe.py)
-        discriminator_loss = recipe.d_loss(D, target, labels, fake.detach(), labels)
+        discriminator_loss = recipe.d_loss(forward_d, target, labels, fake.detach(), labels)
     discriminator_loss.backward()
     optimizers["d"].step()
 
     distill = DISTILL_LOSSES[distill_loss](fake, target)
-    adversarial = g_loss(D(fake, labels)) if recipe is None else recipe.g_loss(D, fake, labels)
+    adversarial = g_loss(forward_d(fake, labels)) if recipe is None else recipe.g_loss(forward_d, fake, labels)
     optimizers["g"].zero_grad(set_to_none=True)
     optimizers["gamma"].zero_grad(set_to_none=True)
     (beta * distill + adversarial).backward()
@@ -182,8 +185,9 @@ class SlimmingStep(TrainingStep):
     name = "student"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, config: SlimmingConfig,
-                 device, recipe=None):
-        self.generator, self.discriminator, self.optimizers = G, D, optimizers
+                 device, recipe=None, precision=FP32):
+        precision.prepare(G, D)
+        self.generator, self.discriminator, self.optimizers, self.precision = G, D, optimizers, precision
         self.epoch_batches, self.ledger, self.config, self.device = batches, ledger, config, device
         self.steps_per_epoch = len(batches)
         self.planned_steps = epochs * len(batches)
@@ -199,7 +203,7 @@ class SlimmingStep(TrainingStep):
         c = self.config
         return slimming_step(self.generator, self.discriminator, self.optimizers,
                              [t.to(self.device) for t in batch], c.beta, c.rho, c.distill_loss, c.penalty,
-                             self.recipe)
+                             self.recipe, self.precision)
 
     def log_fields(self) -> dict:
         return {"active_channels": self.generator.active_channels()}

@@ -107,6 +107,8 @@ class Trainer:
                                     **milestone)
         if checkpoint_due(self.step, self.total, self.impl.steps_per_epoch, self.config.checkpoint_every):
             self.save()
+        if self.step in self.config.snapshot_steps:
+            self.run.save_snapshot(self.checkpoint())
 
     def fit(self) -> int:
         """Train to the end; a resumed run with nothing left still saves, so that `latest` points at it."""

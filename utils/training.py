@@ -24,8 +24,9 @@ from utils.cli import print_config
 from utils.distributed import NoMetrics, from_writer, is_writer
 from utils.files import write_json
 
-# flags taken from the command line on --resume; everything else comes from the run's saved args
-RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run")
+# flags taken from the command line on --resume (unless left unset, None: the run keeps its own); everything else
+# comes from the run's saved args. The precision is how this process computes, not what the run is.
+RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run", "precision")
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,13 @@ class TrainConfig:
     max_steps: int = None  # stop early (quick runs, tests); None: the whole planned run
     log_every: int = 50
     checkpoint_every: int = 500
+    snapshot_steps: tuple = ()  # steps whose checkpoint is also kept as `snapshot_file(step)`
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        # a stage without a setting (or a run saved before it existed) gets the field's default
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, "snapshot_steps": tuple(values.get("snapshot_steps") or ())})
 
     def total_steps(self, planned: int) -> int:
         return planned if self.max_steps is None else min(planned, self.max_steps)
@@ -54,9 +58,8 @@ def resume_args(args: argparse.Namespace, stage: str):
     path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
     checkpoint = load_checkpoint(path, stage)
     saved = dict(checkpoint["args"])
-    # the command line wins for RESUME_OVERRIDES, except --max-steps left unset: the run keeps its own stop
-    saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES
-                  if hasattr(args, key) and not (key == "max_steps" and args.max_steps is None)})
+    # the command line wins for RESUME_OVERRIDES, except a flag left unset (--max-steps: the run keeps its own stop)
+    saved.update({key: getattr(args, key) for key in RESUME_OVERRIDES if getattr(args, key, None) is not None})
     saved["out"] = pipeline_root(checkpoint["run_dir"])
     return argparse.Namespace(**saved), checkpoint
 
@@ -127,11 +130,23 @@ class Run:
         save_checkpoint(self.run_dir, checkpoint)
         mark_latest(self.run_dir)
 
+    def save_snapshot(self, checkpoint: dict) -> str:
+        """Keep the checkpoint of this step beside the run's own, as `snapshot_file(step)` (atomic; `latest` and
+        `checkpoint.pt` do not move): a file that `evaluate.py --runs` and `load_checkpoint` read."""
+        if self.writer:
+            return save_checkpoint(self.run_dir, checkpoint, name=snapshot_file(checkpoint["step"]))
+        return None
+
     def finish(self, summary: str) -> str:
         """The run's last words: what it did, and where it is (rank 0 alone under torchrun)."""
         if self.writer:
             tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
         return self.run_dir
+
+
+def snapshot_file(step: int) -> str:
+    """The file name of a run's snapshot at `step` (in the run directory, so its paths resolve as the run's)."""
+    return f"snapshot-{step:06d}.pt"
 
 
 def batches_from(batches, step: int, total: int):
