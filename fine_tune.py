@@ -132,7 +132,8 @@ def load_source(args, checkpoint) -> dict:
 
 def build_models(source: dict, device):
     """The generator (compact widths and bits) and discriminator of a compact or private checkpoint; a fresh
-    discriminator (seeded) when the checkpoint has none."""
+    discriminator (seeded) when the checkpoint has none. A minibatch std layer (from a teacher trained with one)
+    is stripped: it mixes samples, which DP-SGD cannot train (docs/DESIGN.md, "Privacy")."""
     G = build_generator(source)
     if "generator_live" in source:  # a resumed run with a weight average: train on from the trained weights
         G.load_state_dict(source["generator_live"])
@@ -140,6 +141,11 @@ def build_models(source: dict, device):
         D = build_discriminator(source)
     else:
         D = Discriminator(**source["model_args"].get("discriminator", model_shape_of(G)))
+    if D.minibatch_std:
+        D = D.without_minibatch_std()
+        if is_writer():
+            print("The discriminator's minibatch std layer is removed for DP-SGD (it mixes samples); its other "
+                  "weights are kept.", file=sys.stderr)
     return G.to(device).train(), D.to(device).train()
 
 

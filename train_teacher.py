@@ -14,8 +14,8 @@ import torch
 
 from models import Discriminator, Generator
 from utils.checkpoint import build_discriminator, build_generator, data_fields
-from utils.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser, positive_float,
-                       positive_int, run_script, set_seed)
+from utils.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser,
+                       nonnegative_int, positive_float, positive_int, run_script, set_seed)
 from utils.data import (EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape,
                         seeded_subset)
 from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
@@ -39,14 +39,20 @@ def parse_args(argv=None):
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=30)
     group.add_argument("--batch-size", type=positive_int, default=128)
-    group.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate of G and D")
+    group.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate of G (and of D)")
+    group.add_argument("--lr-d", type=positive_float, default=None, help="Adam learning rate of D (default: --lr)")
     group.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    group.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     group.add_argument("--g-channels", type=positive_int, nargs="+", default=None,
                        help="generator widths, one per block; default for 28 px: 256 128 64 (7, 14, 28), 32 px: "
                             "512 256 128 64 (4, 8, 16, 32), 64 px: 512 256 128 64 32 (4, 8, 16, 32, 64)")
     group.add_argument("--d-channels", type=positive_int, nargs="+", default=None,
-                       help="discriminator widths, one per strided conv; default for 28 px: 64 128, 32 px: "
-                            "64 128 256, 64 px: 32 64 128 256")
+                       help="discriminator widths, one per halving of the image, or one more for an extra strided "
+                            "3x3 conv (28 px: 128 256 512 is Bie et al.'s DCGAN discriminator); default for 28 px: "
+                            "64 128, 32 px: 64 128 256, 64 px: 32 64 128 256")
+    group.add_argument("--minibatch-std", type=nonnegative_int, default=0, metavar="G",
+                       help="StyleGAN's minibatch standard deviation feature over groups of G samples before D's "
+                            "logit (0: off); non-private training only: it mixes samples, which DP-SGD cannot train")
     group.add_argument("--nz", type=positive_int, default=100, help="latent dimension")
     group.add_argument("--subset", type=positive_int, default=None, metavar="N",
                        help="train on a seeded draw (--seed) of N images of the split only, recorded in the "
@@ -77,7 +83,8 @@ def build_models(args, checkpoint, split):
         return G, build_discriminator(checkpoint)
     try:
         return (Generator(nz=args.nz, channels=args.g_channels, bits=32, **model_shape(split)),
-                Discriminator(channels=args.d_channels, **model_shape(split)))
+                Discriminator(channels=args.d_channels, minibatch_std=getattr(args, "minibatch_std", 0),
+                              **model_shape(split)))
     except ValueError as exc:
         raise UserError(f"--g-channels/--d-channels: {exc}") from exc
 
@@ -101,8 +108,9 @@ def make_step(args, run: Run, split, ledger: dict, plan, device, precision):
     """The non-private step (its forward passes in `precision`), or with --dp the DP step (float32; the ledger
     records the mechanism, not a data read)."""
     G, D = (model.to(device) for model in build_models(args, run.checkpoint, split))
-    optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=(args.beta1, 0.999)),
-                  "d": torch.optim.Adam(D.parameters(), args.lr, betas=(args.beta1, 0.999))}
+    betas = (args.beta1, getattr(args, "beta2", 0.999))  # getattr: runs saved before --beta2 and --lr-d resume
+    optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=betas),
+                  "d": torch.optim.Adam(D.parameters(), getattr(args, "lr_d", None) or args.lr, betas=betas)}
     data_parallel([G, D], [optimizers["g"]] if args.dp else list(optimizers.values()))
     train = TrainConfig.from_args(args)
     config = DPConfig.from_args(args)
@@ -125,6 +133,9 @@ def main(args):
     if args.dp and (args.loss != "non-saturating" or args.augment != "none"):
         raise UserError("--loss and --augment apply to non-private training only; the DP discriminator step keeps "
                         "the non-saturating loss without augmentation")
+    if args.dp and args.minibatch_std:
+        raise UserError("--minibatch-std applies to non-private training only: the layer mixes samples, so DP-SGD "
+                        "cannot train a discriminator that has it")
     if maybe_dry_run(args):
         return None
     with distributed(args.device) as device:  # under torchrun: this process's part of the group

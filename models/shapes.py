@@ -6,9 +6,11 @@ The generator starts from a small square and doubles it block by block up to the
     32: 4 -> 8 -> 16 -> 32       (4 blocks, the first a 4x4 transposed conv)
     64: 4 -> 8 -> 16 -> 32 -> 64 (5 blocks)
 
-The discriminator halves the image with strided convs down to the same small square (7 or 4), then one conv with
-a kernel of that size gives the logit. Every block of the generator is prunable (GAN Slimming), so the names of
-the prunable layers depend on the size: `prunable_layers(image_size)`.
+The discriminator halves the image with strided 4x4 convs down to the same small square (7 or 4), then one conv
+with a kernel of that size gives the logit. It may have one more width than it has halvings: one more strided 3x3
+conv (7 -> 4, or 4 -> 2; the DCGAN discriminator of Bie, Kamath & Zhang 2023), and the logit's kernel is then
+that smaller side. Every block of the generator is prunable (GAN Slimming), so the names of the prunable layers
+depend on the size: `prunable_layers(image_size)`.
 """
 IMAGE_SIZES = (28, 32, 64)
 IMAGE_CHANNELS = (1, 3)
@@ -39,6 +41,19 @@ def num_generator_blocks(image_size: int) -> int:
 def num_discriminator_downsamples(image_size: int) -> int:
     """Strided convs from the image down to the start side (2 for 28, 3 for 32, 4 for 64)."""
     return num_generator_blocks(image_size) - 1
+
+
+def discriminator_widths_allowed(image_size: int) -> tuple:
+    """How many widths a discriminator may have: one per halving, or one more (2 or 3 for 28, 3 or 4 for 32)."""
+    downsamples = num_discriminator_downsamples(image_size)
+    return downsamples, downsamples + 1
+
+
+def discriminator_last_side(image_size: int, num_widths: int) -> int:
+    """The side the logit conv sees: the start side (7 or 4), or half of it rounded up after the extra
+    3x3 stride-2 conv (7 -> 4, 4 -> 2)."""
+    side = START_SIDE[image_size]
+    return side if num_widths == num_discriminator_downsamples(image_size) else (side + 1) // 2
 
 
 def prunable_layers(image_size: int = 28) -> tuple:

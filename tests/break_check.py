@@ -39,6 +39,8 @@ R, N, F, T, E, C, D, L = ("tests/test_reliability.py", "tests/test_dp_noise.py",
 P = "tests/test_protocol.py"
 U, UR = "tests/test_audit.py", "tests/test_audit_run.py"
 I, S = "tests/test_folder_data.py", "tests/test_model_shapes.py"
+O = "tests/test_discriminator_options.py"
+PR = "tests/test_precision.py"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -57,6 +59,47 @@ BREAKS = [
     Break("clipping-off", "utils/dp.py", "max_grad_norm=config.max_grad_norm, poisson_sampling",
           "max_grad_norm=1e6, poisson_sampling", (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
           "per-sample gradients are clipped to a norm that never binds"),
+    # ------------------------------------------------------------ DP-SGD never trains a D that mixes samples
+    Break("dp-accepts-minibatch-std", "utils/dp.py", "        check_private_discriminator(D)  # before Opacus",
+          "        #", (O + "::test_private_discriminator_refuses_the_std_layer",),
+          "PrivateDiscriminator takes a discriminator with a minibatch std layer: clipping bounds no record's "
+          "influence"),
+    Break("opacus-validator-not-registered", "utils/dp.py",
+          "    register_module_validator(MinibatchStdDev)(minibatch_std_errors)", "    pass",
+          (O + "::test_opacus_validator_rejects_the_std_layer_and_accepts_the_others",),
+          "Opacus's ModuleValidator passes a discriminator with a minibatch std layer"),
+    Break("fine-tune-keeps-minibatch-std", "fine_tune.py", "    if D.minibatch_std:\n        D = D.without",
+          "    if False:\n        D = D.without", (O + "::test_fine_tune_strips_the_std_layer",),
+          "fine_tune.py hands a teacher's minibatch std layer on to DP-SGD instead of stripping it"),
+    Break("without-minibatch-std-keeps-the-layer", "models/discriminator.py",
+          '**{**self.model_args(), "minibatch_std": 0})', "**self.model_args())",
+          (O + "::test_without_minibatch_std_keeps_the_function_when_the_std_weights_are_zero",
+           O + "::test_fine_tune_strips_the_std_layer"),
+          "Discriminator.without_minibatch_std returns a discriminator that still mixes samples"),
+    # ------------------------------------------------------------ precision and snapshots
+    Break("fp32-uses-channels-last", "utils/precision.py", "self.bf16 and CHANNELS_LAST[use]", "CHANNELS_LAST[use]",
+          (PR + "::test_fp32_is_bit_identical_to_the_code_before_the_option",),
+          "--precision fp32 changes the memory layout, so its results are no longer today's bit for bit"),
+    Break("autocast-left-open", "utils/precision.py",
+          "        return torch.autocast(self.device_type, dtype=torch.bfloat16)",
+          "        torch.set_autocast_enabled(self.device_type, True)\n"
+          "        torch.set_autocast_dtype(self.device_type, torch.bfloat16)\n"
+          "        return contextlib.nullcontext()",
+          (PR + "::test_bf16_covers_each_forward_pass_and_nothing_else",),
+          "bf16 autocast stays on after a forward pass: optimiser steps run inside it (stale cached casts)"),
+    Break("bf16-logits-to-the-loss", "utils/precision.py", "        return output.float()", "        return output",
+          (PR + "::test_bf16_covers_each_forward_pass_and_nothing_else",),
+          "the losses are computed on bfloat16 logits"),
+    Break("auto-bf16-where-not-native", "utils/precision.py",
+          'return Precision("fp32", device.type, reason=f"auto: {reason}")',
+          'return Precision("bf16", device.type, reason=f"auto: {reason}")',
+          (PR + "::test_auto_falls_back_to_fp32_where_bf16_is_not_native",),
+          "--precision auto picks bf16 on hardware without native bf16"),
+    Break("dp-teacher-in-bf16", "train_teacher.py", "allowed=not args.dp,", "allowed=True,",
+          (PR + "::test_dp_paths_stay_float32",), "train_teacher.py --dp runs its DP-SGD forward passes in bf16"),
+    Break("snapshot-not-kept", "utils/trainer.py", "if self.step in self.config.snapshot_steps:", "if False:",
+          (PR + "::test_snapshots_are_kept_at_the_chosen_steps_and_survive_a_resume",
+           PR + "::test_student_keeps_snapshots"), "--snapshot-steps writes no snapshot"),
     # ------------------------------------------------------------ killed and resumed equals uninterrupted
     Break("dp-teacher-checkpoint-without-dp-state", "utils/trainer.py", "**own, **self.extra)", "**self.extra)",
           (R + "::test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run",),

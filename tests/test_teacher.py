@@ -104,3 +104,18 @@ def test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume(
             assert torch.equal(value.cpu(), a["generator"][name]), name
     plain = load_checkpoint(run_teacher(tiny_data_root, str(tmp_path / "c"), "--max-steps", "2", "--ema-decay", "0"))
     assert "generator_live" not in plain and plain["recipe"]["average"] is None
+
+
+def test_recipe_flags_reach_the_networks_and_optimisers(tiny_data_root, tmp_path):
+    """--lr-d, --beta2, --minibatch-std and a third discriminator width are what the run trains with, and what a
+    resumed run keeps."""
+    run_dir = run_teacher(tiny_data_root, str(tmp_path), "--max-steps", "2", "--lr-d", "1e-3", "--beta2", "0.99",
+                          "--minibatch-std", "4", "--d-channels", "8", "8", "8")
+    resumed = train_teacher.main(train_teacher.parse_args(["--resume", run_dir, "--max-steps", "3"]))
+    checkpoint = load_checkpoint(resumed, "teacher")
+    groups = {name: opt["param_groups"][0] for name, opt in checkpoint["optimizers"].items()}
+    assert (groups["d"]["lr"], groups["g"]["lr"]) == (1e-3, 2e-4)
+    assert tuple(groups["d"]["betas"]) == tuple(groups["g"]["betas"]) == (0.5, 0.99)
+    assert checkpoint["step"] == 3
+    assert {k: checkpoint["model_args"]["discriminator"][k] for k in ("channels", "minibatch_std")} == \
+        {"channels": [8, 8, 8], "minibatch_std": 4}

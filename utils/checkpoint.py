@@ -145,6 +145,15 @@ def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: d
     return fields
 
 
+def contiguous_optimizer_state(optimizer) -> dict:
+    """The optimiser's state dict with its tensors in the default memory layout (a channels-last network's Adam
+    moments are channels-last): checkpoints look the same whatever layout trained them."""
+    state = optimizer.state_dict()
+    state["state"] = {key: {name: value.contiguous() if torch.is_tensor(value) else value
+                            for name, value in entry.items()} for key, entry in state["state"].items()}
+    return state
+
+
 def data_fields(split) -> dict:
     """The `data` entry of a checkpoint whose stage trained on `split` (a `utils.data.ImageSplit`)."""
     fields = {"dataset": split.dataset, "split": split.split, "size": len(split), "fingerprint": split.fingerprint,

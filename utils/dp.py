@@ -19,6 +19,10 @@ parameters.
 - Step count: `epochs * int(1/q)` discriminator steps (`--max-steps` stops earlier). With `--target-epsilon` the
   noise multiplier is calibrated for the whole planned run with the ledger's earlier mechanisms as a prefix, so the
   composed total meets the target; `--max-steps` only stops early (epsilon then stays below the target).
+- No layer that mixes samples: `PrivateDiscriminator` refuses a discriminator with a minibatch std layer (one
+  sample's logit would depend on the others of its group, so clipping "its" gradient would not bound one record's
+  influence), and runs Opacus's `ModuleValidator` on every discriminator it is given, with a validator for that
+  layer registered here (`register_opacus_validators`).
 - Resume-exact: the Poisson sampler and the noise draw from their own `torch.Generator`s, saved in the checkpoint
   with the accountant history. Batches are drawn from the sampler directly: a DataLoader iterator draws a seed from
   the loader's generator (the sampler's) every time it starts, so a resumed run would drift.
@@ -32,6 +36,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tqdm import tqdm
 
+from models.discriminator import MinibatchStdDev
 from utils.cli import UserError, open_unit_float, positive_float, positive_int
 from utils.data import SplitDataset
 from utils.distributed import (global_mean, is_writer, local_poisson_batch, make_private_data_parallel,
@@ -126,6 +131,32 @@ def plan_for(checkpoint, config: DPConfig, train: TrainConfig, split, ledger: di
 
 # ---------------------------------------------------------------- the private discriminator
 
+MIXES_SAMPLES = ("a minibatch std layer makes one sample's output depend on the others of its group, so clipping "
+                 "per-sample gradients no longer bounds one record's influence: DP-SGD cannot train it")
+
+
+def minibatch_std_errors(module: MinibatchStdDev) -> list:
+    """Opacus's validator of the minibatch std layer (like its BatchNorm one): never trainable with DP-SGD."""
+    from opacus.validators.errors import UnsupportableModuleError
+    return [UnsupportableModuleError(f"{module}: {MIXES_SAMPLES}")]
+
+
+def register_opacus_validators():
+    """Register `minibatch_std_errors` with Opacus's `ModuleValidator` (idempotent). Called on every DP path
+    (`check_private_discriminator`) rather than at import: Opacus takes a second to load, most runs need no DP."""
+    from opacus.validators.utils import register_module_validator
+    register_module_validator(MinibatchStdDev)(minibatch_std_errors)
+
+
+def check_private_discriminator(D: torch.nn.Module):
+    """Refuse a discriminator that mixes samples (a one-line UserError), then Opacus's own strict validation."""
+    from opacus.validators.module_validator import ModuleValidator
+    if any(isinstance(module, MinibatchStdDev) for module in D.modules()):
+        raise UserError(f"refusing to train this discriminator with DP-SGD: {MIXES_SAMPLES}")
+    register_opacus_validators()
+    ModuleValidator.validate(D, strict=True)
+
+
 class PrivateDiscriminator:
     """A discriminator made private by Opacus, with its Poisson sampler over the private split."""
 
@@ -133,6 +164,7 @@ class PrivateDiscriminator:
                  seed: int = 0, device="cpu"):
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
+        check_private_discriminator(D)  # before Opacus wraps it (and before any state is built)
         grad_sample_mode = config.grad_sample_mode
         self.split, self.device, self.grad_sample_mode = split, torch.device(device), grad_sample_mode
         self.sample_rate = batch_size / len(split)

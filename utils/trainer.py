@@ -19,7 +19,7 @@ The three steps: `utils.gan.NonPrivateStep` (teacher), `utils.slimming.SlimmingS
 """
 import math
 
-from utils.checkpoint import checkpoint_fields
+from utils.checkpoint import checkpoint_fields, contiguous_optimizer_state
 from utils.cli import UserError, progress_bar
 from utils.distributed import is_writer
 from utils.training import Run, TrainConfig, checkpoint_due
@@ -88,8 +88,8 @@ class Trainer:
         own = self.impl.extra_state()  # first: it may bring the ledger up to date
         checkpoint = checkpoint_fields(**self.fields, step=self.step, models=self.impl.models(),
                                        ledger=self.impl.ledger)
-        checkpoint.update(optimizers={name: opt.state_dict() for name, opt in self.impl.optimizers.items()},
-                          rng=self.impl.rng_states(), **own, **self.extra)
+        optimizers = {name: contiguous_optimizer_state(opt) for name, opt in self.impl.optimizers.items()}
+        checkpoint.update(optimizers=optimizers, rng=self.impl.rng_states(), **own, **self.extra)
         return checkpoint
 
     def save(self):
