@@ -20,12 +20,12 @@ from utils.data import EpochBatches
 from utils.distill import load_distill_set
 from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
 from utils.files import write_json
-from utils.gan import generate
 from utils.plots import plot_curves, plot_losses, side_by_side_samples
 from utils.precision import add_precision_arg, announce, resolve_precision
 from utils.privacy import inherit, warn_if_not_private
 from utils.recipe import Recipe, RecipeConfig, add_recipe_args
-from utils.slimming import DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, gamma_parameters, other_parameters
+from utils.slimming import (DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, eval_distill_loss, gamma_parameters,
+                            other_parameters)
 from utils.trainer import Trainer
 from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
 
@@ -142,14 +142,6 @@ def make_optimizers(args, G, D) -> dict:
             "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
 
 
-@torch.no_grad()
-def eval_distill_loss(G, distill, args, device, count: int = 2000) -> float:
-    """Distillation loss in eval mode (stored quantisation scales, BatchNorm running stats) on the set's start."""
-    z, labels, target = distill.batch(range(min(count, len(distill))))
-    fake = generate(G, z, labels, batch_size=args.batch_size, device=device)
-    return DISTILL_LOSSES[args.distill_loss](fake, target).item()
-
-
 def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
     """samples.png (teacher | student on fixed inputs), loss.png, sparsity.png and summary.json."""
     G.refresh_quant_scales()
@@ -163,7 +155,8 @@ def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
                 ylabel="active channels")
     summary = {"active_channels": dict(zip(G.prunable_layers, active)),
                "channels": dict(zip(G.prunable_layers, total)),
-               "bits": G.bits, f"eval_{args.distill_loss}_distill_loss": eval_distill_loss(G, distill, args, device)}
+               "bits": G.bits, f"eval_{args.distill_loss}_distill_loss": eval_distill_loss(G, distill, args.distill_loss,
+                                                                                args.batch_size, device)}
     write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
 

@@ -51,13 +51,16 @@ def side_by_side_samples(generators: dict, path: str, title: str, device="cpu"):
     save_side_by_side(grids, path, title)
 
 
-def plot_curves(records: list, keys, path: str, title: str = "", ylabel: str = "loss"):
-    """Line plot of `keys` from metrics.jsonl records against the step."""
+def plot_curves(records: list, keys, path: str, title: str = "", ylabel: str = "loss", logx: bool = False):
+    """Line plot of `keys` from metrics.jsonl records against the step (`logx`: a logarithmic step axis, points
+    marked: a learning curve at doubling steps)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
         if points:
-            ax.plot(*zip(*points), label=key)
+            ax.plot(*zip(*points), label=key, marker="o" if logx else None)
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from models import PRUNABLE_LAYERS
 from utils.distributed import global_mean
-from utils.gan import d_loss, g_loss
+from utils.gan import d_loss, g_loss, generate
 from utils.precision import FP32
 from utils.trainer import TrainingStep
 from utils.training import batches_from
@@ -132,6 +132,15 @@ def enforce_dead(generator_model, optimizers=()):
                 for value in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
                         value.masked_fill_(dead, 0.0)
+
+
+@torch.no_grad()
+def eval_distill_loss(G, distill, loss: str = "l1", batch_size: int = 500, device="cpu", count: int = 2000) -> float:
+    """The distillation loss `loss` of G in eval mode (stored quantisation scales, BatchNorm running stats) on the
+    first `count` triples of the distillation set (the same ones for every student of the set)."""
+    z, labels, target = distill.batch(range(min(count, len(distill))))
+    fake = generate(G, z, labels, batch_size=batch_size, device=device)
+    return DISTILL_LOSSES[loss](fake, target).item()
 
 
 @dataclass(frozen=True)
