@@ -1,4 +1,4 @@
-"""Score audit runs: empirical lower bounds on epsilon from one training run each (utils/audit.py).
+"""Score audit runs: empirical lower bounds on epsilon from one training run each (utils/privacy/audit.py).
 
 Inputs: audit runs of `fine_tune.py --audit-canaries M` (stage "audit", under <out>/audit/; default: every one
 there), or the runs named with --runs. For each run the canaries it stored (canaries.pt) are read and checked
@@ -24,14 +24,14 @@ import sys
 
 import torch
 
-from utils.audit import (AuditFailure, AuditSettings, audit_attack, audit_markdown, check_claim, discriminator_scores,
-                         generator_scores, load_canaries, plot_scores, run_rows)
-from utils.checkpoint import build_discriminator, build_generator, load_checkpoint, mark_latest, new_run_dir
-from utils.cli import UserError, add_common_args, make_parser, positive_int, resolve_device, run_script, set_seed
-from utils.files import atomic_write, write_json
-from utils.model_card import CARD_JSON, CARD_MD
-from utils.privacy import describe, epsilon, is_audit
-from utils.training import maybe_dry_run
+from utils.evaluation.model_card import CARD_JSON, CARD_MD
+from utils.privacy.audit import (AuditFailure, AuditSettings, audit_attack, audit_markdown, check_claim,
+                                 discriminator_scores, generator_scores, load_canaries, plot_scores, run_rows)
+from utils.privacy.ledger import describe, epsilon, is_audit
+from utils.run.checkpoint import build_discriminator, build_generator, load_checkpoint, mark_latest, new_run_dir
+from utils.run.cli import UserError, add_common_args, make_parser, positive_int, resolve_device, run_script, set_seed
+from utils.run.files import atomic_write, write_json
+from utils.run.lifecycle import maybe_dry_run
 
 STAGE = "audit-report"
 AUDIT_STAGE = "audit"

@@ -4,16 +4,16 @@ Removes every channel whose output is exactly 0 (BatchNorm gamma exactly 0 and b
 channels), keeping the student's bit width and its stored per-channel weight scales, and checks on fixed seeded
 inputs that the compact generator computes the same images as the student in eval mode (refused, nothing
 written, if the largest difference exceeds 1e-5; measured in float32, and again in float64 where float32's
-summation order moves an activation across a quantisation level: utils/compress.py). Post-processing of the
+summation order moves an activation across a quantisation level: utils/compression/compress.py). Post-processing of the
 student: the privacy ledger is copied unchanged.
 
 Writes `<out>/compact/<NNNNN>-<desc>/`: checkpoint.pt (stage "compact"), generator.onnx (the on-device artifact:
-ONNX Runtime, integer weights inside, checked against the compact model; utils/runtime.py) with ort_runner.py (runs
-it with onnxruntime and numpy only), generator_int.pt (integer weights: int8, or packed int4 for <= 4 bits, plus
-float scales; torch.load(weights_only=True)), generator.pt2 (a float debugging export: torch.export, weights stored
-as floats), compression.json / compression.png (parameters, MACs, bytes, CPU latency at batch 1 and throughput at
-batch 256 of the teacher, student and compact model in eager torch and of generator.onnx in ONNX Runtime, ratios to
-the teacher, one process), samples.png (student vs compact). Runs on the CPU.
+ONNX Runtime, integer weights inside, checked against the compact model; utils/compression/runtime.py) with
+ort_runner.py (runs it with onnxruntime and numpy only), generator_int.pt (integer weights: int8, or packed int4 for <=
+4 bits, plus float scales; torch.load(weights_only=True)), generator.pt2 (a float debugging export: torch.export,
+weights stored as floats), compression.json / compression.png (parameters, MACs, bytes, CPU latency at batch 1 and
+throughput at batch 256 of the teacher, student and compact model in eager torch and of generator.onnx in ONNX Runtime,
+ratios to the teacher, one process), samples.png (student vs compact). Runs on the CPU.
 """
 import copy
 import os
@@ -21,16 +21,17 @@ import os
 import torch
 
 from models import Generator
-from utils.checkpoint import build_generator, checkpoint_fields, input_run, latest_run, lineage, load_checkpoint
-from utils.cli import (UserError, add_common_args, add_input_arg, add_speed_args, make_parser, positive_int,
-                       resolve_device, run_script, set_seed, set_threads, speed_settings)
-from utils.compress import MAX_ABS_DIFF, checked_difference, compress, summary
-from utils.deploy import ARTIFACT_NAME, format_table, write_device_artifacts
-from utils.files import write_json
-from utils.plots import plot_cost_bars, side_by_side_samples
-from utils.privacy import describe, inherit, warn_if_not_private
-from utils.runtime import RUNTIME_NAME, shipped_cost_rows, shipped_summary
-from utils.training import Run, maybe_dry_run
+from utils.compression.compress import MAX_ABS_DIFF, checked_difference, compress, summary
+from utils.compression.cost import format_table
+from utils.compression.deploy import ARTIFACT_NAME, shipped_cost_rows, shipped_summary, write_device_artifacts
+from utils.compression.runtime import RUNTIME_NAME
+from utils.evaluation.plots import plot_cost_bars, side_by_side_samples
+from utils.privacy.ledger import describe, inherit, warn_if_not_private
+from utils.run.checkpoint import build_generator, checkpoint_fields, input_run, latest_run, lineage, load_checkpoint
+from utils.run.cli import (UserError, add_common_args, add_input_arg, add_speed_args, make_parser, positive_int,
+                           resolve_device, run_script, set_seed, set_threads, speed_settings)
+from utils.run.files import write_json
+from utils.run.lifecycle import Run, maybe_dry_run
 
 STAGE = "compact"
 # The student this stage compresses, editable here: None means <out>/student/latest; --student-dir overrides it.
@@ -80,7 +81,7 @@ def find_teacher(student_checkpoint: dict, student):
 
 def compress_checked(student, args):
     """(compact, {max_abs_diff, check_precision}): refuses (UserError, before anything is written) above
-    MAX_ABS_DIFF (`utils.compress.checked_difference`: measured in float32, else in float64)."""
+    MAX_ABS_DIFF (`utils.compression.compress.checked_difference`: measured in float32, else in float64)."""
     compact = compress(student)
     diff, precision = checked_difference(student, compact, args.check_samples, seed=args.seed)
     if not diff <= MAX_ABS_DIFF:
@@ -92,7 +93,7 @@ def compress_checked(student, args):
 # ---------------------------------------------------------------- report
 
 def cost_report(args, models: dict, run_dir: str) -> dict:
-    """Cost rows, one process, ratios to the teacher in eager torch (`utils.runtime.shipped_cost_rows`)."""
+    """Cost rows, one process, ratios to the teacher in eager torch (`utils.compression.deploy.shipped_cost_rows`)."""
     set_threads(args.threads)
     return shipped_cost_rows(models["teacher"], "compact", models["compact"], run_dir, speed_settings(args),
                              others={"student": models["student"]})

@@ -14,16 +14,15 @@ import shutil
 import numpy as np
 import torch
 
-from utils.checkpoint import build_generator, checkpoint_fields, input_run, load_checkpoint
-from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_int, progress_bar,
-                       run_script)
-from utils.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decode_images, encode_images, nbytes
-from utils.distributed import single_process_device
-from utils.files import write_json
-from utils.plots import save_samples
-from utils.precision import add_precision_arg, announce, resolve_precision
-from utils.privacy import inherit, warn_if_not_private
-from utils.training import Run, maybe_dry_run
+from utils.data.distill import ARRAYS, IMAGE_ENCODINGS, META_NAME, array_specs, decode_images, encode_images, nbytes
+from utils.evaluation.plots import save_samples
+from utils.privacy.ledger import inherit, warn_if_not_private
+from utils.run.checkpoint import build_generator, checkpoint_fields, input_run, load_checkpoint
+from utils.run.cli import UserError, add_common_args, add_input_arg, make_parser, positive_int, progress_bar, run_script
+from utils.run.distributed import single_process_device
+from utils.run.files import write_json
+from utils.run.lifecycle import Run, maybe_dry_run
+from utils.run.precision import add_precision_arg, announce, resolve_precision
 
 STAGE = "distill"
 # The teacher this stage samples, editable here: None means <out>/teacher/latest; --teacher-dir overrides it.
@@ -64,7 +63,7 @@ def check_disk_space(directory: str, needed: int):
 @torch.no_grad()
 def write_arrays(directory: str, teacher, z, labels, specs: dict, batch_size: int, device):
     """Fill `<name>.npy` memory maps batch by batch, so memory use does not grow with the set. `teacher` is the
-    network or its precision's wrapper (utils/precision.py)."""
+    network or its precision's wrapper (utils/run/precision.py)."""
     arrays = {name: np.lib.format.open_memmap(os.path.join(directory, f"{name}.npy"), mode="w+",
                                               dtype=specs[name]["dtype"], shape=tuple(specs[name]["shape"]))
               for name in ARRAYS}

@@ -7,7 +7,7 @@ runs named with --runs (or in RUNS at the top of this script). For each generato
             penultimate-layer features of a reference CNN trained on the real training set (trained once, cached
             under <out>/reference/, its own test accuracy reported); precision and recall (k-NN manifolds, k = 3)
             against as many real test images, in the same features (low recall: within-class collapse);
-            downstream accuracy by the published protocol of Bie et al. 2023 (utils.metrics.PROTOCOL: 60k
+            downstream accuracy by the published protocol of Bie et al. 2023 (utils.evaluation.metrics.PROTOCOL: 60k
             class-balanced samples, the last 5k held out to choose the epoch, the PyTorch MNIST-example CNN,
             10 epochs; the real test set chooses nothing), or with --quick its labelled quick variant;
   cost      parameters, MACs per image, bytes on disk of the deployable artifact (or of the float state dict
@@ -37,20 +37,22 @@ from dataclasses import asdict
 
 import torch
 
-from utils import deploy, runtime
-from utils.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
-from utils.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
-                       progress_bar, run_script, set_seed)
-from utils.data import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
-from utils.distributed import single_process_device
-from utils.files import write_json, write_text
-from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
-                           precision_recall, predict, protocol_accuracy, protocol_variant, reference_classifier)
-from utils.plots import plot_tradeoff, side_by_side_samples
-from utils.precision import FP32, add_precision_arg, announce, resolve_precision
-from utils.privacy import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
-                           warn_if_not_private)
-from utils.training import Run, maybe_dry_run, snapshot_file
+from utils.compression import deploy, runtime
+from utils.compression.cost import COST_KEYS, add_ratios, cost_row, state_dict_bytes
+from utils.data.datasets import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
+from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
+                                      precision_recall, predict, protocol_accuracy, protocol_variant,
+                                      reference_classifier)
+from utils.evaluation.plots import plot_tradeoff, side_by_side_samples
+from utils.privacy.ledger import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
+                                  warn_if_not_private)
+from utils.run.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
+from utils.run.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
+                           progress_bar, run_script, set_seed)
+from utils.run.distributed import single_process_device
+from utils.run.files import write_json, write_text
+from utils.run.lifecycle import Run, maybe_dry_run, snapshot_file
+from utils.run.precision import FP32, add_precision_arg, announce, resolve_precision
 
 STAGE = "eval"
 MIA_NOT_READ = "n/a (private split not read)"
@@ -230,7 +232,8 @@ def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 50
 
 
 def artifact_file(run_dir: str):
-    """The run's deployable integer artifact (utils/deploy.py's file name), or None where the run has none."""
+    """The run's deployable integer artifact (utils/compression/deploy.py's file name), or None where the run has
+    none."""
     path = os.path.join(run_dir, deploy.ARTIFACT_NAME)
     return path if os.path.isfile(path) else None
 
@@ -246,9 +249,9 @@ def device_cost(G, run_dir: str, args) -> dict:
     if path:
         size, source, run = os.path.getsize(path), f"artifact {os.path.basename(path)}", deploy.folded(model)
     else:
-        size, source, run = deploy.state_dict_bytes(model), "state dict", None
+        size, source, run = state_dict_bytes(model), "state dict", None
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats}
-    row = {**deploy.cost_row(model, size, run=run, speed=speed), "bytes_source": source}
+    row = {**cost_row(model, size, run=run, speed=speed), "bytes_source": source}
     shipped = os.path.join(run_dir, runtime.RUNTIME_NAME)
     if os.path.isfile(shipped):  # what ships: generator.onnx in ONNX Runtime
         row["runtime"] = {key: value for key, value in runtime.runtime_cost_row(model, shipped, speed).items()
@@ -360,10 +363,10 @@ def teacher_cost(rows, runs, args):
         return None, None
     for row in rows:
         if row["stage"] == "teacher" and row["run_dir"] == os.path.realpath(path):
-            return {key: row[key] for key in deploy.COST_KEYS}, row["run_dir"]
+            return {key: row[key] for key in COST_KEYS}, row["run_dir"]
     checkpoint = load_checkpoint(path, "teacher")
     cost = device_cost(build_generator(checkpoint), checkpoint["run_dir"], args)
-    return {key: cost[key] for key in deploy.COST_KEYS}, checkpoint["run_dir"]
+    return {key: cost[key] for key in COST_KEYS}, checkpoint["run_dir"]
 
 
 # ---------------------------------------------------------------- reports
@@ -402,7 +405,7 @@ def table_columns(protocol) -> list:
 def table_row(row) -> list:
     return [row["label"], row["run"], human(row["parameters"]), human(row["macs"]),
             f"{human(row['bytes'], 'B')} ({row['bytes_source']})", f"{row['latency_ms']:.2f}",
-            f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in deploy.COST_KEYS), f"{row['fd']:.2f}",
+            f"{row['images_per_s']:.0f}", *(ratio(row, key) for key in COST_KEYS), f"{row['fd']:.2f}",
             f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{100 * row['downstream_accuracy']:.1f}%",
             format_epsilon(row), f"{row['delta']:g}", format_mia(row)]
 
@@ -424,8 +427,8 @@ def shipped_table(rows) -> list:
     shipped = [row for row in rows if "runtime" in row]
     if not shipped:
         return []
-    lines = ["", "What ships: generator.onnx run by ONNX Runtime (utils/runtime.py), timed in this process; quality "
-             "of the artifact's own samples (same z and labels as above).", "",
+    lines = ["", "What ships: generator.onnx run by ONNX Runtime (utils/compression/runtime.py), timed in this "
+             "process; quality of the artifact's own samples (same z and labels as above).", "",
              "| " + " | ".join(SHIPPED_COLUMNS) + " |", "|" + "---|" * len(SHIPPED_COLUMNS)]
     for row in shipped:
         r, ratios = row["runtime"], row["runtime"].get("vs_teacher") or {}
@@ -529,8 +532,8 @@ def main(args):
     context = prepare_reference(args, data, device, precision)
     rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
     baseline, baseline_run = teacher_cost(rows, runs, args)
-    deploy.add_ratios({row["label"]: row for row in rows}, baseline=baseline)
-    deploy.add_ratios({row["label"]: row["runtime"] for row in rows if "runtime" in row}, baseline=baseline)
+    add_ratios({row["label"]: row for row in rows}, baseline=baseline)
+    add_ratios({row["label"]: row["runtime"] for row in rows if "runtime" in row}, baseline=baseline)
     table = write_reports(run, rows, runs, context["reference_info"], baseline_run, args, device)
     run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs],
               "snapshots": [checkpoint.get("snapshot") for checkpoint in runs]})

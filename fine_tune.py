@@ -1,6 +1,6 @@
 """Stage 5: DP fine-tuning of the compact generator on the private split (docs/DESIGN.md, "Privacy").
 
-Only the discriminator reads the private split, and only through DP-SGD (utils/dp.py, Opacus): Poisson sampling
+Only the discriminator reads the private split, and only through DP-SGD (utils/privacy/dp.py, Opacus): Poisson sampling
 with expected batch --batch-size, per-sample clipping to --max-grad-norm, Gaussian noise; --d-steps-per-g-step
 discriminator steps per generator step, the generator updated with the discriminator's per-sample hooks off. The
 generator keeps the compact model's channel widths and bit width; the compact run's discriminator is fine-tuned
@@ -19,7 +19,7 @@ cost.json (bytes, latency at batch 1 and throughput at batch 256 of generator.on
 model in eager torch, ratios to the teacher of its lineage measured in the same process), MODEL_CARD.md and
 model_card.json.
 
-Audit mode (--audit-canaries M, utils/audit.py; scored by audit.py): M canaries (by default samples of the
+Audit mode (--audit-canaries M, utils/privacy/audit.py; scored by audit.py): M canaries (by default samples of the
 starting generator inserted as real images; --audit-canary-kind mislabelled: test images with a wrong label) are
 each inserted into the private split with probability 1/2 from a seeded draw (--seed), and the run goes to its own
 directory <out>/audit/<NNNNN>-<desc>/ (stage "audit", its own `latest`, no device artifact, its canaries in
@@ -38,23 +38,23 @@ import sys
 import torch
 
 from models import Discriminator
-from utils.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
-from utils.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
-                       positive_int, run_script, set_seed, set_threads, speed_settings)
-from utils.data import add_data_args, check_data_fits, image_request, load_split, seeded_subset
-from utils.deploy import format_table, write_device_artifacts
-from utils.distributed import data_parallel, distributed, is_writer
-from utils.files import write_json
-from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
-from utils.model_card import build_card, write_model_card
-from utils.plots import save_training_figures
-from utils.audit import (AUDIT_CONTROLS, CANARY_KINDS, AuditSettings, audit_split, generated_canaries,
-                         load_canaries, make_canaries, save_canaries)
-from utils.privacy import inherit, is_private, record_audit, record_data_read, warn_if_not_private
-from utils.recipe import Recipe, RecipeConfig, add_recipe_args, check_recipe_args
-from utils.runtime import shipped_cost_rows, shipped_summary
-from utils.trainer import Trainer
-from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.compression.cost import format_table
+from utils.compression.deploy import shipped_cost_rows, shipped_summary, write_device_artifacts
+from utils.data.datasets import add_data_args, check_data_fits, image_request, load_split, seeded_subset
+from utils.evaluation.model_card import build_card, write_model_card
+from utils.evaluation.plots import save_training_figures
+from utils.gan.recipe import Recipe, RecipeConfig, add_recipe_args, check_recipe_args
+from utils.privacy.audit import (AUDIT_CONTROLS, CANARY_KINDS, AuditSettings, audit_split, generated_canaries,
+                                 load_canaries, make_canaries, save_canaries)
+from utils.privacy.dp import DPConfig, DPStep, add_dp_args, plan_for
+from utils.privacy.ledger import inherit, is_private, record_audit, record_data_read, warn_if_not_private
+from utils.run.checkpoint import build_discriminator, build_generator, data_fields, input_run, lineage, load_checkpoint
+from utils.run.cli import (add_common_args, add_input_arg, add_resume_arg, add_speed_args, make_parser, positive_float,
+                           positive_int, run_script, set_seed, set_threads, speed_settings)
+from utils.run.distributed import data_parallel, distributed, is_writer
+from utils.run.files import write_json
+from utils.run.lifecycle import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.run.trainer import Trainer
 
 STAGE = "private"
 AUDIT_STAGE = "audit"
@@ -300,7 +300,7 @@ def fine_tune(args, device):
     G, D = build_models(source, device)
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, 0.999)),
                   "d": torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, 0.999))}
-    data_parallel([G, D], [optimizers["g"]])  # D's DP optimizer reduces its own gradients (utils/dp.py)
+    data_parallel([G, D], [optimizers["g"]])  # D's DP optimizer reduces its own gradients (utils/privacy/dp.py)
     recipe = Recipe(RecipeConfig.from_args(args, d_steps=config.d_steps_per_g_step), G, args.seed)
     step = DPStep(G, D, optimizers, split, ledger, plan, config, train, run,
                   broken_clipping_norm=broken_clipping_norm(args), recipe=recipe)

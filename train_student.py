@@ -13,21 +13,21 @@ import os
 import torch
 
 from models import QUANT_BITS, Discriminator, Generator
-from utils.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
-from utils.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, add_snapshot_arg, make_parser,
-                       nonnegative_float, positive_float, positive_int, quant_bits, run_script, set_seed)
-from utils.data import EpochBatches
-from utils.distill import load_distill_set
-from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
-from utils.files import write_json
-from utils.plots import plot_curves, plot_losses, side_by_side_samples
-from utils.precision import add_precision_arg, announce, resolve_precision
-from utils.privacy import inherit, warn_if_not_private
-from utils.recipe import Recipe, RecipeConfig, add_recipe_args
-from utils.slimming import (DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, eval_distill_loss, gamma_parameters,
-                            other_parameters)
-from utils.trainer import Trainer
-from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.compression.slimming import (DISTILL_LOSSES, PENALTIES, SlimmingConfig, SlimmingStep, eval_distill_loss,
+                                        gamma_parameters, other_parameters)
+from utils.data.datasets import EpochBatches
+from utils.data.distill import load_distill_set
+from utils.evaluation.plots import plot_curves, plot_losses, side_by_side_samples
+from utils.gan.recipe import Recipe, RecipeConfig, add_recipe_args
+from utils.privacy.ledger import inherit, warn_if_not_private
+from utils.run.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
+from utils.run.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, add_snapshot_arg, make_parser,
+                           nonnegative_float, positive_float, positive_int, quant_bits, run_script, set_seed)
+from utils.run.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
+from utils.run.files import write_json
+from utils.run.lifecycle import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.run.precision import add_precision_arg, announce, resolve_precision
+from utils.run.trainer import Trainer
 
 STAGE = "student"
 # The runs this stage reads, editable here: None means <out>/distill/latest, and for the teacher the distillation

@@ -3,8 +3,8 @@
 The checkpoint's privacy ledger records a non-DP read of the private split when --split is private or all
 (the final epsilon is then infinite); --split public (the default) reads only the public part of the partition.
 With --dp (and --split private) the teacher is trained on the private split under DP-SGD on the discriminator
-(utils/dp.py, as in fine_tune.py): the ledger records the mechanism instead, and DP fine-tuning composes with it.
---subset N trains on a seeded draw of N images of the split only (--seed; recorded in the checkpoint's data entry
+(utils/privacy/dp.py, as in fine_tune.py): the ledger records the mechanism instead, and DP fine-tuning composes with
+it. --subset N trains on a seeded draw of N images of the split only (--seed; recorded in the checkpoint's data entry
 and the ledger): `--split private --subset 500` for many epochs is the membership audit's positive control, a
 model that must leak (evaluate.py takes its members from exactly those images).
 """
@@ -13,20 +13,20 @@ import os
 import torch
 
 from models import Discriminator, Generator
-from utils.checkpoint import build_discriminator, build_generator, data_fields
-from utils.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser,
-                       nonnegative_int, positive_float, positive_int, run_script, set_seed)
-from utils.data import (EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape,
-                        seeded_subset)
-from utils.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
-from utils.dp import DPConfig, DPStep, add_dp_args, plan_for
-from utils.gan import NonPrivateStep
-from utils.plots import save_training_figures
-from utils.precision import add_precision_arg, announce, resolve_precision
-from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args, check_recipe_args
-from utils.privacy import new_ledger, record_data_read, warn_if_not_private
-from utils.trainer import Trainer
-from utils.training import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.data.datasets import (EpochBatches, add_data_args, check_data_fits, image_request, load_split, model_shape,
+                                 seeded_subset)
+from utils.evaluation.plots import save_training_figures
+from utils.gan.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe_args, check_recipe_args
+from utils.gan.steps import NonPrivateStep
+from utils.privacy.dp import DPConfig, DPStep, add_dp_args, plan_for
+from utils.privacy.ledger import new_ledger, record_data_read, warn_if_not_private
+from utils.run.checkpoint import build_discriminator, build_generator, data_fields
+from utils.run.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser, nonnegative_int,
+                           positive_float, positive_int, run_script, set_seed)
+from utils.run.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
+from utils.run.lifecycle import Run, TrainConfig, maybe_dry_run, resume_args
+from utils.run.precision import add_precision_arg, announce, resolve_precision
+from utils.run.trainer import Trainer
 
 STAGE = "teacher"
 

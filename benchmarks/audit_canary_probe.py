@@ -9,7 +9,7 @@ raw and relative to the starting D. AUC 0.5: the canaries leave no trace an audi
 Canary kinds: mislabelled (test images, wrong label), noise (uniform pixels), inverted (255 - test image), dots
 (30 white pixels on black), stamp (test image with an 8x8 noise block), fake (samples of the starting generator in
 eval mode, labelled with their class), faketrain (the same in training mode, in batches of 32: exactly as D sees
-fakes; what `utils.audit.generated_canaries` does), fakewrong (fake with a wrong label).
+fakes; what `utils.privacy.audit.generated_canaries` does), fakewrong (fake with a wrong label).
 Results of every run made: benchmarks/results/audit_canaries.md.
 
 example:
@@ -24,10 +24,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.checkpoint import build_discriminator, build_generator, load_checkpoint  # noqa: E402
-from utils.data import load_split, seeded_subset, to_unit_range  # noqa: E402
-from utils.gan import d_loss, g_loss, random_inputs  # noqa: E402
-from utils.metrics import rank_auc  # noqa: E402
+from utils.data.datasets import load_split, seeded_subset, to_unit_range  # noqa: E402
+from utils.gan.steps import d_loss, g_loss, random_inputs  # noqa: E402
+from utils.privacy.audit import rank_auc  # noqa: E402
+from utils.run.checkpoint import build_discriminator, build_generator, load_checkpoint  # noqa: E402
 
 KINDS = ("mislabelled", "noise", "inverted", "dots", "stamp", "fake", "faketrain", "fakewrong", "truelabel")
 

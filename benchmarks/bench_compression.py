@@ -1,8 +1,8 @@
 """Benchmark: the compact generator against the float teacher, measured in one run on one machine.
 
 Throughput (images/s at batch 256) and latency (ms at batch 1) on the CPU, and bytes on disk, of what ships: the
-on-device artifact `generator.onnx` run by ONNX Runtime (utils/runtime.py), beside the compact model in eager
-torch (bytes: the integer artifact `generator_int.pt`) and `generator.pt2` (a float debugging export: its weights
+on-device artifact `generator.onnx` run by ONNX Runtime (utils/compression/runtime.py), beside the compact model in
+eager torch (bytes: the integer artifact `generator_int.pt`) and `generator.pt2` (a float debugging export: its weights
 are stored as floats), against the teacher generator in eager torch (float32 state dict) and in ONNX Runtime.
 Either for a compact run of the pipeline (default: the latest under --out; its teacher comes from the run's
 lineage, or a float Generator of --teacher-widths stands in), or for a synthetic compact model of the given widths
@@ -34,16 +34,16 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import QUANT_BITS, Generator  # noqa: E402
-from utils.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.cli import (UserError, add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
-                       positive_int, quant_bits, run_script, set_seed, set_threads)
-from utils.cost import measure_speed  # noqa: E402
-from utils.deploy import (ARTIFACT_NAME, PROGRAM_NAME, add_ratios, cost_row, export_program, folded,  # noqa: E402
-                          format_table, load_program, save_artifact, state_dict_bytes)
-from utils.metrics import QUICK_PROTOCOL  # noqa: E402
-from utils.runtime import RUNTIME_NAME, runtime_forward, save_runtime_artifact  # noqa: E402
-from utils.training import maybe_dry_run  # noqa: E402
+from utils.compression.cost import add_ratios, cost_row, format_table, measure_speed, state_dict_bytes  # noqa: E402
+from utils.compression.deploy import (ARTIFACT_NAME, PROGRAM_NAME, export_program, folded, load_program,  # noqa: E402
+                                      save_artifact)
+from utils.compression.runtime import RUNTIME_NAME, runtime_forward, save_runtime_artifact  # noqa: E402
+from utils.evaluation.metrics import QUICK_PROTOCOL  # noqa: E402
+from utils.run.checkpoint import build_generator, latest_run, load_checkpoint  # noqa: E402
+from utils.run.cli import (UserError, add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
+                           positive_int, quant_bits, run_script, set_seed, set_threads)
+from utils.run.files import write_json  # noqa: E402
+from utils.run.lifecycle import maybe_dry_run  # noqa: E402
 
 BYTES_GOAL = 1 / 20  # artifact bytes / teacher float bytes
 SPEEDUP_GOAL = 4.0  # compact throughput / teacher throughput
@@ -336,7 +336,7 @@ def sweep_markdown(rows: list, teacher_row: dict, costs: dict) -> str:
 def plot_sweep(rows: list, teacher_row: dict, path: str):
     """Bytes ratio (log) against FD and against downstream accuracy; colour = bits, marker = penalty, black edge
     = on the Pareto front, label = throughput ratio."""
-    from utils.plots import plt
+    from utils.evaluation.plots import plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colours = {bits: f"C{i}" for i, bits in enumerate(sorted({row["bits"] for row in rows}))}
     for ax, key, label in ((axes[0], "fd", "FD (lower is better)"),

@@ -1,15 +1,15 @@
 """Benchmark: one DP discriminator step (the fine-tuning step) against the same step without DP, in one run.
 
 Same models (the compact generator, widths 96 48 24 at 8 bits by default, and the default Discriminator), the same
-batch of 128 real images (synthetic pixels: the cost does not depend on them) and as many fakes: utils/dp.py's
-step for each Opacus grad_sample_mode (hooks, functorch, ew, ghost) against utils/gan.py's non-private step. A mode
-that fails is reported, not fatal.
+batch of 128 real images (synthetic pixels: the cost does not depend on them) and as many fakes: utils/privacy/dp.py's
+step for each Opacus grad_sample_mode (hooks, functorch, ew, ghost) against utils/gan/steps.py's non-private step. A
+mode that fails is reported, not fatal.
 
 Each mode is also checked for exact clipping on a tiny batch with noise 0: its clipped, summed gradient must
 equal one computed by hand per sample (each (real i, fake i) pair's gradient clipped to C, summed, divided by the
 expected batch size), and its per-sample norms must match the hand-computed ones (so the clipped norms are <= C).
 C is the median per-sample norm, so half of the samples are clipped. The fastest exact mode is reported; it is
-the default --grad-sample-mode of fine_tune.py and train_teacher.py --dp (utils.dp.DEFAULT_GRAD_SAMPLE_MODE).
+the default --grad-sample-mode of fine_tune.py and train_teacher.py --dp (utils.privacy.dp.DEFAULT_GRAD_SAMPLE_MODE).
 
 Goal: the DP step takes at most 2x the non-DP step. Prints a table and writes JSON to benchmarks/results/.
 """
@@ -29,12 +29,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import QUANT_BITS, Discriminator, Generator  # noqa: E402
-from utils import dp, gan  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.cli import (add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
-                       run_script, set_seed, set_threads)
-from utils.data import ImageSplit  # noqa: E402
-from utils.training import maybe_dry_run  # noqa: E402
+from utils.data.datasets import ImageSplit  # noqa: E402
+from utils.gan import steps  # noqa: E402
+from utils.privacy import dp  # noqa: E402
+from utils.run.cli import (add_common_args, make_parser, nonnegative_int, positive_int, quant_bits,  # noqa: E402
+                           run_script, set_seed, set_threads)
+from utils.run.files import write_json  # noqa: E402
+from utils.run.lifecycle import maybe_dry_run  # noqa: E402
 
 RATIO_GOAL = 2.0  # DP step time / non-DP step time
 EXACT_RTOL = 1e-4  # relative error of the clipped summed gradient against the hand-computed one
@@ -113,7 +114,7 @@ def time_mode(args, mode, split, real, labels, device) -> dict:
     rng, plain_rng = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     medians = interleaved_medians({
         "dp": lambda: dp.dp_discriminator_step(pd, G, real, labels, rng),
-        "non_dp": lambda: gan.nonprivate_discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng),
+        "non_dp": lambda: steps.nonprivate_discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng),
     }, args.repeats, args.warmup, device)
     return {"dp_ms": medians["dp"] * 1e3, "non_dp_ms": medians["non_dp"] * 1e3,
             "ratio": medians["dp"] / medians["non_dp"]}
@@ -146,7 +147,7 @@ def check_exact(args, mode, device) -> dict:
     split = synthetic_split(10 * n, args.seed + 1)
     real, labels = split.batch(torch.arange(n))
     real, labels = real.to(device), labels.to(device)
-    z, fake_labels = gan.random_inputs(G, n, torch.Generator().manual_seed(2), device)
+    z, fake_labels = steps.random_inputs(G, n, torch.Generator().manual_seed(2), device)
     with torch.no_grad():
         fake = G(z, fake_labels)
     grads = reference_grads(copy.deepcopy(D), real, labels, fake, fake_labels)
@@ -217,7 +218,7 @@ def main(args):
     if best_row:
         verdict = "meets" if best_row["ratio"] <= RATIO_GOAL else "MISSES"
         print(f"fastest exact mode: {best} (DP/non-DP = {best_row['ratio']:.2f}x, {verdict} the {RATIO_GOAL:g}x goal);"
-              f" default in utils/dp.py: {dp.DEFAULT_GRAD_SAMPLE_MODE}")
+              f" default in utils/privacy/dp.py: {dp.DEFAULT_GRAD_SAMPLE_MODE}")
     else:
         print("no mode clipped exactly")
     result = {"rows": rows, "fastest_exact": best, "ratio_goal": RATIO_GOAL, "default": dp.DEFAULT_GRAD_SAMPLE_MODE,

@@ -2,15 +2,15 @@
 
 Times, in one process and interleaved (every variant once per round, so a change in the machine's load hits all of
 them alike), the project's own steps on synthetic inputs (the cost does not depend on the pixels):
-  teacher step     `utils.gan.NonPrivateStep.optimize_parameters`: one D and one G update of the default teacher
+  teacher step     `utils.gan.steps.NonPrivateStep.optimize_parameters`: one D and one G update of the default teacher
                    (G 256/128/64, D 64/128 for 28 px) at --batch-size, with the default weight average;
-  student step     `utils.slimming.slimming_step` of an 8-bit student of the teacher's widths (D step, distillation
-                   + GAN step, proximal step) at --batch-size;
-  classifier epoch one epoch of the downstream protocol's classifier (`utils.metrics.protocol_accuracy`, MnistCNN,
-                   batch 64) on --classifier-samples images, with its hold-out scoring.
-in fp32, fp32 + channels-last, bf16 and bf16 + channels-last (`utils.precision`), and prints each one's median and
+  student step     `utils.compression.slimming.slimming_step` of an 8-bit student of the teacher's widths (D step,
+                   distillation + GAN step, proximal step) at --batch-size;
+  classifier epoch one epoch of the downstream protocol's classifier (`utils.evaluation.metrics.protocol_accuracy`,
+                   MnistCNN, batch 64) on --classifier-samples images, with its hold-out scoring.
+in fp32, fp32 + channels-last, bf16 and bf16 + channels-last (`utils.run.precision`), and prints each one's median and
 its ratio to fp32. Writes benchmarks/results/precision-<time>.{json,md}. bf16 variants run only where the hardware
-supports bf16 natively (`utils.precision.bf16_support`); elsewhere the script says so and times fp32 alone.
+supports bf16 natively (`utils.run.precision.bf16_support`); elsewhere the script says so and times fp32 alone.
 
   OMP_NUM_THREADS=2 python benchmarks/bench_precision.py --threads 2
 """
@@ -28,13 +28,13 @@ import statistics  # noqa: E402
 import torch  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
-from utils.cli import make_parser, nonnegative_int, positive_int, run_script, set_seed, set_threads  # noqa: E402
-from utils.files import write_json, write_text  # noqa: E402
-from utils.gan import NonPrivateStep  # noqa: E402
-from utils.metrics import PROTOCOL, protocol_accuracy, protocol_variant  # noqa: E402
-from utils.precision import Precision, bf16_support  # noqa: E402
-from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig  # noqa: E402
-from utils.slimming import gamma_parameters, other_parameters, slimming_step  # noqa: E402
+from utils.compression.slimming import gamma_parameters, other_parameters, slimming_step  # noqa: E402
+from utils.evaluation.metrics import PROTOCOL, protocol_accuracy, protocol_variant  # noqa: E402
+from utils.gan.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig  # noqa: E402
+from utils.gan.steps import NonPrivateStep  # noqa: E402
+from utils.run.cli import make_parser, nonnegative_int, positive_int, run_script, set_seed, set_threads  # noqa: E402
+from utils.run.files import write_json, write_text  # noqa: E402
+from utils.run.precision import Precision, bf16_support  # noqa: E402
 
 WORKS = ("teacher step", "student step", "classifier epoch")
 

@@ -16,9 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils.checkpoint import read_metrics  # noqa: E402
-from utils.cli import make_parser, positive_int, run_script  # noqa: E402
-from utils.files import write_json  # noqa: E402
+from utils.run.checkpoint import read_metrics  # noqa: E402
+from utils.run.cli import make_parser, positive_int, run_script  # noqa: E402
+from utils.run.files import write_json  # noqa: E402
 
 
 def parse_args(argv=None):

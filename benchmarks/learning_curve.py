@@ -29,14 +29,14 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.checkpoint import CHECKPOINT_NAME, build_generator, load_checkpoint  # noqa: E402
-from utils.cli import UserError, make_parser, positive_int, run_script  # noqa: E402
-from utils.data import load_split, seeded_subset, to_unit_range  # noqa: E402
-from utils.distill import load_distill_set  # noqa: E402
-from utils.files import write_json, write_text  # noqa: E402
-from utils.metrics import QUICK_PROTOCOL, protocol_variant, real_data_ceiling  # noqa: E402
-from utils.plots import plot_curves  # noqa: E402
-from utils.slimming import eval_distill_loss  # noqa: E402
+from utils.compression.slimming import eval_distill_loss  # noqa: E402
+from utils.data.datasets import load_split, seeded_subset, to_unit_range  # noqa: E402
+from utils.data.distill import load_distill_set  # noqa: E402
+from utils.evaluation.metrics import QUICK_PROTOCOL, protocol_variant, real_data_ceiling  # noqa: E402
+from utils.evaluation.plots import plot_curves  # noqa: E402
+from utils.run.checkpoint import CHECKPOINT_NAME, build_generator, load_checkpoint  # noqa: E402
+from utils.run.cli import UserError, make_parser, positive_int, run_script  # noqa: E402
+from utils.run.files import write_json, write_text  # noqa: E402
 
 PROTOCOLS = ("quick", "published")
 

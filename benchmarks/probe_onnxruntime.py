@@ -1,6 +1,6 @@
 """Probe for the runtime choice (benchmarks/results/runtime_choice.md): compact generators of given widths written
-as `generator.onnx` (utils/runtime.py) and run by ONNX Runtime, beside the float teacher in eager torch and in
-ONNX Runtime and the compact model in eager torch, all in one process. Random weights: cost does not depend on
+as `generator.onnx` (utils/compression/runtime.py) and run by ONNX Runtime, beside the float teacher in eager torch and
+in ONNX Runtime and the compact model in eager torch, all in one process. Random weights: cost does not depend on
 them.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_onnxruntime.py --widths 96 48 24 --bits 8 4
@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import Generator  # noqa: E402
-from utils import runtime  # noqa: E402
-from utils.cost import measure_speed  # noqa: E402
-from utils.deploy import folded, save_artifact, state_dict_bytes  # noqa: E402
+from utils.compression import runtime  # noqa: E402
+from utils.compression.cost import measure_speed, state_dict_bytes  # noqa: E402
+from utils.compression.deploy import folded, save_artifact  # noqa: E402
 
 SPEED = {"latency_repeats": 30, "throughput_repeats": 5}
 

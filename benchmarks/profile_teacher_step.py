@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
-from utils.cli import make_parser, nonnegative_int, positive_int, run_script, set_seed, set_threads  # noqa: E402
-from utils.cost import median_seconds  # noqa: E402
-from utils.files import write_json  # noqa: E402
+from utils.compression.cost import median_seconds  # noqa: E402
+from utils.run.cli import make_parser, nonnegative_int, positive_int, run_script, set_seed, set_threads  # noqa: E402
+from utils.run.files import write_json  # noqa: E402
 
 CONV_OPS = ("convolution", "conv_transpose", "mkldnn_convolution")  # substrings of the profiler's op names
 

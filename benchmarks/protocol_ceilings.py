@@ -1,5 +1,5 @@
 """Real-data ceilings of the downstream protocol: the protocol's classifier trained on real images instead of
-generated ones, tested on the real test set (utils.metrics.real_data_ceiling).
+generated ones, tested on the real test set (utils.evaluation.metrics.real_data_ceiling).
 
 `--sets public all` measures the two ceilings the results tables quote: the public 10k split (what a generator
 trained on the public split could at best carry over) and the whole 60k training set. The same share is held out
@@ -17,12 +17,12 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.checkpoint import versions  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.cli import add_common_args, make_parser, nonnegative_int, resolve_device, run_script  # noqa: E402
-from utils.data import add_data_args, load_split, to_unit_range  # noqa: E402
-from utils.metrics import PROTOCOL, QUICK_PROTOCOL, real_data_ceiling  # noqa: E402
-from utils.training import maybe_dry_run  # noqa: E402
+from utils.data.datasets import add_data_args, load_split, to_unit_range  # noqa: E402
+from utils.evaluation.metrics import PROTOCOL, QUICK_PROTOCOL, real_data_ceiling  # noqa: E402
+from utils.run.checkpoint import versions  # noqa: E402
+from utils.run.cli import add_common_args, make_parser, nonnegative_int, resolve_device, run_script  # noqa: E402
+from utils.run.files import write_json  # noqa: E402
+from utils.run.lifecycle import maybe_dry_run  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ applied to real and fake alike), `--ema-decay` (generator weight average with wa
 Measurement, for the live generator and (when on) the weight average: FD of `--eval-samples` class-balanced
 samples to the real test set and improved precision/recall (k = 3, as many real test images as samples), both in
 the penultimate features of the reference classifier (a SmallCNN on the 60k real training images, cached under
-<out>/reference/); downstream accuracy under the quick or the full protocol of utils/metrics.py (which one is
+<out>/reference/); downstream accuracy under the quick or the full protocol of utils/evaluation/metrics.py (which one is
 written with the number). Writes a JSON file and two sample grids to --results-dir and prints one markdown row
 per generator, ready for benchmarks/results/recipe.md.
 """
@@ -26,20 +26,20 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
-from utils.augment import diff_augment, parse_policy  # noqa: E402
-from utils.checkpoint import versions  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.cli import (add_common_args, make_parser, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
-                       positive_int, resolve_device, run_script, set_seed)
-from utils.data import EpochBatches, add_data_args, load_split, to_unit_range  # noqa: E402
-from utils.dsteps import LADDER, DStepsSchedule, fake_accuracy  # noqa: E402
-from utils.ema import WeightAverage  # noqa: E402
-from utils.gan import fixed_inputs, generate, random_inputs  # noqa: E402
-from utils.losses import GAN_LOSSES  # noqa: E402
-from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance,  # noqa: E402
-                           precision_recall, predict, protocol_accuracy, reference_classifier)
-from utils.plots import save_samples  # noqa: E402
-from utils.training import batches_from, maybe_dry_run  # noqa: E402
+from utils.data.datasets import EpochBatches, add_data_args, load_split, to_unit_range  # noqa: E402
+from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance,  # noqa: E402
+                                      precision_recall, predict, protocol_accuracy, reference_classifier)
+from utils.evaluation.plots import save_samples  # noqa: E402
+from utils.gan.augment import diff_augment, parse_policy  # noqa: E402
+from utils.gan.dsteps import LADDER, DStepsSchedule, fake_accuracy  # noqa: E402
+from utils.gan.ema import WeightAverage  # noqa: E402
+from utils.gan.losses import GAN_LOSSES  # noqa: E402
+from utils.gan.steps import fixed_inputs, generate, random_inputs  # noqa: E402
+from utils.run.checkpoint import versions  # noqa: E402
+from utils.run.cli import (add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
+                           positive_float, positive_int, resolve_device, run_script, set_seed)
+from utils.run.files import write_json  # noqa: E402
+from utils.run.lifecycle import batches_from, maybe_dry_run  # noqa: E402
 
 PROTOCOLS = {"quick": QUICK_PROTOCOL, "full": PROTOCOL}
 

@@ -18,8 +18,8 @@ Two options (off by default):
   lets D see how varied a group of G samples is and so penalise a generator that collapses to few images. It
   MIXES SAMPLES: one sample's logit depends on the others of its group, so its "per-sample" gradient depends on
   other records, and clipping it no longer bounds one record's influence on the update. It is for the non-private
-  teacher and must never be in a discriminator that DP-SGD trains: `utils.dp.PrivateDiscriminator` refuses it,
-  Opacus's validator rejects it (registered in `utils/dp.py`), and `fine_tune.py` strips it
+  teacher and must never be in a discriminator that DP-SGD trains: `utils.privacy.dp.PrivateDiscriminator` refuses it,
+  Opacus's validator rejects it (registered in `utils/privacy/dp.py`), and `fine_tune.py` strips it
   (`Discriminator.without_minibatch_std`).
 """
 import torch
@@ -45,7 +45,7 @@ class MinibatchStdDev(nn.Module):
         super().__init__()
         self.group_size = int(group_size)
         # Empty: it only makes Opacus look at this layer. `ModuleValidator` visits only modules that own a
-        # trainable parameter, so without it the validator registered in utils/dp.py would never run.
+        # trainable parameter, so without it the validator registered in utils/privacy/dp.py would never run.
         self.opacus_visible = nn.Parameter(torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

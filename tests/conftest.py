@@ -107,7 +107,7 @@ def handmade_student(channels=(12, 8, 6), bits=8, dead=((), (), ()), seed=0, hid
 
 
 def tiny_ledger() -> dict:
-    from utils.privacy import new_ledger
+    from utils.privacy.ledger import new_ledger
     return new_ledger({"dataset": "fashion-mnist", "private_fingerprint": "f00d", "private_size": 400,
                        "public_size": 200, "partition_seed": 0})
 
@@ -115,8 +115,8 @@ def tiny_ledger() -> dict:
 def write_handmade_run(out, stage, generator, parent=None, teacher=None, discriminator=True, extra=None):
     """A checkpoint of `stage` holding `generator` (and a tiny discriminator), saved as the stage scripts do."""
     from models import Discriminator
-    from utils.checkpoint import new_run_dir, unwrapped_state_dict
-    from utils.training import Run
+    from utils.run.checkpoint import new_run_dir, unwrapped_state_dict
+    from utils.run.lifecycle import Run
     run_dir = new_run_dir(str(out), stage, "x")
     checkpoint = {"stage": stage, "step": 7, "args": {"seed": 0}, "parent": parent, "privacy": tiny_ledger(),
                   "model_args": {"generator": generator.model_args()}, "generator": unwrapped_state_dict(generator)}

@@ -1,4 +1,4 @@
-"""The one-run privacy audit (utils/audit.py): the bound of Steinke, Nasr & Jagielski (2023) against hand
+"""The one-run privacy audit (utils/privacy/audit.py): the bound of Steinke, Nasr & Jagielski (2023) against hand
 computations and its shape, the canaries and their seeded inclusion, the attacks, the AUC interval, the claim
 check and the audit mark in the ledger."""
 import math
@@ -9,11 +9,12 @@ import scipy.stats
 import torch
 
 from conftest import TINY_PUBLIC, TINY_TEST
-from utils.audit import (AuditFailure, AuditSettings, audit_attack, audit_markdown, audit_split, auc_interval,
-                         check_claim, count_correct, discriminator_scores, epsilon_lower_bound, generator_scores,
-                         guesses, inclusion_draw, make_canaries, p_value, plot_scores, run_rows)
-from utils.data import load_split
-from utils.privacy import describe, inherit, is_audit, new_ledger, record_audit, record_mechanism
+from utils.data.datasets import load_split
+from utils.privacy.audit import (AuditFailure, AuditSettings, audit_attack, audit_markdown, audit_split, auc_interval,
+                                 check_claim, count_correct, discriminator_scores, epsilon_lower_bound,
+                                 generator_scores, guesses, inclusion_draw, make_canaries, p_value, plot_scores,
+                                 run_rows)
+from utils.privacy.ledger import describe, inherit, is_audit, new_ledger, record_audit, record_mechanism
 
 
 def rr_accuracy(eps: float) -> float:
@@ -160,7 +161,7 @@ def test_canaries_are_deterministic_from_the_seed_and_mislabelled(splits):
 
 def test_generated_canaries_are_the_generators_fakes_seeded_and_labelled_with_their_class():
     from models import Generator
-    from utils.audit import content_fingerprint, generated_canaries
+    from utils.privacy.audit import content_fingerprint, generated_canaries
     torch.manual_seed(0)
     G = Generator(channels=(8, 4, 4))
     running_mean = G.block0.norm.running_mean.clone()
@@ -193,7 +194,7 @@ def test_canaries_refuse_other_sources_and_sizes(splits):
     test, private = splits
     with pytest.raises(ValueError):
         make_canaries(private, AuditSettings(10))
-    from utils.cli import UserError
+    from utils.run.cli import UserError
     with pytest.raises(UserError):
         make_canaries(test, AuditSettings(TINY_TEST + 1))
 
@@ -289,7 +290,7 @@ def test_a_signal_only_at_the_top_is_caught_by_one_sided_guesses():
 
 
 def test_a_mechanism_without_noise_has_infinite_epsilon():
-    from utils.privacy import compose_epsilon
+    from utils.privacy.ledger import compose_epsilon
     for accountant in ("prv", "rdp"):
         assert compose_epsilon([(1.0, 0.01, 10), (0.0, 0.01, 5)], 1e-5, accountant) == math.inf
     assert compose_epsilon([(1.0, 0.01, 10)], 1e-5, "rdp") < math.inf

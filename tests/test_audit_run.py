@@ -10,9 +10,9 @@ import torch
 import audit
 import fine_tune
 from test_fine_tune import ft_argv, public_ledger, write_compact
-from utils.checkpoint import load_checkpoint
-from utils.data import load_split, seeded_subset
-from utils.privacy import epsilon, is_audit
+from utils.data.datasets import load_split, seeded_subset
+from utils.privacy.ledger import epsilon, is_audit
+from utils.run.checkpoint import load_checkpoint
 from conftest import TINY_PUBLIC
 
 CANARIES = 60
@@ -66,7 +66,7 @@ def test_audit_ledger_split_and_controls(audit_runs, tiny_data_root):
 
 
 def test_audit_runs_store_the_canaries_their_ledger_names(audit_runs):
-    from utils.audit import CANARY_FILE, load_canaries
+    from utils.privacy.audit import CANARY_FILE, load_canaries
     _, compact, runs = audit_runs
     for control, kind in (("none", "generated"), ("no-clip", "mislabelled")):
         run = load_checkpoint(runs[control], "audit")
@@ -85,8 +85,8 @@ def test_audit_runs_store_the_canaries_their_ledger_names(audit_runs):
 def test_a_resumed_audit_run_reads_back_its_canaries(audit_runs):
     """On --resume the generator at hand is the audit run's own (trained): canaries drawn from it again would be
     other images, so the run's stored ones are used."""
-    from utils.audit import load_canaries
-    from utils.training import resume_args
+    from utils.privacy.audit import load_canaries
+    from utils.run.lifecycle import resume_args
     _, _, runs = audit_runs
     args, checkpoint = resume_args(fine_tune.parse_args(["--resume", runs["no-dp"]]), "audit")
     _, canaries = fine_tune.training_split(args, checkpoint, checkpoint)
@@ -98,7 +98,7 @@ def test_a_resumed_audit_run_reads_back_its_canaries(audit_runs):
 
 def test_audit_refuses_canaries_other_than_the_recorded_ones(audit_runs, tmp_path):
     import shutil
-    from utils.audit import CANARY_FILE
+    from utils.privacy.audit import CANARY_FILE
     _, _, runs = audit_runs
     copy = str(tmp_path / "00000-copy")
     shutil.copytree(runs["none"], copy)
@@ -146,8 +146,9 @@ def test_audit_report(audit_runs, tiny_data_root):
 def test_a_bound_above_the_claim_writes_the_report_then_fails_loudly(audit_runs, tiny_data_root, monkeypatch,
                                                                     capsys):
     out, _, runs = audit_runs
-    import utils.audit
-    monkeypatch.setattr(utils.audit, "epsilon_lower_bound", lambda *args, **kwargs: 100.0)  # as a leaky run would
+    import utils.privacy.audit
+    monkeypatch.setattr(utils.privacy.audit, "epsilon_lower_bound",
+                        lambda *args, **kwargs: 100.0)  # as a leaky run would
     argv = ["--runs", runs["none"], "--out", out, "--data-root", tiny_data_root, "--num-samples", "100",
             "--device", "cpu", "--desc", "failing"]
     assert audit.run_audit(argv) == 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from models import Generator
-from utils.checkpoint import (build_generator, load_checkpoint, mark_latest, new_run_dir, resolve_run_dir,
-                              save_checkpoint, unwrapped_state_dict)
-from utils.cli import UserError
+from utils.run.checkpoint import (build_generator, load_checkpoint, mark_latest, new_run_dir, resolve_run_dir,
+                                  save_checkpoint, unwrapped_state_dict)
+from utils.run.cli import UserError
 
 
 def generator_checkpoint(stage="teacher"):

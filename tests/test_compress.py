@@ -9,11 +9,11 @@ import torch
 import compress_student
 from conftest import handmade_student, write_handmade_run
 from models import Generator
-from utils.checkpoint import build_generator, load_checkpoint
-from utils.cli import UserError, run_script
-from utils.compress import MAX_ABS_DIFF, checked_difference, compress, kept_channels, max_abs_difference, \
-    removable_mask
-from utils.deploy import load_artifact
+from utils.compression.compress import (MAX_ABS_DIFF, checked_difference, compress, kept_channels, max_abs_difference,
+                                        removable_mask)
+from utils.compression.deploy import load_artifact
+from utils.run.checkpoint import build_generator, load_checkpoint
+from utils.run.cli import UserError, run_script
 
 DEAD_PATTERNS = {
     "mixed": ([0, 3, 5], [1, 2], [4]),
@@ -224,7 +224,7 @@ def test_a_float32_summation_order_difference_is_rechecked_in_float64():
     assert checked_difference(student, compress(student), 256)[1] == "float32"  # the usual case: float32 is enough
 
 
-# the guarantee (utils/compress.py, README): the compact generator equals the student to 1e-5 in eval mode
+# the guarantee (utils/compression/compress.py, README): the compact generator equals the student to 1e-5 in eval mode
 COMPACT_GUARANTEE = 1e-5
 
 

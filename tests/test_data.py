@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_PUBLIC, TINY_TEST, TINY_TRAIN, write_tiny_dataset
-from utils import data
-from utils.cli import UserError
-from utils.data import EpochBatches, index_fingerprint, load_split, read_idx, seeded_subset, subset_ids
+from utils.data import datasets as data
+from utils.data.datasets import EpochBatches, index_fingerprint, load_split, read_idx, seeded_subset, subset_ids
+from utils.run.cli import UserError
 
 
 def test_splits_are_disjoint_deterministic_and_cover(tiny_data_root):

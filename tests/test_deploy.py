@@ -14,9 +14,9 @@ import torch
 from conftest import ROOT, handmade_student
 from models import Generator
 from models.quant import quantize_weight
-from utils.compress import compress
-from utils.cost import count_parameters
-from utils import deploy
+from utils.compression import deploy
+from utils.compression.compress import compress
+from utils.compression.cost import add_ratios, count_parameters, format_table
 
 
 def random_ints(n, low, high, seed=0):
@@ -157,10 +157,10 @@ def test_exported_program_runs_without_the_repository(tmp_path):
 # ---------------------------------------------------------------- report helpers and the benchmark
 
 def test_ratios_and_table():
-    rows = deploy.add_ratios({"teacher": {"parameters": 100, "bytes": 400, "images_per_s": 10.0},
-                              "compact": {"parameters": 25, "bytes": 20, "images_per_s": 45.0}})
+    rows = add_ratios({"teacher": {"parameters": 100, "bytes": 400, "images_per_s": 10.0},
+                       "compact": {"parameters": 25, "bytes": 20, "images_per_s": 45.0}})
     assert rows["compact"]["vs_teacher"] == {"parameters": 0.25, "bytes": 0.05, "images_per_s": 4.5}
-    table = deploy.format_table(rows)
+    table = format_table(rows)
     assert "compact" in table and "0.05" in table and "4.5" in table
 
 
@@ -213,7 +213,7 @@ def test_pareto_front_of_the_sweep():
 def test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set(tiny_distill_run, tiny_data_root,
                                                                             tmp_path):
     from conftest import TINY_PUBLIC
-    from utils.checkpoint import lineage, load_checkpoint
+    from utils.run.checkpoint import lineage, load_checkpoint
     out, distill_dir = tiny_distill_run
     teacher_dir = lineage(load_checkpoint(distill_dir, "distill"))["teacher"]
     bench = load_bench()
@@ -241,7 +241,7 @@ def test_sweep_writes_a_pareto_table_from_one_teacher_and_distillation_set(tiny_
 
 def check_reuse(bench, argv, sweep_root):
     """--reuse takes a point's finished runs as they are (nothing trained), and refuses runs of other settings."""
-    from utils.cli import UserError
+    from utils.run.cli import UserError
     args = bench.parse_args([*argv, "--reuse"])
     before = {stage: sorted(os.listdir(os.path.join(sweep_root, stage))) for stage in ("student", "compact")}
     point = bench.SweepPoint(2.5, 4, "cost")

@@ -1,5 +1,5 @@
 """The non-private teacher's two discriminator options (models/discriminator.py) and the guarantee that DP-SGD never
-trains a discriminator that mixes samples (utils/dp.py, fine_tune.py).
+trains a discriminator that mixes samples (utils/privacy/dp.py, fine_tune.py).
 
 - Minibatch standard deviation (`minibatch_std=G`, StyleGAN): one extra channel holding each group's std feature.
 - Capacity: one more width than halvings adds a strided 3x3 conv (Bie, Kamath & Zhang 2023: 28-14-7-4).
@@ -16,10 +16,10 @@ from models import Discriminator, Generator
 from models.discriminator import MINIBATCH_STD_EPSILON, MinibatchStdDev, std_group_size
 from test_fine_tune import COMPACT_WIDTHS, private_split, public_ledger, run_fine_tune
 from test_model_shapes import ORIGINAL_28_DISCRIMINATOR, SHAPES
-from utils import dp
-from utils.checkpoint import build_discriminator, load_checkpoint, new_run_dir, unwrapped_state_dict
-from utils.cli import UserError
-from utils.training import Run
+from utils.privacy import dp
+from utils.run.checkpoint import build_discriminator, load_checkpoint, new_run_dir, unwrapped_state_dict
+from utils.run.cli import UserError
+from utils.run.lifecycle import Run
 
 TINY = {28: (4, 5), 32: (4, 5, 6), 64: (3, 4, 5, 6)}  # one width per halving
 WIDER = {size: (*widths, 7) for size, widths in TINY.items()}  # one more: the extra 3x3 stride-2 conv

@@ -1,4 +1,4 @@
-"""Stage 2 (create_dataset.py) and its loader (utils/distill.py): shapes, ledger, encoding bound, reproducibility,
+"""Stage 2 (create_dataset.py) and its loader (utils/data/distill.py): shapes, ledger, encoding bound, reproducibility,
 atomic writing and refusal of bad input."""
 import os
 import shutil
@@ -9,9 +9,9 @@ import torch
 
 import create_dataset
 from conftest import check_sample_grid, distill_argv
-from utils.checkpoint import build_generator, load_checkpoint
-from utils.cli import UserError, run_script
-from utils.distill import load_distill_set
+from utils.data.distill import load_distill_set
+from utils.run.checkpoint import build_generator, load_checkpoint
+from utils.run.cli import UserError, run_script
 
 
 def make_set(out, teacher_dir, *extra):

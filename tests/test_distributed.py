@@ -1,8 +1,8 @@
-"""utils/distributed.py: 2 CPU processes (gloo) compute the single-process update.
+"""utils/run/distributed.py: 2 CPU processes (gloo) compute the single-process update.
 
 One 2-process launch (torch.multiprocessing, the environment torchrun would set) runs every scenario below and
 saves what each rank computed; the same scenario functions run in this process without a process group, and
-the non-private one also through utils/gan.py's single-process steps.
+the non-private one also through utils/gan/steps.py's single-process steps.
 """
 import os
 import socket
@@ -15,9 +15,9 @@ from torch import nn
 
 from models import Discriminator, Generator
 from models.generator import PrunableBatchNorm2d
-from utils import distributed
-from utils.data import EpochBatches, ImageSplit
-from utils.gan import nonprivate_discriminator_step, nonprivate_generator_step
+from utils.data.datasets import EpochBatches, ImageSplit
+from utils.gan.steps import nonprivate_discriminator_step, nonprivate_generator_step
+from utils.run import distributed
 
 WORLD = 2
 BATCH, STEPS = 8, 2
@@ -45,8 +45,8 @@ def adam(module):
 
 
 def gan_steps(sharded: bool) -> dict:
-    """STEPS teacher steps (D then G) with utils/gan.py's steps: with `sharded`, on this rank's part of every global
-    batch of BATCH under `data_parallel`; otherwise the plain single-process code."""
+    """STEPS teacher steps (D then G) with utils/gan/steps.py's steps: with `sharded`, on this rank's part of every
+    global batch of BATCH under `data_parallel`; otherwise the plain single-process code."""
     G, D = tiny_gan()
     g_opt, d_opt = adam(G), adam(D)
     batches = EpochBatches(tiny_split(), BATCH, seed=5)
@@ -91,7 +91,7 @@ def dp_step(module, optimizer, x_global: torch.Tensor) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     if len(x):
         module(x).mean().backward()
-    else:  # an empty local batch still joins the step (clipped sum 0), as utils/dp.py's empty_step does
+    else:  # an empty local batch still joins the step (clipped sum 0), as utils/privacy/dp.py's empty_step does
         for p in optimizer.params:
             p.grad_sample, p.grad = p.new_zeros((0, *p.shape)), torch.zeros_like(p)
     optimizer.step()
@@ -120,7 +120,7 @@ def dp_gradients() -> dict:
 
 def dp_accounting(num_samples: int = 64, steps: int = 3) -> dict:
     """`steps` Poisson batches over num_samples with q = BATCH / num_samples: this rank's indices per step and the
-    accountant's history (attached with the exact q, as utils/dp.py does)."""
+    accountant's history (attached with the exact q, as utils/privacy/dp.py does)."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     q = BATCH / num_samples
     data = torch.randn(num_samples, FEATURES, generator=torch.Generator().manual_seed(4))
@@ -164,7 +164,8 @@ def launch(function, *args):
     """`function(rank, *args)` in WORLD processes forked from a fresh server process that imported torch, its
     compiler stack and Opacus once (a plain fork of pytest is unsafe once autograd's threads run; a spawn imports
     everything again in each process: seconds each on a loaded machine)."""
-    mp.set_forkserver_preload(["torch", "torch._dynamo", "opacus", "models", "utils.distributed", "utils.gan"])
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "opacus", "models", "utils.run.distributed",
+                               "utils.gan.steps"])
     mp.start_processes(function, args=args, nprocs=WORLD, start_method="forkserver", join=True)
 
 

@@ -1,5 +1,5 @@
-"""DP-SGD really happens (utils/dp.py on real Opacus): every --grad-sample-mode clips each (real i, fake i) pair to
-C exactly, Gaussian noise of standard deviation sigma*C/B is really added to the applied update, it comes from the
+"""DP-SGD really happens (utils/privacy/dp.py on real Opacus): every --grad-sample-mode clips each (real i, fake i) pair
+to C exactly, Gaussian noise of standard deviation sigma*C/B is really added to the applied update, it comes from the
 run's own seeded noise generator, and the sigma the ledger records is the sigma that is used.
 
 Each test drives the discriminator the training loop builds (DPStep -> PrivateDiscriminator) through one
@@ -12,10 +12,10 @@ import torch
 
 from conftest import TINY_PUBLIC
 from models import Discriminator, Generator
-from utils import dp
-from utils.data import load_split
-from utils.privacy import new_ledger
-from utils.training import Run, TrainConfig
+from utils.data.datasets import load_split
+from utils.privacy import dp
+from utils.privacy.ledger import new_ledger
+from utils.run.lifecycle import Run, TrainConfig
 
 BATCH = 4  # expected batch B; the fixed batch has exactly B pairs
 CLIP = 0.05  # C: small enough that every pair's gradient is clipped

@@ -1,4 +1,4 @@
-"""evaluate.py and utils/metrics.py: Frechet distance, downstream accuracy, the membership audit, the cached
+"""evaluate.py and utils/evaluation/metrics.py: Frechet distance, downstream accuracy, the membership audit, the cached
 reference classifier, and one tiny end-to-end evaluation writing every output."""
 import json
 import math
@@ -11,13 +11,14 @@ import torch
 import evaluate
 from conftest import tiny_data_args
 from models import Generator
-from utils.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_checkpoint
-from utils import deploy, runtime
-from utils.cli import run_script
-from utils.data import load_split, seeded_subset, subset_ids, to_unit_range
-from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, downstream_accuracy, frechet_distance, frechet_distance_of,
-                           membership_auc, rank_auc, reference_classifier)
-from utils.privacy import inherit, new_ledger, record_data_read, record_mechanism
+from utils.compression import deploy, runtime
+from utils.data.datasets import load_split, seeded_subset, subset_ids, to_unit_range
+from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, downstream_accuracy, frechet_distance,
+                                      frechet_distance_of, membership_auc, reference_classifier)
+from utils.privacy.audit import rank_auc
+from utils.privacy.ledger import inherit, new_ledger, record_data_read, record_mechanism
+from utils.run.checkpoint import load_checkpoint, mark_latest, new_run_dir, save_checkpoint
+from utils.run.cli import run_script
 
 
 def tiny(data_root, split):

@@ -1,4 +1,4 @@
-"""Stage 5 (fine_tune.py) and the DP-SGD machinery it shares with train_teacher.py --dp (utils/dp.py).
+"""Stage 5 (fine_tune.py) and the DP-SGD machinery it shares with train_teacher.py --dp (utils/privacy/dp.py).
 
 Tiny and fast: a tiny private split (400 images), a hand-made compact checkpoint (widths 12 8 4, 8 bits), the RDP
 accountant, expected batch 32 (q = 0.08, 12 D steps per epoch), one epoch.
@@ -14,14 +14,14 @@ import fine_tune
 import train_teacher
 from conftest import TINY_PUBLIC, check_sample_grid, teacher_argv, tiny_data_args
 from models import Discriminator, Generator
-from utils import dp
-from utils.checkpoint import build_discriminator, build_generator, load_checkpoint, new_run_dir, \
-    unwrapped_state_dict
-from utils.cli import run_script
-from utils.data import load_split
-from utils.privacy import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
-from utils.recipe import TEACHER_EMA_DECAY
-from utils.training import Run
+from utils.data.datasets import load_split
+from utils.gan.recipe import TEACHER_EMA_DECAY
+from utils.privacy import dp
+from utils.privacy.ledger import compose_epsilon, epsilon, inherit, new_ledger, record_data_read, record_mechanism
+from utils.run.checkpoint import (build_discriminator, build_generator, load_checkpoint, new_run_dir,
+                                  unwrapped_state_dict)
+from utils.run.cli import run_script
+from utils.run.lifecycle import Run
 
 DELTA = 1e-5
 COMPACT_WIDTHS = (12, 8, 4)

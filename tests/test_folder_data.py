@@ -12,10 +12,10 @@ from PIL import Image
 import train_teacher
 from conftest import ROOT
 from image_folders import write_image_folder
-from utils import folder_data
-from utils.cli import UserError, run_script
-from utils.data import index_fingerprint, load_split
-from utils.folder_data import CACHE_PREFIX, CIFAR_DIR, ImageRequest, resize_and_crop
+from utils.data import folders as folder_data
+from utils.data.datasets import index_fingerprint, load_split
+from utils.data.folders import CACHE_PREFIX, CIFAR_DIR, ImageRequest, resize_and_crop
+from utils.run.cli import UserError, run_script
 
 PUBLIC = 30
 
@@ -266,7 +266,7 @@ def test_a_size_that_no_model_has_asks_for_image_size(tmp_path):
 
 def test_models_built_for_the_data_and_a_mismatch_is_refused(rgb_folder, tiny_data_root):
     from models import Discriminator, Generator
-    from utils.data import check_data_fits, model_shape
+    from utils.data.datasets import check_data_fits, model_shape
     split = load_split("folder", "private", rgb_folder, PUBLIC)
     G = Generator(channels=(8, 6, 5, 4), **model_shape(split))
     D = Discriminator(channels=(4, 5, 6), **model_shape(split))

@@ -15,10 +15,10 @@ import fine_tune
 import train_student
 import train_teacher
 from image_folders import write_image_folder
-from utils.checkpoint import build_discriminator, build_generator, load_checkpoint
-from utils.cli import run_script
-from utils.data import load_split
-from utils.deploy import load_artifact
+from utils.compression.deploy import load_artifact
+from utils.data.datasets import load_split
+from utils.run.checkpoint import build_discriminator, build_generator, load_checkpoint
+from utils.run.cli import run_script
 
 PUBLIC = "30"
 

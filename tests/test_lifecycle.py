@@ -14,8 +14,8 @@ import evaluate
 from conftest import handmade_student, write_handmade_run
 from test_compress import quick_argv
 from test_evaluate import eval_argv
-from utils.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint
-from utils.cli import LOG_INTERVAL_S, progress_bar
+from utils.run.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint
+from utils.run.cli import LOG_INTERVAL_S, progress_bar
 
 
 def test_paths_are_stored_relative_and_a_moved_pipeline_resolves(handmade_pipeline, tmp_path):

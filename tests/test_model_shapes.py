@@ -7,9 +7,9 @@ from opacus.validators import ModuleValidator
 
 from conftest import handmade_student
 from models import Discriminator, Generator, prunable_layers
-from utils.compress import compress, kept_channels, max_abs_difference, summary
-from utils.deploy import generator_from_artifact, artifact_dict
-from utils.slimming import gamma_parameters
+from utils.compression.compress import compress, kept_channels, max_abs_difference, summary
+from utils.compression.deploy import generator_from_artifact, artifact_dict
+from utils.compression.slimming import gamma_parameters
 
 SHAPES = [(28, 1), (28, 3), (32, 1), (32, 3), (64, 1), (64, 3)]
 TINY_G = {28: (8, 6, 4), 32: (8, 6, 5, 4), 64: (8, 7, 6, 5, 4)}
@@ -133,7 +133,7 @@ def test_compression_and_artifact_of_a_64_pixel_grey_student():
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 1)])
 def test_reference_classifier_follows_the_image_shape_and_reloads(tmp_path, size, channels):
-    from utils.metrics import predict, reference_classifier
+    from utils.evaluation.metrics import predict, reference_classifier
     images = torch.rand(24, channels, size, size) * 2 - 1
     labels = torch.arange(24) % 3
     settings = {"epochs": 1, "seed": 0, "max_steps": 2}

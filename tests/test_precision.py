@@ -1,4 +1,4 @@
-"""`--precision` (utils/precision.py) and `--snapshot-steps`: fp32 is today's code path bit for bit; bf16 autocast
+"""`--precision` (utils/run/precision.py) and `--snapshot-steps`: fp32 is today's code path bit for bit; bf16 autocast
 covers each forward pass and nothing else; a bf16 run's checkpoint is float32 and samples in float32; `auto` falls
 back to fp32 where bf16 is not native; the DP paths stay float32; snapshots are kept at the chosen steps, survive a
 resume and are read by evaluate.py."""
@@ -17,11 +17,12 @@ import train_student
 import train_teacher
 from conftest import TINY_PUBLIC, distill_argv, student_argv, teacher_argv, tiny_data_args
 from test_reliability import refused
-from utils import metrics, precision
-from utils.checkpoint import build_generator, load_checkpoint
-from utils.data import load_split, to_unit_range
-from utils.gan import NonPrivateStep
-from utils.precision import FP32, Precision, resolve_precision
+from utils.data.datasets import load_split, to_unit_range
+from utils.evaluation import metrics
+from utils.gan.steps import NonPrivateStep
+from utils.run import precision
+from utils.run.checkpoint import build_generator, load_checkpoint
+from utils.run.precision import FP32, Precision, resolve_precision
 
 # What the tiny pipeline below produced at commit 54572a4, before --precision existed (torch 2.14.1, x86_64 CPU
 # with AVX-512, 1 thread): weight hashes of each stage's checkpoint, the distillation images, the evaluation's
@@ -97,7 +98,7 @@ def test_bf16_covers_each_forward_pass_and_nothing_else(tiny_data_root):
     update and nothing after the step runs with autocast on (a context left open would keep serving stale bf16
     casts of the weights: benchmarks/results/recipe.md)."""
     from models import Discriminator, Generator
-    from utils.recipe import Recipe, RecipeConfig
+    from utils.gan.recipe import Recipe, RecipeConfig
     G, D = Generator(nz=8, channels=(16, 8, 4)), Discriminator(channels=(8, 8))
     optimizers = {"g": torch.optim.Adam(G.parameters()), "d": torch.optim.Adam(D.parameters())}
     seen = {"forward": [], "optimizer": [], "outputs": []}

@@ -1,12 +1,12 @@
-"""The privacy ledger (utils/privacy.py): composition equals Opacus's own accountants, non-DP reads make epsilon
+"""The privacy ledger (utils/privacy/ledger.py): composition equals Opacus's own accountants, non-DP reads make epsilon
 infinite and say so, calibration meets a total target with the history as a prefix, and refusals."""
 import math
 
 import pytest
 
-from utils.cli import UserError
-from utils.privacy import (calibrate_noise, check_delta, compose_epsilon, describe, epsilon, history, inherit,
-                           is_private, new_ledger, record_data_read, record_mechanism, warn_if_not_private)
+from utils.privacy.ledger import (calibrate_noise, check_delta, compose_epsilon, describe, epsilon, history, inherit,
+                                  is_private, new_ledger, record_data_read, record_mechanism, warn_if_not_private)
+from utils.run.cli import UserError
 
 DELTA = 1e-5
 PARTITION = {"dataset": "fashion-mnist", "private_fingerprint": "abc", "private_size": 400, "public_size": 200,

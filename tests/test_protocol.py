@@ -1,4 +1,4 @@
-"""The downstream protocol of Bie et al. 2023 and precision/recall (utils/metrics.py): the hold-out is the
+"""The downstream protocol of Bie et al. 2023 and precision/recall (utils/evaluation/metrics.py): the hold-out is the
 generated tail and the real test set chooses nothing; real images beat noise; precision and recall are 1 on
 identical sets and recall is low on a collapsed set."""
 import numpy as np
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_PUBLIC
-from utils import metrics
-from utils.data import load_split, to_unit_range
-from utils.metrics import (PROTOCOL, QUICK_PROTOCOL, DownstreamProtocol, MnistCNN, knn_radii, precision_recall,
-                           protocol_accuracy, protocol_variant, real_data_ceiling)
+from utils.data.datasets import load_split, to_unit_range
+from utils.evaluation import metrics
+from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, DownstreamProtocol, MnistCNN, knn_radii,
+                                      precision_recall, protocol_accuracy, protocol_variant, real_data_ceiling)
 
 TINY_PROTOCOL = DownstreamProtocol(name="tiny", num_samples=600, holdout=100, epochs=3, batch_size=50)
 

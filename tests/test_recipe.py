@@ -1,5 +1,5 @@
-"""Building blocks of the training recipe: the generator weight average (utils/ema.py), the hinge loss
-(utils/losses.py), DiffAugment (utils/augment.py) and the D-steps schedule (utils/dsteps.py)."""
+"""Building blocks of the training recipe: the generator weight average (utils/gan/ema.py), the hinge loss
+(utils/gan/losses.py), DiffAugment (utils/gan/augment.py) and the D-steps schedule (utils/gan/dsteps.py)."""
 import importlib
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from models import Discriminator, Generator
-from utils.augment import cutout, cutout_mask, diff_augment, parse_policy, translation
-from utils.dsteps import LADDER, DStepsSchedule, fake_accuracy
-from utils.ema import WeightAverage, warmup_decay
-from utils.losses import GAN_LOSSES, hinge_d_loss, hinge_g_loss
+from utils.gan.augment import cutout, cutout_mask, diff_augment, parse_policy, translation
+from utils.gan.dsteps import LADDER, DStepsSchedule, fake_accuracy
+from utils.gan.ema import WeightAverage, warmup_decay
+from utils.gan.losses import GAN_LOSSES, hinge_d_loss, hinge_g_loss
 
 
 def tiny_generator(bits=32, seed=0):
@@ -199,7 +199,7 @@ def test_fake_accuracy_reads_only_generated_samples():
 
 def recipe_parser():
     import argparse
-    from utils.recipe import add_recipe_args
+    from utils.gan.recipe import add_recipe_args
     parser = argparse.ArgumentParser()
     add_recipe_args(parser, ema_decay=0.995)
     parser.add_argument("--d-steps", type=int, default=1)  # a stage's own constant
@@ -208,7 +208,7 @@ def recipe_parser():
 
 def test_recipe_options_parse_and_old_args_get_defaults():
     import argparse
-    from utils.recipe import RecipeConfig
+    from utils.gan.recipe import RecipeConfig
     args = recipe_parser().parse_args(["--loss", "hinge", "--augment", "translation,cutout", "--d-steps", "5",
                                        "--adaptive-d-steps"])
     config = RecipeConfig.from_args(args)
@@ -221,7 +221,7 @@ def test_recipe_options_parse_and_old_args_get_defaults():
 
 
 def test_recipe_schedules_g_steps_and_updates_the_average_it_samples_with():
-    from utils.recipe import Recipe, RecipeConfig
+    from utils.gan.recipe import Recipe, RecipeConfig
     G = tiny_generator()
     plain = Recipe(RecipeConfig(), G, seed=0)
     assert [plain.g_step_due() for _ in range(3)] == [True] * 3 and plain.sampling_generator(G) is G
@@ -235,7 +235,7 @@ def test_recipe_schedules_g_steps_and_updates_the_average_it_samples_with():
 
 
 def test_recipe_augments_real_and_fake_alike_and_its_state_round_trips():
-    from utils.recipe import Recipe, RecipeConfig
+    from utils.gan.recipe import Recipe, RecipeConfig
     G, seen = tiny_generator(), []
 
     def D(images, labels):

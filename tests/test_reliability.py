@@ -17,8 +17,8 @@ import fine_tune
 import train_student
 import train_teacher
 from conftest import ROOT, teacher_argv
-from utils.checkpoint import load_checkpoint, read_metrics
-from utils.cli import run_script
+from utils.run.checkpoint import load_checkpoint, read_metrics
+from utils.run.cli import run_script
 
 SCRIPTS = {"teacher": train_teacher, "distill": create_dataset, "student": train_student,
            "compact": compress_student, "private": fine_tune, "eval": evaluate}
@@ -130,7 +130,7 @@ def test_nonsense_numbers(stage, argv, expected, pipeline_copy, capsys, tiny_dat
 
 
 def test_missing_dataset(pipeline_copy, capsys, tmp_path, monkeypatch):
-    from utils import data
+    from utils.data import datasets as data
     monkeypatch.setitem(data.DATASETS["fashion-mnist"], "debian", str(tmp_path / "nowhere"))
     monkeypatch.setattr(data, "_torchvision_download", lambda *args: None)
     os.makedirs(tmp_path / "empty-root")
@@ -149,7 +149,7 @@ def test_distill_set_that_does_not_match_its_teacher(pipeline_copy, capsys, tiny
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data_root, tmp_path, monkeypatch, capsys):
-    from utils import gan
+    from utils.gan import steps as gan
     real_step, calls = gan.nonprivate_discriminator_step, []
 
     def failing_step(*args):
@@ -248,7 +248,7 @@ def dp_teacher_argv(data_root, out, *extra):
 def test_resume_with_the_dataset_gone_changes_nothing(stage, pipeline_copy, capsys, tiny_data_root, tmp_path,
                                                       monkeypatch):
     """--resume is refused (exit 2, one line) before the run's metrics are cut back or anything else is written."""
-    from utils import data
+    from utils.data import datasets as data
     data_root = shutil.copytree(tiny_data_root, str(tmp_path / "data"))
     out = str(tmp_path / "out")
     script = fine_tune if stage == "private" else train_teacher

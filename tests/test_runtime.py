@@ -14,12 +14,12 @@ from onnx import TensorProto
 
 from conftest import ROOT, handmade_student
 from models import Generator
-from utils import runtime
-from utils.compress import compress
-from utils.cost import count_macs, count_parameters
-from utils.slimming import ChannelCost, channel_costs, gamma_parameters, layer_costs, proximal_step
+from utils.compression import runtime
+from utils.compression.compress import compress
+from utils.compression.cost import count_macs, count_parameters
+from utils.compression.slimming import ChannelCost, channel_costs, gamma_parameters, layer_costs, proximal_step
 
-RUNNER = os.path.join(ROOT, "utils", "ort_runner.py")
+RUNNER = os.path.join(ROOT, "utils", "compression", "ort_runner.py")
 
 
 def compact_model(bits):
@@ -125,7 +125,7 @@ def test_file_size_is_parameters_times_bits_plus_scales(tmp_path, bits):
 
 
 def run_runtime_only(args):
-    """Run utils/ort_runner.py in a fresh interpreter where importing torch fails."""
+    """Run utils/compression/ort_runner.py in a fresh interpreter where importing torch fails."""
     code = ("import runpy, sys\nsys.modules['torch'] = None\nsys.argv = ['ort_runner.py'] + sys.argv[1:]\n"
             "runpy.run_path(%r, run_name='__main__')\n"
             "assert sys.modules.get('torch') is None\n" % RUNNER)
@@ -278,7 +278,7 @@ def four_bit_compact_run(tiny_distill_run, tmp_path_factory):
 
 
 def test_four_bit_end_to_end_through_the_stages(four_bit_compact_run, tmp_path):
-    from utils.checkpoint import build_generator, load_checkpoint
+    from utils.run.checkpoint import build_generator, load_checkpoint
     student_dir, compact_dir = four_bit_compact_run
     assert load_checkpoint(student_dir, "student")["args"]["penalty"] == "cost" and student_dir.endswith("-cost")
     compact = build_generator(load_checkpoint(compact_dir, "compact")).eval()

@@ -10,8 +10,8 @@ import torch
 
 import train_teacher
 from conftest import ROOT, teacher_argv
-from utils.checkpoint import load_checkpoint, read_metrics
-from utils.privacy import epsilon
+from utils.privacy.ledger import epsilon
+from utils.run.checkpoint import load_checkpoint, read_metrics
 
 HANG_GUARD_S = 300  # a launch that takes longer than this is hanging, not slow
 DP_FLAGS = ["--dp", "--split", "private", "--d-steps-per-g-step", "2", "--log-every", "1"]

@@ -1,5 +1,5 @@
-"""Stage 3 (train_student.py) and GAN Slimming's sparsity (utils/slimming.py): the proximal step, dead channels
-that stay exactly zero, pruning with rho > 0, initialisation, checkpoint contents and exact resume."""
+"""Stage 3 (train_student.py) and GAN Slimming's sparsity (utils/compression/slimming.py): the proximal step, dead
+channels that stay exactly zero, pruning with rho > 0, initialisation, checkpoint contents and exact resume."""
 import argparse
 import json
 import os
@@ -10,9 +10,9 @@ import torch
 import train_student
 from conftest import student_argv
 from models import Discriminator, Generator
-from utils.checkpoint import build_generator, load_checkpoint, read_metrics
-from utils.cli import UserError
-from utils.slimming import enforce_dead, gamma_parameters, proximal_step, slimming_step
+from utils.compression.slimming import enforce_dead, gamma_parameters, proximal_step, slimming_step
+from utils.run.checkpoint import build_generator, load_checkpoint, read_metrics
+from utils.run.cli import UserError
 
 
 def tiny_models(bits=8):

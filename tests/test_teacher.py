@@ -6,10 +6,10 @@ import torch
 
 import train_teacher
 from conftest import TINY_PUBLIC, check_sample_grid, teacher_argv
-from utils.checkpoint import build_generator, load_checkpoint
-from utils.cli import run_script
-from utils.data import load_split, seeded_subset
-from utils.privacy import epsilon
+from utils.data.datasets import load_split, seeded_subset
+from utils.privacy.ledger import epsilon
+from utils.run.checkpoint import build_generator, load_checkpoint
+from utils.run.cli import run_script
 
 
 def run_teacher(data_root, out, *extra):

@@ -1,9 +1,9 @@
 """Probe: where bf16 autocast may go in the teacher's loop, and why a run-wide context diverges.
 
-Runs the project's own teacher step (`utils.gan.NonPrivateStep`, default widths and weight average) on the public
+Runs the project's own teacher step (`utils.gan.steps.NonPrivateStep`, default widths and weight average) on the public
 10k split for --steps steps from the same seed, once per scope:
   fp32                  no autocast (the reference);
-  forward               the project's bf16: one autocast context per forward pass (`utils.precision`);
+  forward               the project's bf16: one autocast context per forward pass (`utils.run.precision`);
   step                  one autocast context around each whole step: forwards, losses, backward, both optimiser steps
                         and the weight average (the context exits, and its cast cache empties, once per step);
   run                   one autocast context around the whole run, as when a script's main is wrapped in one;
@@ -26,13 +26,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from models import Discriminator, Generator  # noqa: E402
-from utils.cli import make_parser, positive_int, progress_bar, run_script, set_seed  # noqa: E402
-from utils.data import EpochBatches, load_split  # noqa: E402
-from utils.files import write_json  # noqa: E402
-from utils.gan import NonPrivateStep, fixed_inputs, generate  # noqa: E402
-from utils.plots import save_samples  # noqa: E402
-from utils.precision import FP32, Precision  # noqa: E402
-from utils.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig  # noqa: E402
+from utils.data.datasets import EpochBatches, load_split  # noqa: E402
+from utils.evaluation.plots import save_samples  # noqa: E402
+from utils.gan.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig  # noqa: E402
+from utils.gan.steps import NonPrivateStep, fixed_inputs, generate  # noqa: E402
+from utils.run.cli import make_parser, positive_int, progress_bar, run_script, set_seed  # noqa: E402
+from utils.run.files import write_json  # noqa: E402
+from utils.run.precision import FP32, Precision  # noqa: E402
 
 SCOPES = ("fp32", "forward", "step", "run", "run-no-cache")
 

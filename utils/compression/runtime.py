@@ -1,7 +1,7 @@
 """The on-device artifact: the compact generator as an ONNX model that ONNX Runtime runs with integer weights inside.
 
-`generator.onnx` needs ONNX Runtime (and numpy) and nothing else: `utils/ort_runner.py` runs it without torch.
-Why ONNX Runtime and not ExecuTorch: see benchmarks/results/runtime_choice.md.
+`generator.onnx` needs ONNX Runtime (and numpy) and nothing else: `utils/compression/ort_runner.py` runs it without
+torch. Why ONNX Runtime and not ExecuTorch: see benchmarks/results/runtime_choice.md.
 
 The graph is written directly from the compact `Generator`'s integer weights (no exporter, no fake-quantisation
 arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
@@ -58,7 +58,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import Generator
 from models.quant import ACT_RANGE, weight_to_int
-from utils.ort_runner import generate, load_session, measure_speed
+from utils.compression.ort_runner import generate, load_session, measure_speed
 
 RUNTIME_NAME = "generator.onnx"
 RUNNER_NAME = "ort_runner.py"
@@ -431,11 +431,11 @@ def runtime_forward(path: str, threads: int = None):
 
 
 def runtime_cost_row(model: Generator, path: str = None, speed: dict = None, threads: int = None) -> dict:
-    """`utils.deploy.cost_row`'s columns for the artifact as it runs in ONNX Runtime: parameters and MACs of
+    """`utils.compression.cost.cost_row`'s columns for the artifact as it runs in ONNX Runtime: parameters and MACs of
     `model`, bytes of the file at `path`, latency and throughput in the runtime (with `speed`). Without `path` the
     artifact of `model` is written to a temporary folder first (e.g. the float teacher, for a same-runtime
     comparison)."""
-    from utils.cost import count_macs, count_parameters
+    from utils.compression.cost import count_macs, count_parameters
     if path is None:
         with tempfile.TemporaryDirectory() as scratch:
             path = os.path.join(scratch, RUNTIME_NAME)
@@ -443,34 +443,3 @@ def runtime_cost_row(model: Generator, path: str = None, speed: dict = None, thr
             return runtime_cost_row(model, path, speed, threads)
     return {"parameters": count_parameters(model), "macs": count_macs(model),
             **runtime_cost(path, threads, speed)}
-
-
-def shipped_cost_rows(teacher: Generator, name: str, model: Generator, run_dir: str, speed: dict,
-                      others: dict = None) -> dict:
-    """Cost rows measured in this process, ratios to the teacher in eager torch: the teacher (float32 state dict;
-    eager, and as a float ONNX model in ONNX Runtime), `others` ({name: generator}, eager, state dict bytes),
-    `model` in eager torch (weight quantisation folded in; bytes of its integer weight file) and, where `run_dir`
-    has one, its `generator.onnx` in ONNX Runtime: what ships."""
-    from utils.deploy import ARTIFACT_NAME, add_ratios, cost_row, folded, state_dict_bytes
-    rows = {"teacher": cost_row(teacher, state_dict_bytes(teacher), speed=speed),
-            "teacher (ONNX Runtime)": runtime_cost_row(teacher, speed=speed)}
-    for other_name, other in (others or {}).items():
-        rows[other_name] = cost_row(other, state_dict_bytes(other), speed=speed)
-    rows[f"{name} (eager)"] = cost_row(model, os.path.getsize(os.path.join(run_dir, ARTIFACT_NAME)),
-                                       run=folded(model), speed=speed)
-    path = os.path.join(run_dir, RUNTIME_NAME)
-    if os.path.isfile(path):
-        rows[f"{name} (ONNX Runtime)"] = runtime_cost_row(model, path, speed)
-    return add_ratios(rows)
-
-
-def shipped_summary(rows: dict, name: str, artifacts: dict) -> str:
-    """One line on what ships, as ratios to the teacher in eager torch."""
-    if f"{name} (ONNX Runtime)" not in rows:
-        return f"no on-device artifact: {artifacts.get('runtime_note')}"
-    r = rows[f"{name} (ONNX Runtime)"]["vs_teacher"]
-    return (f"{RUNTIME_NAME} (ONNX Runtime, what ships): {r['bytes']:.4f}x the teacher's float bytes "
-            f"(1/{1 / r['bytes']:.1f}), latency (b=1) {r['latency_ms']:.3f}x, throughput (b=256) "
-            f"{r['images_per_s']:.2f}x; |runtime - model| max {artifacts['runtime_max_abs_diff']:.3g}, mean "
-            f"{artifacts['runtime_mean_abs_diff']:.2g}; layers in "
-            f"float: {', '.join(artifacts['runtime_float_layers'])}")

@@ -14,7 +14,7 @@ The decoded set is cached in the data root as a uint8 (N, C, H, W) `.npy` (memor
 labels and test flags, next to a JSON file holding the *fingerprint of the file list*: a hash of every file's
 relative name, size and modification time. Later stages read the cache without decoding; a file added, removed
 or changed changes the fingerprint and the folder is decoded again. The same fingerprint names the data in the
-privacy ledger (see `utils/data.py`). A read-only data root is decoded in memory each time instead.
+privacy ledger (see `utils/data/datasets.py`). A read-only data root is decoded in memory each time instead.
 
 CIFAR-10 (`cifar10`) is read from `cifar-10-batches-py/` under the data root (or the root itself): the five
 training batches and `test_batch`, unpickled with only NumPy arrays allowed. Nothing is downloaded.
@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from models.shapes import IMAGE_SIZES
-from utils.cli import UserError
+from utils.run.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.cli import UserError
+from utils.run.cli import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # Where channels-last measured faster in bf16 (benchmarks/bench_precision.py; benchmarks/results/precision.md)

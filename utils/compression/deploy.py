@@ -1,7 +1,8 @@
 """The compact generator as it ships: the on-device artifact, the integer weight file and a debugging export.
 
-What a device runs is `generator.onnx` (utils/runtime.py: ONNX Runtime, integer weights inside, a torch-free
-runner `ort_runner.py` beside it); `write_device_artifacts` writes and checks all three files.
+What a device runs is `generator.onnx` (utils/compression/runtime.py: ONNX Runtime, integer weights inside, a torch-free
+runner `ort_runner.py` beside it); `write_device_artifacts` writes and checks all three files, and
+`shipped_cost_rows` measures what ships beside the teacher (the rows and ratios of utils/compression/cost.py).
 
 Integer artifact (`generator_int.pt`, read with `torch.load(weights_only=True)`): a dict
 
@@ -23,14 +24,15 @@ time; activation quantisation stays, it is part of the function). Inputs: z floa
 N dynamic. A process with only torch runs it: `torch.export.load(path).module()(z, labels)`.
 """
 import copy
-import io
 import os
 
 import torch
 
 from models import Generator
 from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_weight, weight_to_int
-from utils.files import atomic_write
+from utils.compression.cost import add_ratios, cost_row, state_dict_bytes
+from utils.compression.runtime import RUNTIME_NAME, VerifySettings, runtime_cost_row, write_runtime_files
+from utils.run.files import atomic_write
 
 FORMAT = "device-gan-generator-int"
 FORMAT_VERSION = 1
@@ -169,13 +171,6 @@ def payload_bytes(generator: Generator) -> int:
     return total
 
 
-def state_dict_bytes(module: torch.nn.Module) -> int:
-    """Size of `torch.save(module.state_dict())`: what a float checkpoint of the generator alone takes."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
-    return buffer.getbuffer().nbytes
-
-
 # ---------------------------------------------------------------- the exported program
 
 @torch.no_grad()
@@ -211,8 +206,7 @@ def load_program(path: str) -> torch.nn.Module:
 def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) -> dict:
     """The integer artifact and the exported program of stages 4 and 5, each reloaded and checked against the
     eval-mode generator on fixed seeded inputs (RuntimeError above DEPLOY_TOLERANCE), and the on-device artifact
-    with its runner, checked in ONNX Runtime (`utils.runtime.write_runtime_files`, its own tolerance)."""
-    from utils.runtime import VerifySettings, write_runtime_files
+    with its runner, checked in ONNX Runtime (`utils.compression.runtime.write_runtime_files`, its own tolerance)."""
     model = copy.deepcopy(generator).cpu().eval()
     artifact_path, program_path = os.path.join(run_dir, ARTIFACT_NAME), os.path.join(run_dir, PROGRAM_NAME)
     artifact_bytes = save_artifact(model, artifact_path)
@@ -231,49 +225,33 @@ def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) ->
             "max_abs_diff_artifact": diffs["artifact"], "max_abs_diff_program": diffs["program"], **runtime}
 
 
-# ---------------------------------------------------------------- device cost report
+# ---------------------------------------------------------------- what ships: cost rows
 
-COST_METRICS = {  # key -> (label, format); ratios are always value / reference value
-    "parameters": ("parameters", "{:,.0f}"),
-    "macs": ("MACs/image", "{:,.0f}"),
-    "bytes": ("bytes on disk", "{:,.0f}"),
-    "latency_ms": ("latency ms (b=1)", "{:.3f}"),
-    "images_per_s": ("images/s (big batch)", "{:,.1f}"),
-}
-COST_KEYS = tuple(COST_METRICS)
-
-
-def cost_row(model: Generator, bytes_on_disk: int, run=None, speed: dict = None) -> dict:
-    """Parameters, MACs per image and bytes of `model`; with `speed` (measure_speed keyword arguments, may be
-    empty), also CPU latency at batch 1 and throughput of `run` (default: the model itself)."""
-    from utils.cost import count_macs, count_parameters, measure_speed
-    row = {"parameters": count_parameters(model), "macs": count_macs(model), "bytes": int(bytes_on_disk)}
-    if speed is not None:
-        row.update(measure_speed(model, run=run, **speed))
-    return row
+def shipped_cost_rows(teacher: Generator, name: str, model: Generator, run_dir: str, speed: dict,
+                      others: dict = None) -> dict:
+    """Cost rows measured in this process, ratios to the teacher in eager torch: the teacher (float32 state dict;
+    eager, and as a float ONNX model in ONNX Runtime), `others` ({name: generator}, eager, state dict bytes),
+    `model` in eager torch (weight quantisation folded in; bytes of its integer weight file) and, where `run_dir`
+    has one, its `generator.onnx` in ONNX Runtime: what ships."""
+    rows = {"teacher": cost_row(teacher, state_dict_bytes(teacher), speed=speed),
+            "teacher (ONNX Runtime)": runtime_cost_row(teacher, speed=speed)}
+    for other_name, other in (others or {}).items():
+        rows[other_name] = cost_row(other, state_dict_bytes(other), speed=speed)
+    rows[f"{name} (eager)"] = cost_row(model, os.path.getsize(os.path.join(run_dir, ARTIFACT_NAME)),
+                                       run=folded(model), speed=speed)
+    path = os.path.join(run_dir, RUNTIME_NAME)
+    if os.path.isfile(path):
+        rows[f"{name} (ONNX Runtime)"] = runtime_cost_row(model, path, speed)
+    return add_ratios(rows)
 
 
-def add_ratios(rows: dict, reference: str = "teacher", baseline: dict = None) -> dict:
-    """Adds `vs_<reference>` to every row: each cost divided by the baseline's (default: `rows[reference]`;
-    latency < 1 and images/s > 1 are better), or None where there is no baseline."""
-    base = rows.get(reference) if baseline is None else baseline
-    for row in rows.values():
-        row[f"vs_{reference}"] = ({key: row[key] / base[key] for key in COST_KEYS if key in row and base.get(key)}
-                                  if base else None)
-    return rows
-
-
-def format_table(rows: dict, reference: str = "teacher") -> str:
-    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
-    header = ["model"] + [part for key in keys for part in (COST_METRICS[key][0], "x")]
-    lines = [header]
-    for name, row in rows.items():
-        ratios = row.get(f"vs_{reference}", {})
-        cells = [name]
-        for key in keys:
-            cells += [COST_METRICS[key][1].format(row[key]), f"{ratios[key]:.3g}" if key in ratios else "-"]
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    return "\n".join([text[0], "-" * len(text[0])] + text[1:]) + f"\n(x = ratio to the {reference})"
+def shipped_summary(rows: dict, name: str, artifacts: dict) -> str:
+    """One line on what ships, as ratios to the teacher in eager torch."""
+    if f"{name} (ONNX Runtime)" not in rows:
+        return f"no on-device artifact: {artifacts.get('runtime_note')}"
+    r = rows[f"{name} (ONNX Runtime)"]["vs_teacher"]
+    return (f"{RUNTIME_NAME} (ONNX Runtime, what ships): {r['bytes']:.4f}x the teacher's float bytes "
+            f"(1/{1 / r['bytes']:.1f}), latency (b=1) {r['latency_ms']:.3f}x, throughput (b=256) "
+            f"{r['images_per_s']:.2f}x; |runtime - model| max {artifacts['runtime_max_abs_diff']:.3g}, mean "
+            f"{artifacts['runtime_mean_abs_diff']:.2g}; layers in "
+            f"float: {', '.join(artifacts['runtime_float_layers'])}")

@@ -2,15 +2,16 @@
 
 Non-saturating loss (Goodfellow et al. 2014) on logits. The generator is conditioned on labels drawn uniformly
 at random, never on a real batch's labels: under DP the labels are private too (docs/DESIGN.md, "Privacy").
-`NonPrivateStep` is the teacher's step for `utils.trainer.Trainer`; the DP loop's steps are in `utils/dp.py`.
+`NonPrivateStep` is the teacher's step for `utils.run.trainer.Trainer`; the DP loop's steps are in
+`utils/privacy/dp.py`.
 """
 import torch
 import torch.nn.functional as F
 
-from utils.distributed import global_mean, local_part, world_size
-from utils.precision import FP32
-from utils.trainer import TrainingStep
-from utils.training import batches_from
+from utils.run.distributed import global_mean, local_part, world_size
+from utils.run.lifecycle import batches_from
+from utils.run.precision import FP32
+from utils.run.trainer import TrainingStep
 
 
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def local_random_inputs(generator_model, n_global: int, rng: torch.Generator, de
 
 def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng, recipe=None) -> float:
     """One ordinary (non-private) discriminator update on this process's part of a global batch (equal parts
-    under torchrun) and as many fresh fakes, with a `utils.recipe.Recipe`'s loss and augmentation when given;
+    under torchrun) and as many fresh fakes, with a `utils.gan.recipe.Recipe`'s loss and augmentation when given;
     the loss of the global batch."""
     z, fake_labels = local_random_inputs(G, len(real) * world_size(), rng, real.device)
     with torch.no_grad():
@@ -69,7 +70,7 @@ class NonPrivateStep(TrainingStep):
     """The teacher's step: one discriminator update per batch of `batches` (EpochBatches) and a generator update
     when the recipe says it is due (every batch by default). With a weight average, the checkpoint's "generator"
     is the average (what every later stage samples) and "generator_live" the trained weights. The networks' forward
-    passes run in `precision` (utils/precision.py: fp32 calls them as they are); the updates stay float32."""
+    passes run in `precision` (utils/run/precision.py: fp32 calls them as they are); the updates stay float32."""
     name = "teacher"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device,

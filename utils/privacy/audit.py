@@ -11,7 +11,7 @@ is an empirical LOWER bound on the true epsilon.
   - "generated" (the default): m samples of the audited stage's starting generator (public), drawn from a
     seeded generator in training mode and in batches of the run's expected batch size, exactly as the fakes D is
     trained to reject, each labelled with the class it was drawn for. D can only call an included one real by
-    remembering that very image: its generalisation says "fake". Measured (docs/DESIGN.md, "Privacy audit"): a
+    remembering that very image: its generalisation says "fake". Measured (docs/DESIGN.md, "Privacy"): a
     non-private discriminator gives them a membership AUC of about 0.96 where the mislabelled kind stays at 0.5.
   - "mislabelled": m test-set images (never in any training split), each with a WRONG label: the true label plus
     a seeded offset in 1..9 (mod 10). Kept for comparison: the discriminator barely uses the label, scores real
@@ -20,9 +20,9 @@ is an empirical LOWER bound on the true epsilon.
 - Inclusion: one Bernoulli(1/2) per canary from its own seeded generator (`inclusion_draw`). The normal private
   split is untouched: its index set, its fingerprint and a normal run's ledger are the same whether or not this
   module exists. The audit split is the private split plus the included canaries, and an audit run's ledger
-  carries an "audits" entry (`utils.privacy.record_audit`) with the seed and which canaries went in.
+  carries an "audits" entry (`utils.privacy.ledger.record_audit`) with the seed and which canaries went in.
 - Audit subset (`fine_tune.py --audit-subset N`): the non-canary part of the audit split is a seeded draw of N
-  private images (`utils.data.seeded_subset`; N, seed and the fingerprint of the chosen images in the audit
+  private images (`utils.data.datasets.seeded_subset`; N, seed and the fingerprint of the chosen images in the audit
   entry), so that a run of minutes shows each canary tens of times instead of at most once. This is valid: the
   bound of Theorem 3.1 holds for ANY fixed non-canary data set, since DP is a guarantee per example, whatever the
   other examples are; the subset is drawn before, and independently of, the canaries' inclusion. The sample rate
@@ -59,10 +59,9 @@ import numpy as np
 import scipy.stats
 import torch
 
-from utils.cli import UserError
-from utils.data import ImageSplit, index_fingerprint, to_unit_range
-from utils.distill import encode_images
-from utils.metrics import nearest_distances, rank_auc
+from utils.data.datasets import ImageSplit, index_fingerprint, to_unit_range
+from utils.data.distill import encode_images
+from utils.run.cli import UserError
 
 SIGNIFICANCE = 0.05  # the paper's 95% confidence
 CANARY_SEED_OFFSET = 15485863  # canary draws differ from --seed's other generators
@@ -200,6 +199,21 @@ def audit_split(private: ImageSplit, canaries: Canaries) -> ImageSplit:
 # ---------------------------------------------------------------- attack scores (higher = more likely a member)
 
 @torch.no_grad()
+def nearest_distances(candidates: torch.Tensor, reference: torch.Tensor, candidate_labels=None,
+                      reference_labels=None, chunk: int = 500) -> torch.Tensor:
+    """L2 distance from each candidate to its nearest reference image (of the same label when labels given)."""
+    reference = reference.reshape(len(reference), -1).float()
+    out = []
+    for i in range(0, len(candidates), chunk):
+        distances = torch.cdist(candidates[i:i + chunk].reshape(-1, reference.shape[1]).float(), reference)
+        if candidate_labels is not None:
+            mismatch = candidate_labels[i:i + chunk, None] != reference_labels[None, :]
+            distances = distances.masked_fill(mismatch, float("inf"))
+        out.append(distances.min(dim=1).values)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def label_logits(D, canaries: Canaries, device="cpu", batch_size: int = 500) -> np.ndarray:
     """D's logit on every canary image under every label: (m, classes), D in eval mode."""
     D.eval()
@@ -291,6 +305,19 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
 
 
 # ---------------------------------------------------------------- attack AUC with an interval
+
+def rank_auc(positive_scores, negative_scores) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney U statistic / (n1 n2)."""
+    positive = np.asarray(positive_scores, np.float64).ravel()
+    negative = np.asarray(negative_scores, np.float64).ravel()
+    if not len(positive) or not len(negative):
+        raise ValueError("rank_auc needs at least one positive and one negative score")
+    _, inverse, counts = np.unique(np.concatenate([positive, negative]), return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct value, ties averaged
+    ranks = average_rank[inverse.ravel()]
+    n1, n2 = len(positive), len(negative)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n2))
+
 
 def auc_interval(member_scores, nonmember_scores, level: float = 0.95) -> tuple:
     """(AUC, low, high): the rank AUC and Hanley & McNeil's (1982) normal interval, clipped to [0, 1]."""

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from utils.gan import random_inputs
+from utils.gan.steps import random_inputs
 
 LADDER = (1, 2, 5, 10, 20, 50, 100)
 

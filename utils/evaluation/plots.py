@@ -8,9 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from utils.checkpoint import read_metrics  # noqa: E402
-from utils.deploy import COST_METRICS  # noqa: E402
-from utils.gan import fixed_inputs, generate  # noqa: E402
+from utils.compression.cost import COST_METRICS  # noqa: E402
+from utils.gan.steps import fixed_inputs, generate  # noqa: E402
+from utils.run.checkpoint import read_metrics  # noqa: E402
 
 BAR_COLOURS = ["#777777", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
 

@@ -37,15 +37,15 @@ import torch
 from tqdm import tqdm
 
 from models.discriminator import MinibatchStdDev
-from utils.cli import UserError, open_unit_float, positive_float, positive_int
-from utils.data import SplitDataset
-from utils.distributed import (global_mean, is_writer, local_poisson_batch, make_private_data_parallel,
-                               unwrap_data_parallel)
-from utils.gan import d_loss, g_loss, local_random_inputs
-from utils.privacy import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
-                           compose_epsilon, epsilon, history, is_private, record_mechanism)
-from utils.trainer import TrainingStep
-from utils.training import TrainConfig
+from utils.data.datasets import SplitDataset
+from utils.gan.steps import d_loss, g_loss, local_random_inputs
+from utils.privacy.ledger import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
+                                  compose_epsilon, epsilon, history, is_private, record_mechanism)
+from utils.run.cli import UserError, open_unit_float, positive_float, positive_int
+from utils.run.distributed import (global_mean, is_writer, local_poisson_batch, make_private_data_parallel,
+                                   unwrap_data_parallel)
+from utils.run.lifecycle import TrainConfig
+from utils.run.trainer import TrainingStep
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # The fastest mode that clips exactly in benchmarks/bench_dp_step.py (results in benchmarks/results/).
@@ -321,7 +321,7 @@ def epsilon_fields(ledger: dict, plan: DPPlan, steps: int, delta: float, account
 
 
 class DPStep(TrainingStep):
-    """The DP loop's step for `utils.trainer.Trainer`: D by DP-SGD on the private split (one Poisson batch a
+    """The DP loop's step for `utils.run.trainer.Trainer`: D by DP-SGD on the private split (one Poisson batch a
     step), G every `d_steps_per_g_step` D steps. The ledger is updated in place (this run's mechanism, steps so
     far); the stage's name and the run's are the mechanism's label. `broken_clipping_norm` (audit controls only,
     fine_tune.py --audit-control no-clip) clips at that norm but keeps the noise of `config.max_grad_norm`, while
@@ -342,7 +342,7 @@ class DPStep(TrainingStep):
         self.steps_per_epoch, self.planned_steps = plan.steps_per_epoch, plan.planned_steps
         self.rng = torch.Generator().manual_seed(train.seed)
         self.losses, self.eps = {}, {}
-        self.recipe = recipe  # weight average and adaptive D steps (utils/recipe.py); None: every d-th step
+        self.recipe = recipe  # weight average and adaptive D steps (utils/gan/recipe.py); None: every d-th step
 
     def sampling_generator(self):
         return self.generator if self.recipe is None else self.recipe.sampling_generator(self.generator)

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import load_checkpoint, save_checkpoint, versions
-from utils.cli import progress_bar
-from utils.precision import FP32
+from utils.privacy.audit import nearest_distances, rank_auc
+from utils.run.checkpoint import load_checkpoint, save_checkpoint, versions
+from utils.run.cli import progress_bar
+from utils.run.precision import FP32
 
 CLASSIFIER_VERSION = 1  # bump when SmallCNN or its training changes: invalidates cached reference classifiers
 
@@ -190,34 +191,6 @@ def frechet_distance_of(features_a, features_b) -> float:
 
 # ---------------------------------------------------------------- membership-inference audit
 
-def rank_auc(positive_scores, negative_scores) -> float:
-    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney U statistic / (n1 n2)."""
-    positive = np.asarray(positive_scores, np.float64).ravel()
-    negative = np.asarray(negative_scores, np.float64).ravel()
-    if not len(positive) or not len(negative):
-        raise ValueError("rank_auc needs at least one positive and one negative score")
-    _, inverse, counts = np.unique(np.concatenate([positive, negative]), return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct value, ties averaged
-    ranks = average_rank[inverse.ravel()]
-    n1, n2 = len(positive), len(negative)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n2))
-
-
-@torch.no_grad()
-def nearest_distances(candidates: torch.Tensor, reference: torch.Tensor, candidate_labels=None,
-                      reference_labels=None, chunk: int = 500) -> torch.Tensor:
-    """L2 distance from each candidate to its nearest reference image (of the same label when labels given)."""
-    reference = reference.reshape(len(reference), -1).float()
-    out = []
-    for i in range(0, len(candidates), chunk):
-        distances = torch.cdist(candidates[i:i + chunk].reshape(-1, reference.shape[1]).float(), reference)
-        if candidate_labels is not None:
-            mismatch = candidate_labels[i:i + chunk, None] != reference_labels[None, :]
-            distances = distances.masked_fill(mismatch, float("inf"))
-        out.append(distances.min(dim=1).values)
-    return torch.cat(out)
-
-
 def membership_auc(members, nonmembers, generated, member_labels=None, nonmember_labels=None,
                    generated_labels=None) -> float:
     """AUC of the distance-to-nearest-generated-sample attack (score = -distance) on members vs non-members."""
@@ -303,7 +276,7 @@ def protocol_accuracy(images: torch.Tensor, labels: torch.Tensor, test_images: t
                       desc: str = "downstream", precision=FP32) -> dict:
     """Real-test accuracy of an MnistCNN trained on `images[:-holdout]`, at the epoch best on the generated
     hold-out `images[-holdout:]` (ties: the earliest). The test set is scored once, after the choice. The
-    classifier's forward passes run in `precision` (utils/precision.py); its weights and updates in float32.
+    classifier's forward passes run in `precision` (utils/run/precision.py); its weights and updates in float32.
 
     Returns test_accuracy, epoch (1-based), holdout_accuracy (per epoch), train_size and the protocol."""
     if not 0 < protocol.holdout < len(labels):

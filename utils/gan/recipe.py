@@ -1,8 +1,8 @@
 """The training recipe of a GAN stage as one settings object and one runtime object (docs/DESIGN.md,
 "The training loop").
 
-`RecipeConfig` holds what a stage's command line chooses: the loss (utils/losses.py), the DiffAugment policy
-(utils/augment.py), the generator weight average (utils/ema.py) and the D-steps schedule (utils/dsteps.py).
+`RecipeConfig` holds what a stage's command line chooses: the loss (utils/gan/losses.py), the DiffAugment policy
+(utils/gan/augment.py), the generator weight average (utils/gan/ema.py) and the D-steps schedule (utils/gan/dsteps.py).
 `Recipe` is that configuration at run time for one generator: it computes the losses with augmentation applied to
 real and fake alike, says when a generator step is due, updates the weight average and the schedule after it, and
 saves and restores their state. Its random draws (augmentations, the schedule's probe fakes) come from its own
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.augment import diff_augment, parse_policy
-from utils.dsteps import LADDER, DStepsSchedule, fake_accuracy
-from utils.ema import WeightAverage
-from utils.losses import GAN_LOSSES
+from utils.gan.augment import diff_augment, parse_policy
+from utils.gan.dsteps import LADDER, DStepsSchedule, fake_accuracy
+from utils.gan.ema import WeightAverage
+from utils.gan.losses import GAN_LOSSES
 
 RECIPE_SEED_OFFSET = 15485863  # the recipe's random stream differs from the training stream of --seed
 # The teacher's default weight average: with it, recall rose in both probes of benchmarks/results/recipe.md

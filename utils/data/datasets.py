@@ -4,7 +4,7 @@ Built-in sets (Fashion-MNIST, MNIST), in order: `--data-root` (raw IDX files, wi
 or in torchvision's `<Name>/raw/` layout), Debian's `/usr/share/datasets/fashion-mnist`, then torchvision's
 download. Debian's .gz files fail torchvision's md5 check, so the IDX files are read here directly.
 A user's own images (`folder`, an ImageFolder-style directory) and CIFAR-10 (`cifar10`, torchvision's layout) are
-read by `utils/folder_data.py`, at `--image-size` and `--channels`, from a decode cache.
+read by `utils/data/folders.py`, at `--image-size` and `--channels`, from a decode cache.
 
 A split is held in memory as uint8 (N, H, W) or (N, C, H, W); batches are scaled to [-1, 1] with a channel axis.
 `public` and `private` are a disjoint, seeded partition of the training set with a fingerprint of the index set
@@ -21,15 +21,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from utils.cli import UserError
-from utils.folder_data import ImageRequest, load_image_set
+from utils.data.folders import ImageRequest, load_image_set
+from utils.run.cli import UserError
 
 DATASETS = {
     "fashion-mnist": {"torchvision": "FashionMNIST", "debian": "/usr/share/datasets/fashion-mnist",
                       "package": "dataset-fashion-mnist", "num_classes": 10},
     "mnist": {"torchvision": "MNIST", "debian": None, "package": None, "num_classes": 10},
 }
-IMAGE_SET_DATASETS = ("folder", "cifar10")  # read by utils/folder_data.py, any size and colour
+IMAGE_SET_DATASETS = ("folder", "cifar10")  # read by utils/data/folders.py, any size and colour
 SPLITS = ("all", "public", "private")
 SUBSET_SEED_OFFSET = 49979687  # a subset's draw differs from --seed's other generators
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

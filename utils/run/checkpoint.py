@@ -16,8 +16,8 @@ import zipfile
 
 import torch
 
-from utils.cli import UserError
-from utils.files import atomic_write
+from utils.run.cli import UserError
+from utils.run.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PROJECT_VERSION = "0.1.0"
@@ -155,7 +155,7 @@ def contiguous_optimizer_state(optimizer) -> dict:
 
 
 def data_fields(split) -> dict:
-    """The `data` entry of a checkpoint whose stage trained on `split` (a `utils.data.ImageSplit`)."""
+    """The `data` entry of a checkpoint whose stage trained on `split` (a `utils.data.datasets.ImageSplit`)."""
     fields = {"dataset": split.dataset, "split": split.split, "size": len(split), "fingerprint": split.fingerprint,
               "source": split.source}
     return {**fields, "subset": split.subset} if split.subset else fields

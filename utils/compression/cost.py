@@ -1,7 +1,10 @@
 """Device cost of a generator: parameters, MACs per image, CPU latency at batch 1 and throughput at batch 256.
 
-Timings are medians over repeats after a warm-up, in one process; compare models only within one run.
+Timings are medians over repeats after a warm-up, in one process; compare models only within one run. The cost
+report's rows (`cost_row`, `state_dict_bytes`), their ratios to a reference (`add_ratios` over `COST_KEYS`) and
+its table (`format_table`) are here too, shared by every stage's and benchmark's report.
 """
+import io
 import statistics
 import time
 
@@ -74,3 +77,57 @@ def measure_speed(generator_model, run=None, latency_repeats: int = 50, throughp
     latency = time_forward(run, z1, y1, latency_repeats)
     batch_time = time_forward(run, zb, yb, throughput_repeats)
     return {"latency_ms": latency * 1e3, "images_per_s": throughput_batch / batch_time}
+
+
+def state_dict_bytes(module: torch.nn.Module) -> int:
+    """Size of `torch.save(module.state_dict())`: what a float checkpoint of the generator alone takes."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ---------------------------------------------------------------- device cost report
+
+COST_METRICS = {  # key -> (label, format); ratios are always value / reference value
+    "parameters": ("parameters", "{:,.0f}"),
+    "macs": ("MACs/image", "{:,.0f}"),
+    "bytes": ("bytes on disk", "{:,.0f}"),
+    "latency_ms": ("latency ms (b=1)", "{:.3f}"),
+    "images_per_s": ("images/s (big batch)", "{:,.1f}"),
+}
+COST_KEYS = tuple(COST_METRICS)
+
+
+def cost_row(model: nn.Module, bytes_on_disk: int, run=None, speed: dict = None) -> dict:
+    """Parameters, MACs per image and bytes of `model`; with `speed` (measure_speed keyword arguments, may be
+    empty), also CPU latency at batch 1 and throughput of `run` (default: the model itself)."""
+    row = {"parameters": count_parameters(model), "macs": count_macs(model), "bytes": int(bytes_on_disk)}
+    if speed is not None:
+        row.update(measure_speed(model, run=run, **speed))
+    return row
+
+
+def add_ratios(rows: dict, reference: str = "teacher", baseline: dict = None) -> dict:
+    """Adds `vs_<reference>` to every row: each cost divided by the baseline's (default: `rows[reference]`;
+    latency < 1 and images/s > 1 are better), or None where there is no baseline."""
+    base = rows.get(reference) if baseline is None else baseline
+    for row in rows.values():
+        row[f"vs_{reference}"] = ({key: row[key] / base[key] for key in COST_KEYS if key in row and base.get(key)}
+                                  if base else None)
+    return rows
+
+
+def format_table(rows: dict, reference: str = "teacher") -> str:
+    keys = [key for key in COST_METRICS if all(key in row for row in rows.values())]
+    header = ["model"] + [part for key in keys for part in (COST_METRICS[key][0], "x")]
+    lines = [header]
+    for name, row in rows.items():
+        ratios = row.get(f"vs_{reference}", {})
+        cells = [name]
+        for key in keys:
+            cells += [COST_METRICS[key][1].format(row[key]), f"{ratios[key]:.3g}" if key in ratios else "-"]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "\n".join([text[0], "-" * len(text[0])] + text[1:]) + f"\n(x = ratio to the {reference})"

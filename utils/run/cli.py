@@ -113,7 +113,7 @@ def add_speed_args(parser: argparse.ArgumentParser):
 
 
 def speed_settings(args) -> dict:
-    """utils.cost.measure_speed's keyword arguments from `add_speed_args`' flags."""
+    """utils.compression.cost.measure_speed's keyword arguments from `add_speed_args`' flags."""
     return {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
             "throughput_batch": args.throughput_batch}
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, fields
 
 from tqdm import tqdm
 
-from utils.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
-                              save_checkpoint)
-from utils.cli import print_config
-from utils.distributed import NoMetrics, from_writer, is_writer
-from utils.files import write_json
+from utils.run.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
+                                  save_checkpoint)
+from utils.run.cli import print_config
+from utils.run.distributed import NoMetrics, from_writer, is_writer
+from utils.run.files import write_json
 
 # flags taken from the command line on --resume (unless left unset, None: the run keeps its own); everything else
 # comes from the run's saved args. The precision is how this process computes, not what the run is.

@@ -1,4 +1,4 @@
-"""GAN losses on discriminator logits, by name: the non-saturating loss of utils/gan.py and the hinge loss.
+"""GAN losses on discriminator logits, by name: the non-saturating loss of utils/gan/steps.py and the hinge loss.
 
 Hinge (Lim & Ye 2017; Miyato et al. 2018): D minimises relu(1 - D(real)) + relu(1 + D(fake)), G minimises
 -D(fake). Both are means over the batch, so under DP-SGD each sample's term is separate as Opacus needs. Logit
@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils import gan
+from utils.gan.steps import d_loss, g_loss
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -28,4 +28,4 @@ class GANLoss:
     g: Callable[[torch.Tensor], torch.Tensor]
 
 
-GAN_LOSSES = {"non-saturating": GANLoss(gan.d_loss, gan.g_loss), "hinge": GANLoss(hinge_d_loss, hinge_g_loss)}
+GAN_LOSSES = {"non-saturating": GANLoss(d_loss, g_loss), "hinge": GANLoss(hinge_d_loss, hinge_g_loss)}

@@ -10,10 +10,10 @@ infinite epsilon is the string "inf" (JSON has no infinity). Runs are named rela
 import math
 import os
 
-from utils.checkpoint import pipeline_root, relative_to_root
-from utils.cost import count_parameters
-from utils.files import write_json, write_text
-from utils.privacy import SECURE_RNG_NOTE, compose_epsilon, epsilon, history, is_private
+from utils.compression.cost import count_parameters
+from utils.privacy.ledger import SECURE_RNG_NOTE, compose_epsilon, epsilon, history, is_private
+from utils.run.checkpoint import pipeline_root, relative_to_root
+from utils.run.files import write_json, write_text
 
 CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"
 
@@ -124,7 +124,7 @@ def _artifact_lines(a: dict) -> list:
 
 
 def audit_lines(audits) -> list:
-    """The plain note of an audit run (utils/audit.py): canaries went into its private data."""
+    """The plain note of an audit run (utils/privacy/audit.py): canaries went into its private data."""
     return [f"**AUDIT run, not a released model**: {a['canaries']} canaries ({a['kind']}), {a['included']} of them "
             f"inserted into the private split (seed {a['seed']}), DP control: {a.get('control', 'none')}. "
             f"Score it with audit.py." for a in audits or []] + ([""] if audits else [])

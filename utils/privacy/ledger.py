@@ -5,7 +5,7 @@ fingerprint. The ledger lists every DP mechanism applied to that split (sigma, s
 norm C) and every stage that read it WITHOUT DP. `epsilon` composes all mechanisms with one Opacus accountant;
 a single non-DP read makes the total infinite. A stage copies its parent's ledger and appends to it; reading a
 disjoint public split, or only generator outputs, is post-processing and appends nothing to the mechanisms.
-An audit run (utils/audit.py) trains on the private split plus inserted canaries: its ledger, and that of
+An audit run (utils/privacy/audit.py) trains on the private split plus inserted canaries: its ledger, and that of
 anything derived from it, carries an "audits" entry, and such a model is never a released one.
 """
 import copy
@@ -15,8 +15,8 @@ import warnings
 
 import numpy as np
 
-from utils.cli import UserError
-from utils.distributed import is_writer
+from utils.run.cli import UserError
+from utils.run.distributed import is_writer
 
 ACCOUNTANTS = ("prv", "rdp")
 SECURE_RNG_NOTE = ("Noise drawn with torch's default (non-cryptographic) generator: Opacus's secure_mode needs "
@@ -34,7 +34,7 @@ def inherit(parent_ledger: dict) -> dict:
 
 def record_data_read(ledger: dict, stage: str, split: str, size: int, run: str = None, subset: dict = None):
     """Note that `stage` trained on `split` without DP: private/all reads break the guarantee. `subset`: the
-    seeded subset it read instead of the whole split (`utils.data.seeded_subset`'s record)."""
+    seeded subset it read instead of the whole split (`utils.data.datasets.seeded_subset`'s record)."""
     entry = {"stage": stage, "split": split, "size": int(size), "run": run}
     if subset:
         entry["subset"] = subset
@@ -60,7 +60,7 @@ def record_mechanism(ledger: dict, stage: str, noise_multiplier: float, sample_r
 
 def record_audit(ledger: dict, stage: str, run: str, canaries: dict) -> dict:
     """Mark the ledger as that of an audit run: `stage` trained on the private split plus the canaries described
-    by `canaries` (utils.audit.Canaries.record). Absent from every normal run's ledger."""
+    by `canaries` (utils.privacy.audit.Canaries.record). Absent from every normal run's ledger."""
     entry = {"stage": stage, "run": run, **canaries}
     ledger.setdefault("audits", []).append(entry)
     return entry

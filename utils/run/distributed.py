@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.cli import UserError, resolve_device
+from utils.run.cli import UserError, resolve_device
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waits this long for a dead or stuck peer before the run fails
 

@@ -14,15 +14,15 @@ loss); the stage plugs in a *step* object that owns its networks, optimisers and
     rng_states(), restore(checkpoint)           the step's random state, and resuming it
     extra_state() -> dict                       the step's own checkpoint entries
 
-The three steps: `utils.gan.NonPrivateStep` (teacher), `utils.slimming.SlimmingStep` (student) and
-`utils.dp.DPStep` (DP teacher, DP fine-tuning).
+The three steps: `utils.gan.steps.NonPrivateStep` (teacher), `utils.compression.slimming.SlimmingStep` (student) and
+`utils.privacy.dp.DPStep` (DP teacher, DP fine-tuning).
 """
 import math
 
-from utils.checkpoint import checkpoint_fields, contiguous_optimizer_state
-from utils.cli import UserError, progress_bar
-from utils.distributed import is_writer
-from utils.training import Run, TrainConfig, checkpoint_due
+from utils.run.checkpoint import checkpoint_fields, contiguous_optimizer_state
+from utils.run.cli import UserError, progress_bar
+from utils.run.distributed import is_writer
+from utils.run.lifecycle import Run, TrainConfig, checkpoint_due
 
 
 class NonFiniteLoss(UserError):

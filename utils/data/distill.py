@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch
 
-from utils.checkpoint import load_checkpoint
-from utils.cli import UserError
+from utils.run.checkpoint import load_checkpoint
+from utils.run.cli import UserError
 
 META_NAME = "meta.json"
 IMAGE_ENCODINGS = {

@@ -12,7 +12,7 @@ widths): its share of the parameters plus its share of the multiply-accumulates 
 the next layer's input channel), normalised so that the mean weight over the live channels is 1, so rho keeps its
 meaning.
 
-`SlimmingStep` is the student's step for `utils.trainer.Trainer`: the discriminator's real samples are the stored
+`SlimmingStep` is the student's step for `utils.run.trainer.Trainer`: the discriminator's real samples are the stored
 teacher images with their labels, and the student's loss is beta * distillation + GAN loss (non-saturating, or the
 recipe's `--loss`, with its `--augment` on teacher and student images alike).
 """
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from models import PRUNABLE_LAYERS
-from utils.distributed import global_mean
-from utils.gan import d_loss, g_loss, generate
-from utils.precision import FP32
-from utils.trainer import TrainingStep
-from utils.training import batches_from
+from utils.gan.steps import d_loss, g_loss, generate
+from utils.run.distributed import global_mean
+from utils.run.lifecycle import batches_from
+from utils.run.precision import FP32
+from utils.run.trainer import TrainingStep
 
 DISTILL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
 PENALTIES = ("uniform", "cost")  # L1 weight per channel: the same for all, or by the channel's cost
@@ -163,14 +163,14 @@ def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distil
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
     step on the channel scales (weighted per layer by `channel_costs` when `penalty` is "cost") and the pinning
     of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales).
-    The forward passes run in `precision` (utils/precision.py); losses and updates in float32."""
+    The forward passes run in `precision` (utils/run/precision.py); losses and updates in float32."""
     z, labels, target = batch
     forward_g, forward_d = precision.wrap(G), precision.wrap(D)
     fake = forward_g(z, labels)
     optimizers["d"].zero_grad(set_to_none=True)
     if recipe is None:  # teacher images are the real ones
         discriminator_loss = d_loss(forward_d(target, labels), forward_d(fake.detach(), labels))
-    else:  # the recipe's loss and augmentation (utils/recipe.py)
+    else:  # the recipe's loss and augmentation (utils/gan/recipe.py)
         discriminator_loss = recipe.d_loss(forward_d, target, labels, fake.detach(), labels)
     discriminator_loss.backward()
     optimizers["d"].step()

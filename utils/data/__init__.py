@@ -1,0 +1,6 @@
+"""Data: what the stages read, and the public/private partition.
+
+- datasets.py   datasets, the partition and its fingerprints, `EpochBatches`, `model_shape` / `check_data_fits`
+- folders.py    a user's image folder or CIFAR-10: listing, checks, decoding, the fingerprinted decode cache
+- distill.py    the distillation set (stage 2 -> stage 3): its files and loader
+"""
