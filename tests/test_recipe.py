@@ -264,7 +264,8 @@ def test_recipe_probe_measures_the_live_generator_and_its_average(tiny_data_root
     import math
     import os
     from conftest import ROOT, TINY_D, TINY_G, tiny_data_args
-    spec = importlib.util.spec_from_file_location("recipe_probe", os.path.join(ROOT, "benchmarks", "recipe_probe.py"))
+    spec = importlib.util.spec_from_file_location("recipe_probe",
+                                                  os.path.join(ROOT, "benchmarks", "probes", "recipe_probe.py"))
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     argv = [*tiny_data_args(tiny_data_root), "--out", str(tmp_path), "--results-dir", str(tmp_path / "res"),

@@ -5,11 +5,12 @@ Needs its own venv (executorch pulls torchao, coremltools, pandas, scikit-learn)
 
     python3 -m venv /work/venv-et
     /work/venv-et/bin/pip install torch==2.14.1 torchvision==0.29.1 executorch
-    OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-et/bin/python benchmarks/probe_executorch.py --widths 96 48 24
+    OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-et/bin/python benchmarks/probes/probe_executorch.py --widths 96 48 24
 
 PT2E calibrates its own activation ranges on the float model of the compact widths, so the int8 program is not
 our grid (not bit-comparable with the compact model); it is here for size and speed. Batch sizes are static (one
-program per batch size): a dynamic batch dimension failed to resize at run time (DESIGN section 5).
+program per batch size): a dynamic batch dimension failed to resize at run time (benchmarks/results/runtime_choice.md,
+"ExecuTorch 1.5.1 (XNNPACK): not chosen"; docs/DESIGN.md, "GAN Slimming and compression").
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from models import Generator  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -45,7 +45,7 @@ PROTOCOLS = {"quick": QUICK_PROTOCOL, "full": PROTOCOL}
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__, "OMP_NUM_THREADS=1 python benchmarks/recipe_probe.py --steps 600 --loss hinge "
+    parser = make_parser(__doc__, "OMP_NUM_THREADS=1 python benchmarks/probes/recipe_probe.py --steps 600 --loss hinge "
                                   "--augment translation,cutout --ema-decay 0.995")
     group = parser.add_argument_group("recipe")
     group.add_argument("--steps", type=positive_int, default=600, help="discriminator updates (real batches)")

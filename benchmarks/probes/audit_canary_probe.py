@@ -1,6 +1,6 @@
 """Which canaries does a non-private GAN discriminator remember? The probe that chose the audit's canary kind.
 
-A stripped-down, non-private version of an audit run (issue 13, docs/DESIGN.md "Privacy audit"): from a compact
+A stripped-down, non-private version of an audit run (issue 13, docs/DESIGN.md, "Privacy"): from a compact
 checkpoint's generator and discriminator, plain Adam (no clipping, no noise) trains D on a seeded subset of the
 private split plus the included half of m canaries (Poisson batches, fresh fakes each step) and, unless
 --freeze-generator, G every fifth step; then the AUC of members against non-members of D's logit on each canary,
@@ -13,7 +13,7 @@ fakes; what `utils.privacy.audit.generated_canaries` does), fakewrong (fake with
 Results of every run made: benchmarks/results/audit_canaries.md.
 
 example:
-  OMP_NUM_THREADS=1 python benchmarks/audit_canary_probe.py --kind faketrain --subset 100 --steps 1200 \\
+  OMP_NUM_THREADS=1 python benchmarks/probes/audit_canary_probe.py --kind faketrain --subset 100 --steps 1200 \\
       --lr-d 1e-3 --freeze-generator --compact runs/compact/latest
 """
 import argparse
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from utils.data.datasets import load_split, seeded_subset, to_unit_range  # noqa: E402
 from utils.gan.steps import d_loss, g_loss, random_inputs  # noqa: E402
 from utils.privacy.audit import rank_auc  # noqa: E402

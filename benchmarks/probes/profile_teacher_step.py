@@ -6,14 +6,14 @@ the generator's forward+backward spent in convolution ops (torch.profiler). Then
 transposed convolutions alone, forward+backward, in the default memory layout and in channels-last. Medians of
 --repeats calls after one warm-up call. Prints a table and writes JSON to benchmarks/results/.
 
-  OMP_NUM_THREADS=1 python benchmarks/profile_teacher_step.py --threads 1
+  OMP_NUM_THREADS=1 python benchmarks/probes/profile_teacher_step.py --threads 1
 """
 import os
 import platform
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -29,7 +29,7 @@ CONV_OPS = ("convolution", "conv_transpose", "mkldnn_convolution")  # substrings
 
 
 def parse_args(argv=None):
-    parser = make_parser(__doc__, "python benchmarks/profile_teacher_step.py --batch-size 32")
+    parser = make_parser(__doc__, "python benchmarks/probes/profile_teacher_step.py --batch-size 32")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per step")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per measurement")
     parser.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default)")

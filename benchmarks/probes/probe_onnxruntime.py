@@ -3,7 +3,7 @@ as `generator.onnx` (utils/compression/runtime.py) and run by ONNX Runtime, besi
 in ONNX Runtime and the compact model in eager torch, all in one process. Random weights: cost does not depend on
 them.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_onnxruntime.py --widths 96 48 24 --bits 8 4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probes/probe_onnxruntime.py --widths 96 48 24 --bits 8 4
 """
 import argparse
 import json
@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from models import Generator  # noqa: E402
 from utils.compression import runtime  # noqa: E402
 from utils.compression.cost import measure_speed, state_dict_bytes  # noqa: E402
