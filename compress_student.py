@@ -114,7 +114,7 @@ def make_checkpoint(args, student_checkpoint, compact, compression, teacher_dir)
 
 def write_report(run: Run, args, models: dict, student_checkpoint, teacher_info, check: dict) -> dict:
     """The device artifacts, compression.json/png, samples.png and the metrics record; the compression entry."""
-    teacher, student, compact = models["teacher"], models["student"], models["compact"]
+    student, compact = models["student"], models["compact"]
     deploy = write_device_artifacts(run.run_dir, compact, args.seed)
     rows = cost_report(args, models, run.run_dir)
     compression = {**summary(student, compact), **check, "check_samples": args.check_samples,
