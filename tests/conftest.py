@@ -174,8 +174,8 @@ def tiny_student_run(tiny_distill_run):
 
 
 def check_sample_grid(path, tiles: int, nrow: int = 10) -> np.ndarray:
-    """A sample grid PNG (utils/plots.save_samples: 28x28 tiles, 2-pixel white padding) holds `tiles` tiles in
-    rows of `nrow` (the white padding lines sit where that layout puts them), the image is not constant and not
+    """A sample grid PNG (utils/evaluation/plots.save_samples: 28x28 tiles, 2-pixel white padding) holds `tiles` tiles
+    in rows of `nrow` (the white padding lines sit where that layout puts them), the image is not constant and not
     every tile is the same image; returns the tiles as a (tiles, 28, 28) array. (A barely trained generator's
     tiles may each be nearly flat grey once saved as 8 bits, so single tiles are not required to vary.)"""
     from PIL import Image
