@@ -53,9 +53,14 @@ def tiny_data_args(data_root):
     return ["--data-root", data_root, "--public-size", str(TINY_PUBLIC)]
 
 
+# The suite runs in float32 on every machine (a CPU with native bf16 would otherwise pick it: --precision auto);
+# tests/test_precision.py runs bf16 where it tests it.
+FP32 = ("--precision", "fp32")
+
+
 def teacher_argv(data_root, out, *extra):
     return ["--out", out, *tiny_data_args(data_root), "--g-channels", *TINY_G, "--d-channels", *TINY_D,
-            "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--device", "cpu", *extra]
+            "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--device", "cpu", *FP32, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +151,7 @@ def handmade_pipeline(tmp_path):
 
 
 def distill_argv(out, *extra):
-    return ["--out", out, "--num-samples", "200", "--batch-size", "64", "--device", "cpu", *extra]
+    return ["--out", out, "--num-samples", "200", "--batch-size", "64", "--device", "cpu", *FP32, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +165,7 @@ def tiny_distill_run(tiny_teacher_run):
 
 def student_argv(out, distill_dir, *extra):
     return ["--out", out, "--distill-dir", distill_dir, "--batch-size", "16", "--max-steps", "4",
-            "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu", *extra]
+            "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu", *FP32, *extra]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import evaluate
-from conftest import tiny_data_args
+from conftest import FP32, tiny_data_args
 from models import Generator
 from utils.compression import deploy, runtime
 from utils.data.datasets import load_split, seeded_subset, subset_ids, to_unit_range
@@ -160,7 +160,7 @@ def eval_argv(data_root, out, *extra):
             "--num-downstream-samples", "240", "--downstream-epochs", "1", "--classifier-epochs", "1",
             "--audit-samples", "100",
             "--audit-members", "50", "--latency-repeats", "2", "--throughput-repeats", "1", "--max-steps", "5",
-            *extra]
+            *FP32, *extra]
 
 
 def test_evaluate_writes_every_output_with_a_row_per_run(tiny_data_root, tiny_teacher_run, tmp_path, capsys,

@@ -6,13 +6,16 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import train_teacher
 from conftest import ROOT, teacher_argv
 from utils.privacy.ledger import epsilon
 from utils.run.checkpoint import load_checkpoint, read_metrics
+from utils.run.precision import bf16_support
 
+BF16_ATOL = 1e-3  # bf16 rounds activations to 8 bits of mantissa: sharding the batch may round otherwise
 HANG_GUARD_S = 300  # a launch that takes longer than this is hanging, not slow
 DP_FLAGS = ["--dp", "--split", "private", "--d-steps-per-g-step", "2", "--log-every", "1"]
 
@@ -57,6 +60,21 @@ def test_two_process_teacher_equals_one_process(tiny_data_root, tmp_path):
               for run in (one, two)]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # the global batch's losses, logged once
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+
+
+def test_two_process_bf16_teacher_equals_one_process(tiny_data_root, tmp_path):
+    """bf16 autocast under torchrun: the global-batch BatchNorm takes bfloat16 activations (its statistics stay
+    float32) and the two processes train what one does, to bf16's precision."""
+    if not bf16_support(torch.device("cpu"))[0]:
+        pytest.skip("this CPU has no native bf16: --precision bf16 is refused")
+    argv = teacher_argv(tiny_data_root, str(tmp_path / "two"), "--max-steps", "4", "--precision", "bf16")
+    code, output = finished(torchrun(*argv))
+    assert code == 0, output
+    one = train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, str(tmp_path / "one"),
+                                                                   "--max-steps", "4", "--precision", "bf16")))
+    a, b = load_checkpoint(one), load_checkpoint(os.path.join(str(tmp_path / "two"), "teacher", "latest"))
+    assert a["precision"] == b["precision"] and a["precision"].startswith("bf16")
+    assert_same_models(a, b, atol=BF16_ATOL)
 
 
 def kill_one_worker_at(out: str, step: int, launcher: subprocess.Popen):

@@ -270,7 +270,9 @@ class _SumOverRanks(torch.autograd.Function):
 
 def _global_batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Batch normalisation with the mean and (biased) variance of the global batch; running stats updated with the
-    unbiased variance, as nn.BatchNorm does."""
+    unbiased variance, as nn.BatchNorm does. The statistics are float32 (under bf16 autocast the activations
+    arrive as bfloat16; the running stats are float32), the output has the input's dtype."""
+    dtype, x = x.dtype, x.float()
     dims = [d for d in range(x.dim()) if d != 1]
     count = torch.tensor([float(x.numel() // x.shape[1])], dtype=x.dtype, device=x.device)
     sums = _SumOverRanks.apply(torch.cat([x.sum(dims), count]))
@@ -282,7 +284,7 @@ def _global_batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     if norm.track_running_stats and norm.running_mean is not None:
         _update_running_stats(norm, mean.detach(), var.detach() * count / (count - 1).clamp(min=1))
     y = centred * torch.rsqrt(var + norm.eps).view(shape)
-    return y * norm.weight.view(shape) + norm.bias.view(shape) if norm.affine else y
+    return (y * norm.weight.view(shape) + norm.bias.view(shape) if norm.affine else y).to(dtype)
 
 
 @torch.no_grad()
