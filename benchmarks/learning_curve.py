@@ -59,11 +59,13 @@ def parse_args(argv=None):
 
 
 def checkpoints_of(run_dir: str) -> dict:
-    """{step: file} of the run's snapshots and its final checkpoint."""
+    """{step: file} of the run's snapshots and its final checkpoint; a run still short of its --max-steps (in
+    progress, or interrupted) gives its snapshots only."""
     found = {int(re.search(r"snapshot-(\d+)\.pt$", path).group(1)): path
              for path in glob.glob(os.path.join(run_dir, "snapshot-*.pt"))}
     final = load_checkpoint(run_dir)
-    found.setdefault(final["step"], os.path.join(run_dir, CHECKPOINT_NAME))
+    if final["step"] >= (final["args"].get("max_steps") or 0):
+        found.setdefault(final["step"], os.path.join(run_dir, CHECKPOINT_NAME))
     return dict(sorted(found.items()))
 
 

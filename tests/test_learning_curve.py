@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import torch
+
 import evaluate
 import train_student
 import train_teacher
@@ -60,3 +62,14 @@ def test_student_curve_has_the_distillation_loss(tiny_distill_run, tiny_data_roo
     losses = [state["rows"][step]["distill_loss"] for step in ("2", "4")]
     assert all(loss > 0 for loss in losses) and losses[0] != losses[1]
     assert "distillation L1" in open(tmp_path / "results" / "curve.md").read()
+
+
+def test_a_run_short_of_its_stop_gives_its_snapshots_only(tiny_data_root, tmp_path):
+    run_dir = train_teacher.main(train_teacher.parse_args(teacher_argv(
+        tiny_data_root, str(tmp_path / "run"), "--max-steps", "3", "--snapshot-steps", "2")))
+    assert list(learning_curve.checkpoints_of(run_dir)) == [2, 3]
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    state["args"]["max_steps"] = 10  # as if it were killed at step 3 of 10
+    torch.save(state, checkpoint)
+    assert list(learning_curve.checkpoints_of(run_dir)) == [2]
