@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Quick preset: all five stages and the evaluation on real Fashion-MNIST (public pre-training route, epsilon 10).
-# Batch 32 for teacher and student: more updates in the same time, measured better than batch 64 (README, Results).
+# Batch 32 for teacher and student: more updates in the same time, measured better than batch 64 (docs/RESULTS.md, "How the preset was chosen").
 # The evaluation skips the student: it computes what the compact model computes (compress_student.py checks it).
 pipeline: setup
 	$(PY) train_teacher.py --out $(OUT) --batch-size 32 --max-steps 1000 --desc quick
@@ -38,7 +38,7 @@ pipeline: setup
 	$(PY) evaluate.py --out $(OUT) --quick --runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
 	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
 
-# The original research settings (hours on 2 CPU cores; see README for the measured per-stage times).
+# The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings").
 reproduce: setup
 	$(PY) train_teacher.py --out $(OUT) --epochs 30 --batch-size 128
 	$(PY) create_dataset.py --out $(OUT) --num-samples 200000

@@ -65,7 +65,7 @@ def parse_args(argv=None):
     group.add_argument("--dp", action="store_true",
                        help="train on the private split with DP-SGD on the discriminator (needs --split private)")
     add_dp_args(parser, default_target_epsilon=5.0)
-    add_recipe_args(parser, ema_decay=TEACHER_EMA_DECAY, ema_help=" (measured with and without --dp: README, Results)")
+    add_recipe_args(parser, ema_decay=TEACHER_EMA_DECAY, ema_help=" (measured with and without --dp: docs/RESULTS.md)")
     add_common_args(parser)
     add_resume_arg(parser)
     args = parser.parse_args(argv)
