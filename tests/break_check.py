@@ -41,6 +41,8 @@ U, UR = "tests/test_audit.py", "tests/test_audit_run.py"
 I, S = "tests/test_folder_data.py", "tests/test_model_shapes.py"
 O = "tests/test_discriminator_options.py"
 PR = "tests/test_precision.py"
+Q = "tests/test_dp_sampling.py::test_poisson_batches_of_a_dp_step_are_drawn_at_the_ledgers_q"
+QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -59,6 +61,22 @@ BREAKS = [
     Break("clipping-off", "utils/privacy/dp.py", "max_grad_norm=config.max_grad_norm, poisson_sampling",
           "max_grad_norm=1e6, poisson_sampling", (N + "::test_every_grad_sample_mode_clips_each_pair_exactly",),
           "per-sample gradients are clipped to a norm that never binds"),
+    # ------------------------------------------------------------ the Poisson batches are drawn at the ledger's q
+    Break("dp-poisson-rate-doubled", "utils/privacy/dp.py", "DPDataLoader(SplitDataset(split), sample_rate=self.",
+          "DPDataLoader(SplitDataset(split), sample_rate=2 * self.", (Q, QDIST),
+          "the sampler draws the Poisson batches at twice the q the accountant and the ledger are told"),
+    Break("dp-accountant-q-of-the-loader", "utils/privacy/dp.py",
+          "get_optimizer_hook_fn(sample_rate=self.sample_rate)", "get_optimizer_hook_fn(sample_rate=1 / len(self.loader))",
+          (Q,), "the accountant composes Opacus's 1/int(1/q), not the q the batches are drawn at and the ledger holds"),
+    Break("dp-rank-draws-its-own-sample", "utils/privacy/dp.py",
+          "self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)",
+          "self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET + (torch.distributed.get_rank() "
+          "if torch.distributed.is_initialized() else 0))", (QDIST,),
+          "under torchrun each rank draws its own Poisson sample and trains on its part of it: the ranks' parts "
+          "together are no Poisson sample of the split, and the ranks disagree on the batch size"),
+    Break("dp-rank-keeps-the-whole-sample", "utils/privacy/dp.py", "mine, n_global = local_poisson_batch(indices)",
+          "mine, n_global = list(indices), len(indices)", (QDIST,),
+          "under torchrun every rank trains on the whole Poisson batch: each sampled record counts once per rank"),
     # ------------------------------------------------------------ DP-SGD never trains a D that mixes samples
     Break("dp-accepts-minibatch-std", "utils/privacy/dp.py", "        check_private_discriminator(D)  # before Opacus",
           "        #", (O + "::test_private_discriminator_refuses_the_std_layer",),

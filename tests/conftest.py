@@ -197,3 +197,36 @@ def check_sample_grid(path, tiles: int, nrow: int = 10) -> np.ndarray:
     assert cells.std() > 0 and (cells != 255).any(), "a blank or constant grid"
     assert np.abs(cells - cells[0]).max() > 0, "every tile is the same image"
     return cells
+
+
+# ---------------------------------------------------------------- Poisson batches against the ledger's q
+
+STANDARD_ERRORS = 5.0  # a realised statistic this far from its expectation fails (flaky about once in 10^6 runs)
+
+
+def check_poisson_batch_sizes(sizes, n: int, q: float):
+    """`sizes` (many draws) are Binomial(n, q): their mean within 5 standard errors of q*n and their standard
+    deviation within 5 standard errors of sqrt(n q (1 - q)). The standard error of the sample standard deviation
+    s over T draws is about sigma/2 * sqrt((2 + kurtosis excess) / T), the binomial's excess being
+    (1 - 6 q (1 - q)) / (n q (1 - q)). A batch drawn at twice the rate fails by tens of standard errors."""
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    draws, variance = len(sizes), n * q * (1 - q)
+    sigma, excess = variance ** 0.5, (1 - 6 * q * (1 - q)) / variance
+    mean_error = (variance / draws) ** 0.5
+    std_error = sigma / 2 * ((2 + excess) / draws) ** 0.5
+    mean, std = sizes.mean().item(), sizes.std().item()
+    assert abs(mean - q * n) <= STANDARD_ERRORS * mean_error, \
+        f"mean batch {mean:.3f} over {draws} draws, expected q*N = {q * n:.3f} (standard error {mean_error:.4f})"
+    assert abs(std - sigma) <= STANDARD_ERRORS * std_error, \
+        f"batch size std {std:.3f} over {draws} draws, expected sqrt(N q (1-q)) = {sigma:.3f} " \
+        f"(standard error {std_error:.4f})"
+
+
+def check_inclusion_counts(counts, draws: int, q: float):
+    """Each of the n records was in `counts[i]` of `draws` Poisson batches: Binomial(draws, q) each, so none
+    further than 5.5 standard errors from q*draws (about 1.5e-5 chance over 400 records): a sampler that skips
+    part of the split, or favours part of it, fails."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    error = (draws * q * (1 - q)) ** 0.5
+    worst = (counts - q * draws).abs().max().item()
+    assert worst <= 5.5 * error, f"a record's inclusion count is {worst / error:.1f} standard errors from q*T"

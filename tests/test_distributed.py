@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import check_inclusion_counts, check_poisson_batch_sizes
 from models import Discriminator, Generator
 from models.generator import PrunableBatchNorm2d
 from utils.data.datasets import EpochBatches, ImageSplit
@@ -24,6 +25,7 @@ BATCH, STEPS = 8, 2
 FEATURES = 40  # the linear model of the DP scenarios
 NOISE_FEATURES = 20000  # enough coordinates to measure the noise's std to about 1 %
 SIGMA, CLIP = 1.0, 1.0
+POISSON_N, POISSON_BATCH, POISSON_DRAWS = 400, 32, 2000  # the DP step's Poisson batches: q = 0.08
 
 
 # ---------------------------------------------------------------- scenarios (run in 1 and in 2 processes)
@@ -137,7 +139,50 @@ def dp_accounting(num_samples: int = 64, steps: int = 3) -> dict:
             "weight": optimizer.params[0].detach().clone()}
 
 
-SCENARIOS = {"gan": gan_steps_distributed, "dp": dp_gradients, "accounting": dp_accounting}
+def indexed_split(n: int) -> ImageSplit:
+    """A private split of n images whose first two pixels spell their index, with its partition."""
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0], images[:, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
+    split = ImageSplit(images, torch.arange(n) % 10, "tiny", "private", torch.arange(n), "memory", {})
+    split.partition = {"dataset": "tiny", "private_fingerprint": split.fingerprint}
+    return split
+
+
+def record_indices(images: torch.Tensor) -> list:
+    """The indices of `indexed_split` records from their images as a batch hands them over ([-1, 1])."""
+    pixels = torch.round((images[:, 0, 0, :2] + 1) * 127.5).long()
+    return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
+
+
+def dp_poisson_draws() -> dict:
+    """POISSON_DRAWS Poisson batches from the DP stage's own path (`DPStep.batches`, built as fine_tune.py builds
+    it, on every rank): the records of this rank's part of each, the global size, then one DP step's accountant
+    history and the ledger's q."""
+    from utils.privacy import dp
+    from utils.privacy.ledger import new_ledger
+    from utils.run.lifecycle import Run, TrainConfig
+    split = indexed_split(POISSON_N)
+    config = dp.DPConfig(noise_multiplier=SIGMA, accountant="rdp")
+    train = TrainConfig(batch_size=POISSON_BATCH, epochs=1, seed=0)
+    ledger = new_ledger(split.partition)
+    plan = dp.plan_run(config, train, split, ledger)
+    G, D = tiny_gan()
+    optimizers = {"g": adam(G), "d": adam(D)}
+    distributed.data_parallel([G, D], [optimizers["g"]])
+    step = dp.DPStep(G, D, optimizers, split, ledger, plan, config, train,
+                     Run(os.path.join("never-written", "00000-test"), "private"))
+    records, sizes = [], []
+    for images, _, n_global in step.batches(0, POISSON_DRAWS):
+        records.append(record_indices(images))
+        sizes.append(n_global)
+    step.pd.empty_step()
+    step.record()
+    return {"records": records, "n_global": sizes, "history": step.pd.history,
+            "ledger_q": ledger["mechanisms"][0]["sample_rate"]}
+
+
+SCENARIOS = {"gan": gan_steps_distributed, "dp": dp_gradients, "accounting": dp_accounting,
+             "poisson": dp_poisson_draws}
 
 
 # ---------------------------------------------------------------- the 2-process launch
@@ -283,6 +328,26 @@ def test_dp_poisson_batches_and_accounting_match_one_process(two_processes, one_
     for result in two_processes:
         assert result["accounting"]["history"] == reference["history"] == [(SIGMA, BATCH / 64, 3)]
         torch.testing.assert_close(result["accounting"]["weight"], reference["weight"], atol=1e-7, rtol=1e-5)
+
+
+def test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q(two_processes, one_process):
+    """The DP stage's batches under torchrun: the ranks' parts of every draw, put together in rank order, are the
+    one Poisson sample a single process draws (no record on two ranks, none missing, the same global size on every
+    rank), their sizes are Binomial(N, q) and every record goes in at rate q, with the q of the ledger and of the
+    accountant's history on every rank."""
+    reference, ranks = one_process["poisson"], [result["poisson"] for result in two_processes]
+    q = reference["ledger_q"]
+    assert q == POISSON_BATCH / POISSON_N and reference["history"] == [(SIGMA, q, 1)]
+    for result in ranks:
+        assert result["ledger_q"] == q and result["history"] == reference["history"]
+        assert result["n_global"] == reference["n_global"]
+    together = [first + second for first, second in zip(ranks[0]["records"], ranks[1]["records"])]
+    assert together == reference["records"]
+    assert [len(set(batch)) for batch in together] == [len(batch) for batch in together] == reference["n_global"]
+    check_poisson_batch_sizes([len(batch) for batch in together], POISSON_N, q)
+    counts = torch.bincount(torch.tensor([i for batch in together for i in batch]), minlength=POISSON_N)
+    assert len(counts) == POISSON_N
+    check_inclusion_counts(counts, POISSON_DRAWS, q)
 
 
 def worker_whose_peer_dies(rank: int, port: int, out_dir: str):
