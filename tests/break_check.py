@@ -43,6 +43,7 @@ O = "tests/test_discriminator_options.py"
 PR = "tests/test_precision.py"
 Q = "tests/test_dp_sampling.py::test_poisson_batches_of_a_dp_step_are_drawn_at_the_ledgers_q"
 QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q"
+FR = "tests/test_fake_reuse.py"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -66,7 +67,8 @@ BREAKS = [
           "DPDataLoader(SplitDataset(split), sample_rate=2 * self.", (Q, QDIST),
           "the sampler draws the Poisson batches at twice the q the accountant and the ledger are told"),
     Break("dp-accountant-q-of-the-loader", "utils/privacy/dp.py",
-          "get_optimizer_hook_fn(sample_rate=self.sample_rate)", "get_optimizer_hook_fn(sample_rate=1 / len(self.loader))",
+          "get_optimizer_hook_fn(sample_rate=self.sample_rate)",
+          "get_optimizer_hook_fn(sample_rate=1 / len(self.loader))",
           (Q,), "the accountant composes Opacus's 1/int(1/q), not the q the batches are drawn at and the ledger holds"),
     Break("dp-rank-draws-its-own-sample", "utils/privacy/dp.py",
           "self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)",
@@ -77,6 +79,40 @@ BREAKS = [
     Break("dp-rank-keeps-the-whole-sample", "utils/privacy/dp.py", "mine, n_global = local_poisson_batch(indices)",
           "mine, n_global = list(indices), len(indices)", (QDIST,),
           "under torchrun every rank trains on the whole Poisson batch: each sampled record counts once per rank"),
+    # ------------------------------------------------------------ --reuse-fakes: one pool of fakes per generator step
+    Break("fakes-reused-across-a-generator-step", "utils/privacy/dp.py", "            self.pool.refresh()",
+          "            pass", (FR + "::test_one_pool_per_generator_step_drawn_from_the_current_generator",),
+          "the pool is not refreshed after a generator step: D keeps training on fakes of an older generator"),
+    Break("pool-fakes-not-used", "utils/privacy/dp.py",
+          "    if pool is None:\n        z, fake_labels = local_random_inputs",
+          "    if True:\n        z, fake_labels = local_random_inputs",
+          (FR + "::test_reused_fakes_every_mode_clips_each_pair_exactly",),
+          "with --reuse-fakes the D step still draws fresh fakes: the pool is drawn and ignored"),
+    Break("pool-not-grown-for-a-larger-batch", "utils/privacy/dp.py",
+          "while self.fakes is None or len(self.fakes) < n_global:", "while self.fakes is None:",
+          (FR + "::test_reused_fakes_every_mode_clips_each_pair_exactly",
+           FR + "::test_pool_grows_by_whole_chunks_and_is_kept_until_refreshed"),
+          "a Poisson batch larger than the pool gets fewer fakes than real examples"),
+    Break("pool-drawn-only-for-non-empty-batches", "utils/privacy/dp.py",
+          "    if pool is not None:  # drawn even", "    if pool is not None and n_global:  # drawn even",
+          (FR + "::test_an_empty_batch_still_draws_the_pool",),
+          "whether a pool is drawn (and the generator's BatchNorm statistics move) depends on the Poisson batch"),
+    Break("fake-pool-not-saved", "utils/privacy/dp.py",
+          'pool = {} if self.pool is None else {"fake_pool": self.pool.state_dict()}', "pool = {}",
+          (FR + "::test_reuse_fakes_resume_equals_uninterrupted",), "the checkpoint lacks the pool of fakes"),
+    Break("fake-pool-redrawn-on-resume", "utils/privacy/dp.py",
+          'self.pool.load_state_dict(checkpoint["dp"].get("fake_pool"), self.device)', "self.pool.refresh()",
+          (FR + "::test_reuse_fakes_resume_equals_uninterrupted",),
+          "a resumed --reuse-fakes run draws its pool again instead of reading it back: another run"),
+    Break("fakes-reused-when-off", "utils/privacy/dp.py", "if config.reuse_fakes else None", "if True else None",
+          (FR + "::test_off_is_bit_identical_to_the_code_before_the_option",
+           FR + "::test_off_draws_fresh_fakes_every_d_step"),
+          "without --reuse-fakes the runs are no longer the code's before the option"),
+    Break("pool-parts-not-gathered", "utils/run/distributed.py",
+          "    if not is_distributed():\n        return local\n    bounds",
+          "    if True:\n        return local\n    bounds",
+          (DIST + "::test_two_process_fake_pool_is_the_one_process_pool",),
+          "under torchrun each rank keeps only its own part of the pool: a batch's first n fakes are not the pool's"),
     # ------------------------------------------------------------ DP-SGD never trains a D that mixes samples
     Break("dp-accepts-minibatch-std", "utils/privacy/dp.py", "        check_private_discriminator(D)  # before Opacus",
           "        #", (O + "::test_private_discriminator_refuses_the_std_layer",),

@@ -181,8 +181,23 @@ def dp_poisson_draws() -> dict:
             "ledger_q": ledger["mechanisms"][0]["sample_rate"]}
 
 
+def fake_pool_draws() -> dict:
+    """--reuse-fakes' pool (utils/privacy/dp.py's FakePool) of 5 fakes of the tiny generator under data_parallel: a
+    batch of 7 (the pool grows to two chunks, 10 fakes), then one of 3. This rank's fakes of each batch, the whole
+    pool, the generator's BatchNorm running statistics and the latent stream's state."""
+    from utils.privacy.dp import FakePool
+    G, _ = tiny_gan()
+    distributed.data_parallel([G])
+    pool, rng = FakePool(5), torch.Generator().manual_seed(1)
+    first, first_labels = pool.take(G, 7, rng, "cpu")
+    second, _ = pool.take(G, 3, rng, "cpu")
+    running = {key: value for key, value in G.state_dict().items() if "running" in key}
+    return {"first": first, "first_labels": first_labels, "second": second, "pool": pool.fakes,
+            "pool_labels": pool.labels, "running": running, "rng": rng.get_state()}
+
+
 SCENARIOS = {"gan": gan_steps_distributed, "dp": dp_gradients, "accounting": dp_accounting,
-             "poisson": dp_poisson_draws}
+             "poisson": dp_poisson_draws, "fake_pool": fake_pool_draws}
 
 
 # ---------------------------------------------------------------- the 2-process launch
@@ -348,6 +363,22 @@ def test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_
     counts = torch.bincount(torch.tensor([i for batch in together for i in batch]), minlength=POISSON_N)
     assert len(counts) == POISSON_N
     check_inclusion_counts(counts, POISSON_DRAWS, q)
+
+
+def test_two_process_fake_pool_is_the_one_process_pool(two_processes, one_process):
+    """Each rank generates its part of every chunk (BatchNorm statistics of the whole chunk) and gathers the rest:
+    every rank holds the single process's pool, takes its part of each batch's first n, and the generator's running
+    statistics and latent stream are the single process's."""
+    reference, ranks = one_process["fake_pool"], [result["fake_pool"] for result in two_processes]
+    assert len(reference["pool"]) == 10
+    for result in ranks:
+        torch.testing.assert_close(result["pool"], reference["pool"], atol=1e-5, rtol=1e-4)
+        assert torch.equal(result["pool_labels"], reference["pool_labels"])
+        assert_states_close(result["running"], reference["running"])
+        assert torch.equal(result["rng"], reference["rng"])
+    for key in ("first", "first_labels", "second"):
+        together = torch.cat([result[key] for result in ranks])
+        torch.testing.assert_close(together.float(), reference[key].float(), atol=1e-5, rtol=1e-4, msg=key)
 
 
 def worker_whose_peer_dies(rank: int, port: int, out_dir: str):

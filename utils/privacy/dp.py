@@ -13,6 +13,11 @@ parameters.
 - Generator step: the discriminator's per-sample hooks are off, the unwrapped discriminator is called, the loss is
   backpropagated into the generator's parameters only, and no accountant step is taken. The discriminator's
   gradients are cleared at the start of every DP step.
+- Fakes reused (`--reuse-fakes`, off by default): one pool of fakes per generator step (`FakePool`), drawn at the
+  first D step after it, and each D step pairs its n real examples with the pool's first n. The fakes depend only
+  on the generator, which no D step changes, so this is post-processing of the generator as fresh fakes are: each
+  D step still clips every (real i, fake i) pair to C and adds the noise once. The pool's size is fixed by (B, q)
+  alone (B plus 6 standard deviations of the batch size); a larger batch grows it by whole chunks of fresh fakes.
 - Many discriminator steps per generator step (`--d-steps-per-g-step`, Bie, Kamath & Zhang 2023, who use 50-100
   from scratch). Our default of 5 suits the short budget of fine-tuning a pre-trained compact generator, where
   the generator needs to move a little on every pass over the data; raise it for training from scratch.
@@ -24,8 +29,9 @@ parameters.
   influence), and runs Opacus's `ModuleValidator` on every discriminator it is given, with a validator for that
   layer registered here (`register_opacus_validators`).
 - Resume-exact: the Poisson sampler and the noise draw from their own `torch.Generator`s, saved in the checkpoint
-  with the accountant history. Batches are drawn from the sampler directly: a DataLoader iterator draws a seed from
-  the loader's generator (the sampler's) every time it starts, so a resumed run would drift.
+  with the accountant history (with --reuse-fakes, the pool of fakes of the generator step under way too).
+  Batches are drawn from the sampler directly: a DataLoader iterator draws a seed from the loader's generator
+  (the sampler's) every time it starts, so a resumed run would drift.
 """
 import contextlib
 import math
@@ -38,12 +44,12 @@ from tqdm import tqdm
 
 from models.discriminator import MinibatchStdDev
 from utils.data.datasets import SplitDataset
-from utils.gan.steps import d_loss, g_loss, local_random_inputs
+from utils.gan.steps import d_loss, g_loss, local_random_inputs, random_inputs
 from utils.privacy.ledger import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
                                   compose_epsilon, epsilon, history, is_private, record_mechanism)
 from utils.run.cli import UserError, open_unit_float, positive_float, positive_int
-from utils.run.distributed import (global_mean, is_writer, local_poisson_batch, make_private_data_parallel,
-                                   unwrap_data_parallel)
+from utils.run.distributed import (gather_parts, global_mean, is_writer, local_part, local_poisson_batch,
+                                   make_private_data_parallel, unwrap_data_parallel)
 from utils.run.lifecycle import TrainConfig
 from utils.run.trainer import TrainingStep
 
@@ -52,6 +58,7 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 DEFAULT_D_STEPS_PER_G_STEP = 5
 SAMPLER_SEED_OFFSET, NOISE_SEED_OFFSET = 7919, 104729  # the sampler's and the noise's seeds differ from --seed's
+FAKE_POOL_MARGIN = 6  # --reuse-fakes: a pool holds the expected batch plus this many standard deviations of its size
 
 
 def add_dp_args(parser, default_target_epsilon: float):
@@ -70,6 +77,10 @@ def add_dp_args(parser, default_target_epsilon: float):
                        help="discriminator DP steps per generator step (Bie et al. 2023 use 50-100 from scratch)")
     group.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=DEFAULT_GRAD_SAMPLE_MODE,
                        help="how Opacus computes per-sample gradients (see benchmarks/bench_dp_step.py)")
+    group.add_argument("--reuse-fakes", action="store_true",
+                       help="draw the fakes once per generator step and reuse them in its D steps (each D step pairs "
+                            "its n real examples with the pool's first n); the guarantee is unchanged: the fakes "
+                            "depend only on the generator")
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,12 @@ class DPConfig:
     accountant: str = "prv"
     d_steps_per_g_step: int = DEFAULT_D_STEPS_PER_G_STEP
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    reuse_fakes: bool = False  # one pool of fakes per generator step (FakePool) instead of fresh fakes per D step
 
     @classmethod
     def from_args(cls, args) -> "DPConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """From a parsed command line, or a resumed run's saved args (an option newer than the run: its default)."""
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------- the plan: sample rate, steps, noise
@@ -258,6 +271,59 @@ def hooks_off(module):
             module.enable_hooks()
 
 
+# ---------------------------------------------------------------- fakes reused across a generator step
+
+def fake_pool_size(expected_batch: int, sample_rate: float) -> int:
+    """Fakes in one pool (--reuse-fakes): the expected Poisson batch B plus FAKE_POOL_MARGIN standard deviations of
+    its size (Binomial(N, q): sqrt(B (1 - q))), so that a larger batch comes about once in 10^9 D steps. A function
+    of (B, q) alone, never of a realised batch."""
+    return math.ceil(expected_batch + FAKE_POOL_MARGIN * math.sqrt(expected_batch * (1 - sample_rate)))
+
+
+class FakePool:
+    """The fakes of one generator step's D steps (--reuse-fakes).
+
+    Drawn from the generator at the first D step after a generator step (empty Poisson batch or not, so when and how
+    many fakes are drawn never depends on the private data), from the training generator `rng`; a D step on a
+    batch of n takes the pool's first n (fake i goes with real i, clipped together), and `refresh`, after every
+    generator step, drops them. A batch larger than the pool grows it by whole chunks of `size` fresh fakes of the
+    same generator, kept until the refresh, so every real example still has a fake of its own. Under torchrun
+    every rank generates its part of a chunk (the generator's BatchNorm takes the whole chunk's statistics, as in
+    one process) and the parts are gathered: every rank holds the whole pool, as one process would, and takes its
+    part of the first n. Saved in the checkpoint (`state_dict`): drawing it again on resume would move the
+    generator's BatchNorm running statistics a second time."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.fakes = self.labels = None
+
+    def refresh(self):
+        """The generator has changed: the next D step draws a new pool."""
+        self.fakes = self.labels = None
+
+    def take(self, G, n_global: int, rng, device) -> tuple:
+        """(fakes, labels): this process's part of the pool's first `n_global`, the pool drawn or grown first."""
+        while self.fakes is None or len(self.fakes) < n_global:
+            self._grow(G, rng, device)
+        return local_part(self.fakes[:n_global]), local_part(self.labels[:n_global])
+
+    def _grow(self, G, rng, device):
+        z, labels = random_inputs(G, self.size, rng, "cpu")  # every rank draws the whole chunk's inputs
+        with torch.no_grad():
+            fakes = gather_parts(G(local_part(z).to(device), local_part(labels).to(device)), self.size)
+        labels = labels.to(device)
+        self.fakes = fakes if self.fakes is None else torch.cat([self.fakes, fakes])
+        self.labels = labels if self.labels is None else torch.cat([self.labels, labels])
+
+    def state_dict(self):
+        return None if self.fakes is None else {"fakes": self.fakes.cpu(), "labels": self.labels.cpu()}
+
+    def load_state_dict(self, state, device):
+        self.refresh()
+        if state is not None:
+            self.fakes, self.labels = state["fakes"].to(device), state["labels"].to(device)
+
+
 # ---------------------------------------------------------------- the two steps
 
 def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fake_labels):
@@ -279,17 +345,22 @@ def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fa
     return loss
 
 
-def dp_discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng, n_global: int = None):
+def dp_discriminator_step(pd: PrivateDiscriminator, G, real, real_labels, rng, n_global: int = None,
+                          pool: FakePool = None):
     """One DP-SGD step of D on (this process's part of) a Poisson batch of `n_global` examples and as many fresh
-    fakes; the loss of the global batch, or None for an empty one. Under torchrun every rank generates its part of
-    the fakes even when its part of the real batch is empty: G's BatchNorm statistics are the global batch's."""
+    fakes, or with a `pool` (--reuse-fakes) the pool's first `n_global`; the loss of the global batch, or None for
+    an empty one. Under torchrun every rank generates its part of the fakes even when its part of the real batch is
+    empty: G's BatchNorm statistics are the global batch's."""
     n_global = len(real) if n_global is None else n_global
+    if pool is not None:  # drawn even before an empty batch: the pool's draws never depend on the private data
+        fake, fake_labels = pool.take(G, n_global, rng, real.device)
     if n_global == 0:
         pd.empty_step()
         return None
-    z, fake_labels = local_random_inputs(G, n_global, rng, real.device)
-    with torch.no_grad():
-        fake = G(z, fake_labels)
+    if pool is None:
+        z, fake_labels = local_random_inputs(G, n_global, rng, real.device)
+        with torch.no_grad():
+            fake = G(z, fake_labels)
     if len(real) == 0:
         pd.empty_step()  # this rank adds nothing to the clipped sum, but joins the step's all-reduce
         return global_mean(0.0, weight=0)
@@ -325,7 +396,9 @@ class DPStep(TrainingStep):
     step), G every `d_steps_per_g_step` D steps. The ledger is updated in place (this run's mechanism, steps so
     far); the stage's name and the run's are the mechanism's label. `broken_clipping_norm` (audit controls only,
     fine_tune.py --audit-control no-clip) clips at that norm but keeps the noise of `config.max_grad_norm`, while
-    the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find."""
+    the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find. With
+    `config.reuse_fakes` the D steps of a generator step take their fakes from one `FakePool`, dropped after every
+    generator step and saved in the checkpoint."""
 
     def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
                  train: TrainConfig, run, broken_clipping_norm: float = None, recipe=None):
@@ -341,6 +414,8 @@ class DPStep(TrainingStep):
         self.optimizers = {"g": optimizers["g"], "d": self.pd.optimizer}
         self.steps_per_epoch, self.planned_steps = plan.steps_per_epoch, plan.planned_steps
         self.rng = torch.Generator().manual_seed(train.seed)
+        # --reuse-fakes: one pool of fakes per generator step; None: fresh fakes every D step (the default)
+        self.pool = FakePool(fake_pool_size(train.batch_size, plan.sample_rate)) if config.reuse_fakes else None
         self.losses, self.eps = {}, {}
         self.recipe = recipe  # weight average and adaptive D steps (utils/gan/recipe.py); None: every d-th step
 
@@ -355,6 +430,8 @@ class DPStep(TrainingStep):
         self.pd.restore(checkpoint["dp"]["history"], checkpoint["rng"])
         self.rng.set_state(checkpoint["rng"]["train"])
         self.losses = dict(checkpoint["dp"].get("losses", {}))
+        if self.pool is not None:  # the pool of the generator step the run stopped in (None: drawn at the next step)
+            self.pool.load_state_dict(checkpoint["dp"].get("fake_pool"), self.device)
         if self.recipe is not None and "recipe" in checkpoint:
             self.recipe.load_state_dict(checkpoint["recipe"], checkpoint["generator"])
 
@@ -381,20 +458,24 @@ class DPStep(TrainingStep):
 
     def optimize_parameters(self, batch, step: int) -> dict:
         real, labels, n_global = batch
-        d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng, n_global)
+        d_value = dp_discriminator_step(self.pd, self.generator, real, labels, self.rng, n_global, self.pool)
         if d_value is not None:  # an empty Poisson batch has no loss: the last one stands
             self.losses["d_loss"] = d_value
         if self.recipe is None and step % self.config.d_steps_per_g_step == 0:
-            self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
-                                                      self.train.batch_size, self.rng, self.device)
+            self.generator_step()
         elif self.recipe is not None and self.recipe.g_step_due():
             with hooks_off(self.pd.module):  # D's accuracy on fakes reads no private data: no accountant step
                 accuracy = self.recipe.before_g_step(self.generator, self.pd.plain, self.train.batch_size,
                                                      self.device)
-            self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
-                                                      self.train.batch_size, self.rng, self.device)
+            self.generator_step()
             self.recipe.after_g_step(self.generator, accuracy)
         return dict(self.losses)
+
+    def generator_step(self):
+        self.losses["g_loss"] = dp_generator_step(self.pd, self.generator, self.optimizers["g"],
+                                                  self.train.batch_size, self.rng, self.device)
+        if self.pool is not None:  # the generator changed: its old fakes go
+            self.pool.refresh()
 
     def milestone(self, step: int, boundary: bool) -> dict:
         return self.epsilon() if boundary else {}
@@ -409,7 +490,8 @@ class DPStep(TrainingStep):
     def extra_state(self) -> dict:
         self.record()
         recipe = {} if self.recipe is None else {"recipe": self.recipe.state_dict()}
-        return {"dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses)},
+        pool = {} if self.pool is None else {"fake_pool": self.pool.state_dict()}
+        return {"dp": {"history": self.pd.history, "plan": self.plan.as_dict(), "losses": dict(self.losses), **pool},
                 **recipe}
 
 
@@ -417,10 +499,12 @@ def describe_plan(plan: DPPlan, config: DPConfig, batch_size: int, private_size:
     """One paragraph for the log: the mechanism, how sigma was chosen, and the noise generator."""
     p, c = plan, config
     how = f"calibrated to a total epsilon of {c.target_epsilon}" if p.calibrated else "given"
+    reuse = (f" Fakes: one pool of {fake_pool_size(batch_size, p.sample_rate)} per G step, reused by its D steps."
+             if c.reuse_fakes else "")
     if p.calibrated and not is_private(ledger):
         how = f"calibrated to epsilon {c.target_epsilon} for this stage alone (the total is infinite)"
     return (f"DP-SGD on the discriminator: sigma = {p.noise_multiplier:.4f} ({how}), q = {p.sample_rate:.5f} "
             f"(expected batch {batch_size} of {private_size}), C = {c.max_grad_norm}, "
             f"{p.planned_steps} planned D steps ({p.steps_per_epoch}/epoch), {c.d_steps_per_g_step} D steps per "
             f"G step, delta = {c.delta:g}, {c.accountant.upper()} accountant, {c.grad_sample_mode} per-sample "
-            f"gradients. {SECURE_RNG_NOTE}")
+            f"gradients.{reuse} {SECURE_RNG_NOTE}")

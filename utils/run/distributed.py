@@ -185,6 +185,20 @@ def local_part(items):
     return items[start:stop]
 
 
+def gather_parts(local: torch.Tensor, n: int) -> torch.Tensor:
+    """The whole global batch of n items on every rank, from each rank's contiguous part (`local_part`) in rank
+    order: the inverse of `local_part` (the identity in one process). One all_gather, the parts padded to equal
+    length."""
+    if not is_distributed():
+        return local
+    bounds = [shard_bounds(n, part) for part in range(world_size())]
+    padded = local.new_zeros((max(stop - start for start, stop in bounds), *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in bounds]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:stop - start] for part, (start, stop) in zip(parts, bounds)])
+
+
 class ShardedBatches:
     """This rank's part of every global batch of an `EpochBatches`: same length, same epochs, same resume."""
 
