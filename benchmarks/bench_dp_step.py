@@ -11,6 +11,12 @@ expected batch size), and its per-sample norms must match the hand-computed ones
 C is the median per-sample norm, so half of the samples are clipped. The fastest exact mode is reported; it is
 the default --grad-sample-mode of fine_tune.py and train_teacher.py --dp (utils.privacy.dp.DEFAULT_GRAD_SAMPLE_MODE).
 
+The --reuse-fakes variant (rows "<mode>+reuse/<d>", one per mode and per --reuse-fakes-d-steps d): one pool of
+fakes (utils.privacy.dp.FakePool, B plus 6 standard deviations of the batch size) drawn per d D steps, as a run
+with d D steps per G step draws it; its time is that of d D steps, the pool's draw included, over d, against d
+non-DP steps over d (the generator step itself is timed in no row). Its exactness check clips each (real i, pool
+fake i) pair by hand. Every row reports DP samples per second: the batch over the DP step's time.
+
 Goal: the DP step takes at most 2x the non-DP step. Prints a table and writes JSON to benchmarks/results/.
 """
 import copy
@@ -46,6 +52,9 @@ def parse_args(argv=None):
                                   "  python benchmarks/bench_dp_step.py --modes hooks ghost --repeats 50")
     group = parser.add_argument_group("benchmark")
     group.add_argument("--modes", nargs="+", choices=dp.GRAD_SAMPLE_MODES, default=list(dp.GRAD_SAMPLE_MODES))
+    group.add_argument("--reuse-fakes-d-steps", type=positive_int, nargs="*", default=[dp.DEFAULT_D_STEPS_PER_G_STEP],
+                       metavar="D", help="rows of the --reuse-fakes variant of every mode, one pool of fakes per D "
+                                         "D steps (none: no such rows)")
     group.add_argument("--batch-size", type=positive_int, default=128)
     group.add_argument("--g-channels", type=positive_int, nargs=3, default=[96, 48, 24])
     group.add_argument("--bits", type=quant_bits, default=QUANT_BITS)
@@ -105,19 +114,32 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int, device) -> dict:
 
 # ---------------------------------------------------------------- timing
 
-def time_mode(args, mode, split, real, labels, device) -> dict:
-    """Median seconds of the DP step in `mode` and of the non-DP step on the same models and batch."""
+def time_mode(args, mode, split, real, labels, device, reuse_d_steps: int = None) -> dict:
+    """Median seconds of the DP step in `mode` and of the non-DP step on the same models and batch. With
+    `reuse_d_steps` (--reuse-fakes): the time of that many DP steps sharing one pool of fakes, the pool's draw
+    included, against as many non-DP steps, each over the number of steps."""
     G, D = models(args, device)
     G_plain, D_plain = copy.deepcopy(G), copy.deepcopy(D)
     pd = private(D, split, args.batch_size, 1.0, 1.0, mode, device)
     plain_opt = torch.optim.Adam(D_plain.parameters(), 2e-4, betas=(0.5, 0.999))
     rng, plain_rng = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    medians = interleaved_medians({
-        "dp": lambda: dp.dp_discriminator_step(pd, G, real, labels, rng),
-        "non_dp": lambda: steps.nonprivate_discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng),
-    }, args.repeats, args.warmup, device)
-    return {"dp_ms": medians["dp"] * 1e3, "non_dp_ms": medians["non_dp"] * 1e3,
-            "ratio": medians["dp"] / medians["non_dp"]}
+    cycle = reuse_d_steps or 1
+    pool = dp.FakePool(dp.fake_pool_size(args.batch_size, args.batch_size / args.private_size)) \
+        if reuse_d_steps else None
+
+    def dp_step():  # with a pool: a generator step has just replaced the fakes, the first D step draws the pool
+        if pool is not None:
+            pool.refresh()
+        for _ in range(cycle):
+            dp.dp_discriminator_step(pd, G, real, labels, rng, pool=pool)
+
+    def plain_step():
+        for _ in range(cycle):
+            steps.nonprivate_discriminator_step(G_plain, D_plain, plain_opt, real, labels, plain_rng)
+    medians = interleaved_medians({"dp": dp_step, "non_dp": plain_step}, args.repeats, args.warmup, device)
+    dp_s, non_dp_s = medians["dp"] / cycle, medians["non_dp"] / cycle
+    return {"dp_ms": dp_s * 1e3, "non_dp_ms": non_dp_s * 1e3, "ratio": dp_s / non_dp_s,
+            "dp_samples_per_s": len(real) / dp_s}
 
 
 # ---------------------------------------------------------------- exact clipping
@@ -140,16 +162,21 @@ def dp_per_sample_norms(pd) -> torch.Tensor:
     return torch.stack([s.norm(2, dim=1) for s in samples], dim=1).norm(2, dim=1).detach()
 
 
-def check_exact(args, mode, device) -> dict:
-    """Noise 0, C = median norm: the DP gradient against the hand-clipped per-sample sum."""
+def check_exact(args, mode, device, reuse: bool = False) -> dict:
+    """Noise 0, C = median norm: the DP gradient against the hand-clipped per-sample sum (with `reuse`, of each
+    real example and its fake of a --reuse-fakes pool)."""
     G, D = models(args, device)
     n = args.check_batch
     split = synthetic_split(10 * n, args.seed + 1)
     real, labels = split.batch(torch.arange(n))
     real, labels = real.to(device), labels.to(device)
-    z, fake_labels = steps.random_inputs(G, n, torch.Generator().manual_seed(2), device)
-    with torch.no_grad():
-        fake = G(z, fake_labels)
+    if reuse:
+        pool = dp.FakePool(dp.fake_pool_size(n, n / len(split)))
+        fake, fake_labels = pool.take(G, n, torch.Generator().manual_seed(2), device)
+    else:
+        z, fake_labels = steps.random_inputs(G, n, torch.Generator().manual_seed(2), device)
+        with torch.no_grad():
+            fake = G(z, fake_labels)
     grads = reference_grads(copy.deepcopy(D), real, labels, fake, fake_labels)
     norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in grads])
     clip = norms.median().item()
@@ -169,10 +196,11 @@ def check_exact(args, mode, device) -> dict:
             "clip": clip, "clipped_samples": int((norms > clip).sum())}
 
 
-def run_mode(args, mode, split, real, labels, device) -> dict:
-    row = {"mode": mode}
-    for name, fn in (("check", lambda: check_exact(args, mode, device)),
-                     ("timing", lambda: time_mode(args, mode, split, real, labels, device))):
+def run_mode(args, mode, split, real, labels, device, reuse_d_steps: int = None) -> dict:
+    row = {"mode": mode if reuse_d_steps is None else f"{mode}+reuse/{reuse_d_steps}", "grad_sample_mode": mode,
+           "reuse_fakes_d_steps": reuse_d_steps}
+    for name, fn in (("check", lambda: check_exact(args, mode, device, reuse=reuse_d_steps is not None)),
+                     ("timing", lambda: time_mode(args, mode, split, real, labels, device, reuse_d_steps))):
         try:
             row.update(fn())
         except Exception as exc:  # a mode that does not work here is a result, not a crash
@@ -183,21 +211,23 @@ def run_mode(args, mode, split, real, labels, device) -> dict:
 
 
 def fastest_exact(rows) -> str:
-    candidates = [r for r in rows if r["ok"] and r.get("exact")]
+    """The fastest exact grad-sample mode with fresh fakes (the default --grad-sample-mode's candidates)."""
+    candidates = [r for r in rows if r["ok"] and r.get("exact") and r.get("reuse_fakes_d_steps") is None]
     return min(candidates, key=lambda r: r["dp_ms"])["mode"] if candidates else None
 
 
 def format_table(rows) -> str:
-    lines = [f"{'mode':<10} {'DP ms':>9} {'non-DP ms':>10} {'ratio':>7} {'exact':>6} {'grad err':>9}  note"]
+    lines = [f"{'mode':<18} {'DP ms':>9} {'non-DP ms':>10} {'ratio':>7} {'DP samples/s':>13} {'exact':>6} "
+             f"{'grad err':>9}  note"]
     for r in rows:
         if "dp_ms" in r:
-            timing = f"{r['dp_ms']:>9.2f} {r['non_dp_ms']:>10.2f} {r['ratio']:>7.2f}"
+            timing = f"{r['dp_ms']:>9.2f} {r['non_dp_ms']:>10.2f} {r['ratio']:>7.2f} {r['dp_samples_per_s']:>13.0f}"
         else:
-            timing = f"{'-':>9} {'-':>10} {'-':>7}"
+            timing = f"{'-':>9} {'-':>10} {'-':>7} {'-':>13}"
         exact = str(r.get("exact", "-"))
         err = f"{r['grad_rel_err']:.1e}" if "grad_rel_err" in r else "-"
         note = "; ".join(f"{k} failed: {v}" for k, v in r.get("errors", {}).items())
-        lines.append(f"{r['mode']:<10} {timing} {exact:>6} {err:>9}  {note}")
+        lines.append(f"{r['mode']:<18} {timing} {exact:>6} {err:>9}  {note}")
     return "\n".join(lines)
 
 
@@ -212,6 +242,8 @@ def main(args):
     real, labels = split.batch(torch.arange(args.batch_size))
     real, labels = real.to(device), labels.to(device)
     rows = [run_mode(args, mode, split, real, labels, device) for mode in args.modes]
+    rows += [run_mode(args, mode, split, real, labels, device, d) for d in args.reuse_fakes_d_steps
+             for mode in args.modes]
     best = fastest_exact(rows)
     print(format_table(rows))
     best_row = next((r for r in rows if r["mode"] == best), None)
@@ -224,7 +256,8 @@ def main(args):
     result = {"rows": rows, "fastest_exact": best, "ratio_goal": RATIO_GOAL, "default": dp.DEFAULT_GRAD_SAMPLE_MODE,
               "batch_size": args.batch_size, "g_channels": args.g_channels, "bits": args.bits,
               "discriminator": Discriminator().model_args(), "device": str(device),
-              "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "reuse_fakes_d_steps": args.reuse_fakes_d_steps, "torch": torch.__version__,
               "platform": platform.platform(), "processor": platform.processor()}
     os.makedirs(args.results_dir, exist_ok=True)
     path = os.path.join(args.results_dir, f"dp-step-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
