@@ -170,7 +170,8 @@ def test_dp_paths_stay_float32(tiny_data_root, tmp_path, monkeypatch, capsys):
     dp = ["--dp", "--split", "private", "--target-epsilon", "50"]
     refused(train_teacher, teacher_argv(tiny_data_root, out, *dp, "--precision", "bf16"), capsys, out)
     refused(train_teacher, teacher_argv(tiny_data_root, out, *dp, "--minibatch-std", "4"), capsys, out)
-    train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, out, *dp, "--max-steps", "1")))
+    train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, out, *dp, "--max-steps", "1",
+                                                             "--precision", "auto")))
     assert "teacher: precision fp32 (auto: the DP paths stay float32)" in capsys.readouterr().out
 
 
