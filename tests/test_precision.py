@@ -152,7 +152,7 @@ def test_auto_falls_back_to_fp32_where_bf16_is_not_native(tiny_data_root, tmp_pa
     chosen = resolve_precision(None, "cpu")
     assert chosen.name == "fp32" and "auto: this CPU has neither" in chosen.describe()
     auto = load_checkpoint(train_teacher.main(train_teacher.parse_args(teacher_argv(
-        tiny_data_root, str(tmp_path / "auto"), "--max-steps", "3"))), "teacher")
+        tiny_data_root, str(tmp_path / "auto"), "--max-steps", "3", "--precision", "auto"))), "teacher")
     assert "teacher: precision fp32 (auto: this CPU has neither" in capsys.readouterr().out
     fp32 = load_checkpoint(train_teacher.main(train_teacher.parse_args(teacher_argv(
         tiny_data_root, str(tmp_path / "fp32"), "--max-steps", "3", "--precision", "fp32"))), "teacher")
