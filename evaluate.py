@@ -167,11 +167,22 @@ def load_runs(paths) -> list:
 
 
 def row_labels(runs) -> list:
-    """The stage name, with the run number where runs of one stage appear, and `@step` for a snapshot."""
-    run_dirs = {stage: {c["run_dir"] for c in runs if c["stage"] == stage} for stage in GENERATOR_STAGES}
+    """The stage name; where runs of one stage appear, with the run number, or the run's directory name where
+    numbers repeat (runs of other pipelines), or its position; `@step` for a snapshot. Labels are unique."""
+    run_dirs = {stage: sorted({c["run_dir"] for c in runs if c["stage"] == stage}) for stage in GENERATOR_STAGES}
     labels = []
     for c in runs:
-        label = c["stage"] if len(run_dirs[c["stage"]]) == 1 else f"{c['stage']}#{os.path.basename(c['run_dir'])[:5]}"
+        same_stage = run_dirs[c["stage"]]
+        names = [os.path.basename(d) for d in same_stage]
+        name = os.path.basename(c["run_dir"])
+        if len(same_stage) == 1:
+            label = c["stage"]
+        elif len({n[:5] for n in names}) == len(names):
+            label = f"{c['stage']}#{name[:5]}"
+        elif len(set(names)) == len(names):
+            label = f"{c['stage']}#{name}"
+        else:
+            label = f"{c['stage']}#{same_stage.index(c['run_dir']) + 1}"
         labels.append(label + (f"@{c['snapshot']}" if c.get("snapshot") is not None else ""))
     return labels
 

@@ -283,3 +283,18 @@ def test_quick_preset_and_explicit_flags(capsys):
     assert "(Bie et al. 2023)" in evaluate.table_columns(PROTOCOL)[15]
     assert evaluate.main(args) is None
     assert '"num_fd_samples": 123' in capsys.readouterr().out
+
+
+def test_row_labels_are_unique_across_pipelines_and_snapshots():
+    """Runs of one stage from other pipelines may share their number (00000-...) or their whole name: each row
+    still gets its own label (the ratios and the comparison grid are keyed by it)."""
+    def run(path, stage="teacher", snapshot=None):
+        return {"run_dir": path, "stage": stage, "snapshot": snapshot}
+    numbered = [run("/a/teacher/00000-x"), run("/a/teacher/00001-y")]
+    same_number = [run("/a/teacher/00000-fp32"), run("/b/teacher/00000-bf16")]
+    same_name = [run("/a/teacher/00000-quick"), run("/b/teacher/00000-quick")]
+    snapshots = [run("/a/teacher/00000-x", snapshot=2), run("/a/teacher/00000-x"), run("/a/compact/00003-q", "compact")]
+    assert evaluate.row_labels(numbered) == ["teacher#00000", "teacher#00001"]
+    assert evaluate.row_labels(same_number) == ["teacher#00000-fp32", "teacher#00000-bf16"]
+    assert evaluate.row_labels(same_name) == ["teacher#1", "teacher#2"]
+    assert evaluate.row_labels(snapshots) == ["teacher@2", "teacher", "compact"]
