@@ -18,6 +18,28 @@ TINY_G = ["16", "8", "4"]
 TINY_D = ["8", "8"]
 
 
+# The machine on which tests/test_precision.py and tests/test_fake_reuse.py recorded their "before" values.
+RECORDED_ON = ("2.14.1", "x86_64", "AVX512")
+
+
+def skip_unless_recorded_on():
+    """Skip a comparison with values recorded elsewhere: float kernels differ between torch builds and CPUs."""
+    import platform
+    here = (torch.__version__.split("+")[0], platform.machine(), torch.backends.cpu.get_cpu_capability())
+    if here != RECORDED_ON:
+        pytest.skip(f"recorded on {RECORDED_ON}, this is {here}: float kernels may differ")
+
+
+def state_hash(state: dict) -> str:
+    """A short hash of a state dict's names and exact tensor bytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def write_idx(path, array: np.ndarray, compress: bool):
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     opener = gzip.open if compress else open

@@ -9,8 +9,6 @@ code's before the option, bit for bit. Under torchrun: tests/test_distributed.py
 one process).
 """
 import copy
-import hashlib
-import platform
 from dataclasses import replace
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 
 import fine_tune
 import train_teacher
-from conftest import teacher_argv
+from conftest import skip_unless_recorded_on, state_hash, teacher_argv
 from models import Generator
 from test_dp_noise import BATCH, CLIP, build_trainer, clipped_mean
 from test_fine_tune import ft_argv, public_ledger, write_compact
@@ -183,14 +181,6 @@ def test_reuse_fakes_resume_equals_uninterrupted(tiny_data_root, tmp_path, monke
 
 # ---------------------------------------------------------------- off: the code before the option, bit for bit
 
-def state_hash(state: dict) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # 7 steps, 2 D steps per G step, of fine_tune.py and train_teacher.py --dp, recorded with the code before the option
 BEFORE_REUSE = {
     "fine_tune": {"generator": "9fd72ad569419a30", "discriminator": "ad098d55ddb8fc09", "train": "83d90331122ef0db",
@@ -198,7 +188,6 @@ BEFORE_REUSE = {
     "teacher": {"generator": "2f216f44aceea574", "generator_live": "66b471baabc4ceeb",
                 "discriminator": "d76c90be7e4a6d9e", "train": "83d90331122ef0db", "sample": "296a58e3b4dd0d2c",
                 "noise": "35959a844f7bc180"}}
-RECORDED_ON = ("2.14.1", "x86_64", "AVX512")
 
 
 def seven_dp_steps(data_root, out) -> dict:
@@ -220,9 +209,7 @@ def seven_dp_steps(data_root, out) -> dict:
 
 
 def test_off_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch):
-    here = (torch.__version__.split("+")[0], platform.machine(), torch.backends.cpu.get_cpu_capability())
-    if here != RECORDED_ON:
-        pytest.skip(f"recorded on {RECORDED_ON}, this is {here}: float kernels may differ")
+    skip_unless_recorded_on()
     monkeypatch.setattr(fine_tune, "write_device_artifacts", lambda run_dir, G: {})
     assert seven_dp_steps(tiny_data_root, tmp_path / "out") == BEFORE_REUSE
 

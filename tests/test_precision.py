@@ -5,17 +5,16 @@ resume and are read by evaluate.py."""
 import hashlib
 import json
 import os
-import platform
 
 import numpy as np
-import pytest
 import torch
 
 import create_dataset
 import evaluate
 import train_student
 import train_teacher
-from conftest import TINY_PUBLIC, distill_argv, student_argv, teacher_argv, tiny_data_args
+from conftest import (TINY_PUBLIC, distill_argv, skip_unless_recorded_on, state_hash, student_argv, teacher_argv,
+                      tiny_data_args)
 from test_reliability import refused
 from utils.data.datasets import load_split, to_unit_range
 from utils.evaluation import metrics
@@ -32,15 +31,6 @@ BEFORE_PRECISION = {
     "distill_images": "9b32a5ee288b4cfc", "student_generator": "19d33dbb93ce24ed",
     "student_discriminator": "19a4776e0168ea97", "fd": 6.55774051137326, "precision": 0.0, "recall": 0.0,
     "downstream_accuracy": 0.10000000149011612, "real_protocol_logits": "446417d92ce6f3eb"}
-RECORDED_ON = ("2.14.1", "x86_64", "AVX512")
-
-
-def state_hash(state: dict) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def tiny_pipeline(data_root, out, *flags) -> dict:
@@ -85,9 +75,7 @@ def native_bf16(monkeypatch, supported: bool):
 
 
 def test_fp32_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch):
-    here = (torch.__version__.split("+")[0], platform.machine(), torch.backends.cpu.get_cpu_capability())
-    if here != RECORDED_ON:
-        pytest.skip(f"recorded on {RECORDED_ON}, this is {here}: float kernels may differ")
+    skip_unless_recorded_on()
     found = tiny_pipeline(tiny_data_root, str(tmp_path), "--precision", "fp32")
     found["real_protocol_logits"] = protocol_logits(tiny_data_root, resolve_precision("fp32", "cpu"), monkeypatch)
     assert found == BEFORE_PRECISION
