@@ -31,23 +31,36 @@ test: setup
 # so the teacher runs 3000 steps of batch 64 and the student 600 steps of batch 32 (docs/RESULTS.md, "The quick
 # pipeline"; on a CPU without native bf16 they run in fp32 and take about twice as long).
 # The evaluation skips the student: it computes what the compact model computes (compress_student.py checks it).
+# Every stage runs with --once: run again (same OUT), a stage whose run finished with the same settings is skipped,
+# an interrupted one continues where it stopped, the rest start (README, "Resuming and errors").
 pipeline: setup
-	$(PY) train_teacher.py --out $(OUT) --batch-size 64 --max-steps 3000 --desc quick
-	$(PY) create_dataset.py --out $(OUT) --num-samples 10000 --desc quick
-	$(PY) train_student.py --out $(OUT) --batch-size 32 --max-steps 600 --rho 0.15 --desc quick
-	$(PY) compress_student.py --out $(OUT) --desc quick
-	$(PY) fine_tune.py --out $(OUT) --batch-size 64 --epochs 0.25 --target-epsilon 10 --desc quick
-	$(PY) evaluate.py --out $(OUT) --quick --runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
+	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/6 --batch-size 64 --max-steps 3000 --desc quick
+	$(PY) create_dataset.py --out $(OUT) --once --pipeline-stage 2/6 --num-samples 10000 --desc quick
+	$(PY) train_student.py --out $(OUT) --once --pipeline-stage 3/6 --batch-size 32 --max-steps 600 --rho 0.15 --desc quick
+	$(PY) compress_student.py --out $(OUT) --once --pipeline-stage 4/6 --desc quick
+	$(PY) fine_tune.py --out $(OUT) --once --pipeline-stage 5/6 --batch-size 64 --epochs 0.25 --target-epsilon 10 \
+		--desc quick
+	$(PY) evaluate.py --out $(OUT) --once --pipeline-stage 6/6 --quick \
+		--runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
 	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
 
-# The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings").
+# The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings"). The sizes
+# of each stage are set here, once; the recipe and --precision auto are the scripts' defaults. Like `pipeline`, every
+# stage runs with --once, so `make reproduce` run again continues where it stopped. (tests/test_make_resume.py
+# replaces these variables with tiny sizes on the command line: `make reproduce FULL_TEACHER="..."`.)
+FULL_TEACHER ?= --epochs 30 --batch-size 128
+FULL_DISTILL ?= --num-samples 200000
+FULL_STUDENT ?= --epochs 20 --rho 0.01
+FULL_COMPACT ?=
+FULL_PRIVATE ?= --epochs 20 --target-epsilon 10
+FULL_EVAL ?=
 reproduce: setup
-	$(PY) train_teacher.py --out $(OUT) --epochs 30 --batch-size 128
-	$(PY) create_dataset.py --out $(OUT) --num-samples 200000
-	$(PY) train_student.py --out $(OUT) --epochs 20 --rho 0.01
-	$(PY) compress_student.py --out $(OUT)
-	$(PY) fine_tune.py --out $(OUT) --epochs 20 --target-epsilon 10
-	$(PY) evaluate.py --out $(OUT)
+	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/6 $(FULL_TEACHER)
+	$(PY) create_dataset.py --out $(OUT) --once --pipeline-stage 2/6 $(FULL_DISTILL)
+	$(PY) train_student.py --out $(OUT) --once --pipeline-stage 3/6 $(FULL_STUDENT)
+	$(PY) compress_student.py --out $(OUT) --once --pipeline-stage 4/6 $(FULL_COMPACT)
+	$(PY) fine_tune.py --out $(OUT) --once --pipeline-stage 5/6 $(FULL_PRIVATE)
+	$(PY) evaluate.py --out $(OUT) --once --pipeline-stage 6/6 $(FULL_EVAL)
 
 bench: setup
 	$(PY) benchmarks/bench_compression.py --out $(OUT)

@@ -1,6 +1,7 @@
 """The run life cycle and the checkpoint layout (issue 10): paths stored relative to the pipeline root so that a
 pipeline directory moves whole, `lineage`, `latest` only at complete runs, editable input constants, quiet
-progress in log files."""
+progress in log files; --once (issue 27): a finished run of the same settings and inputs is skipped, any other is
+not, and an unfinished one with nothing to resume is started again in its place."""
 import io
 import os
 import shutil
@@ -10,12 +11,17 @@ import pytest
 import torch
 
 import compress_student
+import create_dataset
 import evaluate
-from conftest import handmade_student, write_handmade_run
+import train_teacher
+from conftest import distill_argv, handmade_student, teacher_argv, write_handmade_run
 from test_compress import quick_argv
 from test_evaluate import eval_argv
-from utils.run.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint
-from utils.run.cli import LOG_INTERVAL_S, progress_bar
+from test_reliability import snapshot
+from utils.run.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint, mark_latest
+from utils.run.cli import LOG_INTERVAL_S, progress_bar, run_script
+from utils.run.lifecycle import Run
+from utils.run.trainer import Trainer
 
 
 def test_paths_are_stored_relative_and_a_moved_pipeline_resolves(handmade_pipeline, tmp_path):
@@ -81,9 +87,75 @@ def test_progress_reports_slowly_when_output_is_not_a_terminal(monkeypatch):
 
 
 def test_training_log_is_short_when_output_is_a_file(tiny_data_root, tmp_path, capfd):
-    import train_teacher
-    from conftest import teacher_argv
     argv = teacher_argv(tiny_data_root, str(tmp_path), "--max-steps", "8", "--log-every", "1")
     train_teacher.main(train_teacher.parse_args(argv))
     err = capfd.readouterr().err
     assert err.count("teacher:") <= 3, err  # the first report and the last, not one per step
+
+
+# ---------------------------------------------------------------- --once (the make-driven chain: test_make_resume.py)
+
+def run_once(script, argv) -> int:
+    """Run a script as its __main__ would, with --once."""
+    return run_script(script.main, script.parse_args, [*argv, "--once"])
+
+
+def runs_of(out, stage) -> list:
+    return sorted(name for name in os.listdir(os.path.join(out, stage)) if name != "latest")
+
+
+def latest_of(out, stage) -> str:
+    return os.path.realpath(os.path.join(out, stage, "latest"))
+
+
+def test_once_skips_a_run_finished_with_the_same_settings_and_no_other(tiny_data_root, tmp_path, capsys):
+    out = str(tmp_path)
+    argv = teacher_argv(tiny_data_root, out)
+    assert run_once(train_teacher, argv) == 0
+    first = latest_of(out, "teacher")
+    before = snapshot(out)
+    assert run_once(train_teacher, argv) == 0
+    assert "teacher: skipped:" in capsys.readouterr().out
+    assert snapshot(out) == before  # a second run changes nothing
+    assert run_once(train_teacher, [*argv, "--max-steps", "2"]) == 0  # other settings: a run of its own
+    assert "skipped" not in capsys.readouterr().out
+    assert len(runs_of(out, "teacher")) == 2 and latest_of(out, "teacher") != first
+    assert run_once(train_teacher, argv) == 0  # the first settings again: that run, and `latest` back at it
+    assert len(runs_of(out, "teacher")) == 2 and latest_of(out, "teacher") == first
+
+
+def test_once_runs_a_stage_again_when_the_run_it_reads_is_no_longer_the_latest(handmade_pipeline, capsys):
+    out, teacher_run, distill_run, student_run = handmade_pipeline
+    assert run_once(compress_student, quick_argv(out)) == 0
+    first = latest_of(out, "compact")
+    assert run_once(compress_student, quick_argv(out)) == 0 and runs_of(out, "compact") == [os.path.basename(first)]
+    write_handmade_run(out, "student", handmade_student(seed=1), parent=distill_run, teacher=teacher_run)
+    assert run_once(compress_student, quick_argv(out)) == 0  # the same flags, another student: compressed anew
+    assert len(runs_of(out, "compact")) == 2 and latest_of(out, "compact") != first
+    mark_latest(student_run)  # the first student again: its compact run is the one
+    capsys.readouterr()
+    assert run_once(compress_student, quick_argv(out)) == 0
+    assert "compact: skipped:" in capsys.readouterr().out
+    assert len(runs_of(out, "compact")) == 2 and latest_of(out, "compact") == first
+
+
+def test_once_starts_again_in_place_of_a_run_that_left_nothing_to_resume(tiny_data_root, tmp_path, monkeypatch):
+    out = str(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)  # killed before its first checkpoint
+    assert run_once(train_teacher, teacher_argv(tiny_data_root, out)) == 130
+    killed = runs_of(out, "teacher")
+    monkeypatch.undo()
+    assert run_once(train_teacher, teacher_argv(tiny_data_root, out)) == 0
+    assert runs_of(out, "teacher") == killed  # started again in its place: no second run directory
+    assert os.path.exists(os.path.join(out, "teacher", killed[0], "finished.json"))
+    monkeypatch.setattr(create_dataset, "save_grid", interrupted)  # a distillation set killed while written...
+    monkeypatch.setattr(Run, "discard", lambda run: None)  # ...by SIGKILL: its hidden directory stays
+    assert run_once(create_dataset, distill_argv(out)) == 130
+    assert [name for name in os.listdir(os.path.join(out, "distill")) if name.startswith(".partial-")]
+    monkeypatch.undo()
+    assert run_once(create_dataset, distill_argv(out)) == 0
+    assert sorted(os.listdir(os.path.join(out, "distill"))) == ["00000-n200", "latest"]  # no hidden leftover

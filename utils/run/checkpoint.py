@@ -130,6 +130,12 @@ def _convert_paths(checkpoint: dict, root: str, convert) -> dict:
     return converted
 
 
+def stored_paths(checkpoint: dict, root: str) -> dict:
+    """A shallow copy of `checkpoint` with its paths to other runs as a checkpoint file stores them: resolved (a
+    `latest` link to the run it points at now) and relative to the pipeline root `root`."""
+    return _convert_paths(checkpoint, root, relative_to_root)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: dict = None, ledger=None,
@@ -164,7 +170,7 @@ def data_fields(split) -> dict:
 def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME) -> str:
     """Write atomically (temp file, fsync, rename), paths to other runs stored relative to the pipeline root."""
     path = os.path.join(run_dir, name)
-    stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)
+    stored = stored_paths(checkpoint, pipeline_root(run_dir))
     stored.pop("run_dir", None)  # where it was loaded from: never part of the file
     with atomic_write(path, "wb") as handle:
         torch.save(stored, handle)

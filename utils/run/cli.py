@@ -6,8 +6,10 @@ line on stderr and exit code 2, never a traceback.
 import argparse
 import json
 import math
+import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ LOG_INTERVAL_S = 30
 
 class UserError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
+
+
+class NothingToDo(Exception):
+    """With --once, a run of this stage already finished with these settings: the stage ends here, exit code 0."""
 
 
 def set_seed(seed: int):
@@ -92,6 +98,13 @@ def add_common_args(parser: argparse.ArgumentParser):
     group.add_argument("--max-steps", type=positive_int, default=None,
                        help="stop after this many optimiser steps or batches (quick runs and tests)")
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    group.add_argument("--once", action="store_true",
+                       help="(stage scripts) run this stage once for these settings: skip it when a run under --out "
+                            "finished with the same settings and inputs (`latest` then points at it), continue an "
+                            "interrupted one as --resume would, else start (make pipeline, make reproduce)")
+    group.add_argument("--pipeline-stage", default=None, metavar="K/N",
+                       help="this stage's place in a pipeline: printed with the script's name when it starts and, "
+                            "with its elapsed time, when it ends (make pipeline, make reproduce)")
 
 
 def add_input_arg(group, flag: str, constant: str, what: str, fallback: str):
@@ -146,15 +159,40 @@ def print_config(args):
     print(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
 
+def format_duration(seconds: float) -> str:
+    """'2 h 05 min', '12 min 03 s' or '4.2 s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def stage_line(main, args, what: str):
+    """With --pipeline-stage K/N: one line `== stage K/N <script>: <what>` on stdout."""
+    if getattr(args, "pipeline_stage", None):
+        script = os.path.basename(getattr(sys.modules.get(main.__module__), "__file__", None) or main.__module__)
+        print(f"== stage {args.pipeline_stage} {script}: {what}", flush=True)
+
+
 def run_script(main, parse_args, argv=None) -> int:
-    """Run a stage script: UserError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
+    """Run a stage script: UserError -> one line on stderr and exit 2; Ctrl-C -> exit 130; a stage that --once
+    finds finished -> one line on stdout and exit 0. With --pipeline-stage, a line at the start and one with the
+    elapsed time at the end."""
     args = parse_args(argv)
+    start = time.time()
+    stage_line(main, args, "started")
     try:
         main(args)
+    except NothingToDo as done:
+        print(done, flush=True)
+        stage_line(main, args, f"skipped ({format_duration(time.time() - start)})")
+        return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last saved checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
+    stage_line(main, args, f"done in {format_duration(time.time() - start)}")
     return 0

@@ -8,12 +8,18 @@
     return run.finish("summary")                      # 6. one line naming the run directory
 
 A resumed run reopens its own directory and cuts its metrics back to the checkpoint's step; a staged run (the
-distillation set) is built in a hidden directory and `publish`ed under its number only once complete.
+distillation set) is built in a hidden directory and `publish`ed under its number only once complete. A finished
+run says so, with its settings and the runs it read, in `finished.json`.
+
+With --once (make pipeline, make reproduce) steps 1 and 3 first look at the stage's earlier runs (utils/run/once.py):
+a run finished with the same settings ends the stage, an interrupted one is resumed, and an unfinished one with
+nothing to resume is started again in its place.
 """
 import argparse
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, fields
 
 from tqdm import tqdm
@@ -23,10 +29,12 @@ from utils.run.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_
 from utils.run.cli import print_config
 from utils.run.distributed import NoMetrics, from_writer, is_writer
 from utils.run.files import write_json
+from utils.run.once import (FINISHED_NAME, clear_the_way, previous_runs, remove_partial_writes, run_reads,
+                            run_settings, skip_if_finished)
 
 # flags taken from the command line on --resume (unless left unset, None: the run keeps its own); everything else
 # comes from the run's saved args. The precision is how this process computes, not what the run is.
-RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run", "precision")
+RESUME_OVERRIDES = ("resume", "max_steps", "device", "dry_run", "precision", "once")
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,15 @@ class TrainConfig:
 
 def resume_args(args: argparse.Namespace, stage: str):
     """(args, checkpoint): with --resume, the run's saved args (but RESUME_OVERRIDES, and --out: the pipeline the
-    run now lies in) and its last checkpoint; otherwise (args, None). Touches nothing on disk."""
+    run now lies in) and its last checkpoint; otherwise (args, None). With --once (and no --resume), the same for
+    an interrupted run of these settings, and `NothingToDo` for a finished one. Touches nothing on disk but
+    `latest` (moved back to a finished run that --once skips)."""
+    if getattr(args, "once", False) and not getattr(args, "resume", None):
+        previous = previous_runs(args, stage, resumable=True)
+        skip_if_finished(previous, stage)
+        if previous.interrupted:
+            print(f"{stage}: continuing {previous.interrupted}, interrupted with these settings (--once)", flush=True)
+            args = argparse.Namespace(**{**vars(args), "resume": previous.interrupted})
     if not getattr(args, "resume", None):
         return args, None
     path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
@@ -79,6 +95,7 @@ class Run:
         self.checkpoint = checkpoint  # the checkpoint a resumed run continues from; None for a new run
         self.publish_as = publish_as  # a staged run: (out, desc) of the numbered directory `publish` moves it to
         self.metrics = MetricsLog(run_dir) if writer else NoMetrics()
+        self.settings, self.reads, self.started = None, [], time.time()  # for finished.json (`finish`)
 
     @classmethod
     def open(cls, args, stage: str, desc: str, checkpoint: dict = None, staged: bool = False) -> "Run":
@@ -88,7 +105,10 @@ class Run:
         get a Run of rank 0's directory that writes nothing."""
         if not is_writer():
             return cls(from_writer(None), stage, checkpoint, writer=False)
+        if checkpoint is None and getattr(args, "once", False):
+            clear_the_way(args, stage)
         run = cls._open(args, stage, desc, checkpoint, staged)
+        run.settings = run_settings(vars(args), args.out)
         from_writer(run.run_dir)
         return run
 
@@ -97,6 +117,8 @@ class Run:
         if checkpoint is not None:
             run = cls(checkpoint["run_dir"], stage, checkpoint)
             run.metrics.truncate_after(checkpoint["step"])
+            if getattr(args, "once", False):
+                remove_partial_writes(run.run_dir)
             return run
         desc = args.desc or desc
         if staged:
@@ -129,6 +151,7 @@ class Run:
             return
         save_checkpoint(self.run_dir, checkpoint)
         mark_latest(self.run_dir)
+        self.reads = run_reads(checkpoint, pipeline_root(self.run_dir))
 
     def save_snapshot(self, checkpoint: dict) -> str:
         """Keep the checkpoint of this step beside the run's own, as `snapshot_file(step)` (atomic; `latest` and
@@ -138,8 +161,12 @@ class Run:
         return None
 
     def finish(self, summary: str) -> str:
-        """The run's last words: what it did, and where it is (rank 0 alone under torchrun)."""
+        """The run's last words: `finished.json` (that it finished, with which settings, from which runs, in how
+        long), what it did, and where it is (rank 0 alone under torchrun)."""
         if self.writer:
+            write_json(self.path(FINISHED_NAME), {"stage": self.stage, "summary": summary, "settings": self.settings,
+                                                  "reads": self.reads,
+                                                  "elapsed_s": round(time.time() - self.started, 1)})
             tqdm.write(f"{self.stage}: {summary}\n{self.stage}: run directory {self.run_dir}")
         return self.run_dir
 
