@@ -44,6 +44,8 @@ PR = "tests/test_precision.py"
 Q = "tests/test_dp_sampling.py::test_poisson_batches_of_a_dp_step_are_drawn_at_the_ledgers_q"
 QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q"
 FR = "tests/test_fake_reuse.py"
+DEMO = "tests/test_demo.py"
+DEMO_PAGE = DEMO + "::test_page_runs_the_generator_offline_and_matches_the_python_runtime"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -341,6 +343,35 @@ BREAKS = [
           (DIST + "::test_dp_noise_added_once_per_step",),
           "under torchrun every process adds sigma*C noise: more noise than the ledger's mechanism, and a step "
           "that depends on the number of processes"),
+    # ------------------------------------------------------------ the demo page (make_demo.py, demo/)
+    Break("demo-check-set-not-samples-inputs", "utils/evaluation/web_demo.py",
+          "fixed_inputs(shape, per_class=per_class)", "fixed_inputs(shape, per_class=per_class, seed=0)",
+          (DEMO + "::test_demo_folder_holds_the_page_the_model_and_the_check_set_of_samples_png",),
+          "the page's check set is not the latent vectors of samples.png"),
+    Break("demo-expected-not-the-runtimes-images", "utils/evaluation/web_demo.py",
+          '"expected": generate(session, z, labels)', '"expected": generate(session, z, labels[::-1].copy())',
+          (DEMO + "::test_demo_folder_holds_the_page_the_model_and_the_check_set_of_samples_png",),
+          "the images the page compares with are not the Python runtime's images of the check set"),
+    Break("demo-card-epsilon-of-one-stage", "utils/evaluation/web_demo.py",
+          '_epsilon_words(privacy["epsilon_total"]', '_epsilon_words(privacy["epsilon_this_stage"]',
+          (DEMO + "::test_card_lines_state_the_total_epsilon_the_private_split_and_the_bytes",),
+          "the page states one stage's epsilon, not the total over every stage's mechanism"),
+    Break("demo-page-ignores-labels", "demo/demo.js", 'labels: new ort.Tensor("int64", labels, [n])',
+          'labels: new ort.Tensor("int64", new BigInt64Array(n), [n])', (DEMO_PAGE + "[28-grey]",),
+          "the browser generates every image as class 0, whatever the label"),
+    Break("demo-page-draws-rgb-as-grey", "demo/demo.js", "(channels === 3 ? c : 0)", "(channels === 3 ? 0 : 0)",
+          (DEMO_PAGE + "[32-rgb-4bit]",), "the canvas shows an RGB generator's first channel only"),
+    Break("demo-grid-drops-a-tile", "demo/demo.js", "for (let i = 0; i < n; i++) {\n    const tile",
+          "for (let i = 0; i < n - 1; i++) {\n    const tile", (DEMO_PAGE + "[28-grey]",),
+          "the grid has one tile fewer than the images generated"),
+    Break("demo-page-fetches-after-load", "demo/demo.js", "{ z, labels, expected } = state.check;",
+          "{ z, labels } = state.check, expected = new Float32Array(await fetchBytes(check.expected));",
+          (DEMO_PAGE + "[28-grey]",), "the exactness check fetches its images again: the page fails offline"),
+    Break("demo-shown-difference-not-the-largest", "demo/demo.js", "max = Math.max(max, diff);", "max = diff;",
+          (DEMO_PAGE + "[28-grey]",), "the page shows the last pixel's difference, not the largest"),
+    Break("demo-verdict-ignores-the-pixel-share", "demo/demo.js", "over <= check.pixel_share * expected.length",
+          "over >= 0", (DEMO_PAGE + "[28-grey]",),
+          "the page calls images the same however many pixels differ by more than the tolerance"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc")
