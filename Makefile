@@ -66,5 +66,29 @@ bench: setup
 	$(PY) benchmarks/bench_compression.py --out $(OUT)
 	$(PY) benchmarks/bench_dp_step.py
 
+# The private generator in a web page (README, "In the browser"): writes <run>/demo/ and serves it on localhost.
+# `make demo RUN=<any run with a generator.onnx> PORT=8000`. Its set-up, demo-tools: Debian's chromium (the page's
+# headless test) and nodejs/npm where missing, then onnxruntime-web at the version pinned in demo/package-lock.json
+# into demo/node_modules (ignored by git).
+RUN ?= $(OUT)/private/latest
+PORT ?= 8000
+ORT_WEB := demo/node_modules/.package-lock.json
+.PHONY: demo demo-tools demo-apt
+
+demo: setup demo-tools
+	$(PY) make_demo.py --run $(RUN) --port $(PORT)
+
+demo-tools: demo-apt $(ORT_WEB)
+
+demo-apt:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq $$missing) || echo "note: could not install$$missing"; \
+	elif [ -n "$$missing" ]; then echo "note: missing$$missing (install them to run or test the demo page)"; fi
+
+$(ORT_WEB): demo/package.json demo/package-lock.json
+	cd demo && npm ci --ignore-scripts --no-audit --no-fund
+
 clean-venv:
 	rm -rf $(VENV)
