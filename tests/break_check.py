@@ -44,6 +44,7 @@ PR = "tests/test_precision.py"
 Q = "tests/test_dp_sampling.py::test_poisson_batches_of_a_dp_step_are_drawn_at_the_ledgers_q"
 QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q"
 FR = "tests/test_fake_reuse.py"
+MR = "tests/test_make_resume.py"
 DEMO = "tests/test_demo.py"
 DEMO_PAGE = DEMO + "::test_page_runs_the_generator_offline_and_matches_the_python_runtime"
 
@@ -204,12 +205,44 @@ BREAKS = [
           "train_teacher.py --resume cuts metrics.jsonl back before the dataset is found"),
     # ------------------------------------------------------------ the run life cycle (issue 10)
     Break("paths-stored-absolute", "utils/run/checkpoint.py",
-          "stored = _convert_paths(checkpoint, pipeline_root(run_dir), relative_to_root)", "stored = dict(checkpoint)",
+          "stored = stored_paths(checkpoint, pipeline_root(run_dir))", "stored = dict(checkpoint)",
           (L + "::test_paths_are_stored_relative_and_a_moved_pipeline_resolves",),
           "checkpoints name other runs by absolute path: a moved pipeline directory no longer resolves"),
     Break("progress-refreshes-every-step", "utils/run/trainer.py", "refresh=False)", "refresh=True)",
           (L + "::test_training_log_is_short_when_output_is_a_file",),
           "a log file gets one progress line per training step"),
+    # ------------------------------------------------------------ --once: make reproduce run again (issue 27)
+    Break("once-ignores-settings", "utils/run/once.py", "record.settings != settings or ", "",
+          (L + "::test_once_skips_a_run_finished_with_the_same_settings_and_no_other",),
+          "--once skips a stage whose earlier run finished with other settings"),
+    Break("once-ignores-inputs", "utils/run/once.py", "    named = _paths(settings.get(key) for key in PATH_ARGS)\n",
+          "    return True\n", (L + "::test_once_runs_a_stage_again_when_the_run_it_reads_is_no_longer_the_latest",),
+          "--once skips a stage whose input was replaced upstream (the compact model of the previous student)"),
+    Break("once-takes-interrupted-for-finished", "utils/run/once.py",
+          "return RunRecord(run_settings(args, root), reads, False,",
+          "return RunRecord(run_settings(args, root), reads, has_checkpoint,",
+          (MR + "::test_a_killed_chain_run_again_ends_with_the_files_of_an_uninterrupted_one",),
+          "a run with a checkpoint counts as finished: make reproduce run again skips the student it killed"),
+    Break("once-does-not-resume", "utils/run/once.py", "        elif resumable and record.has_checkpoint:",
+          "        elif False:", (L + "::test_once_continues_an_interrupted_run_to_the_uninterrupted_result",),
+          "--once starts an interrupted run again from step 0 instead of continuing it"),
+    Break("finished-not-recorded", "utils/run/lifecycle.py", "            write_json(self.path(FINISHED_NAME), {",
+          "            (lambda *record: None)(self.path(FINISHED_NAME), {",
+          (MR + "::test_a_second_run_of_a_finished_chain_changes_nothing",),
+          "a finished run does not say so: make reproduce run again runs every stage again"),
+    Break("skip-leaves-latest", "utils/run/once.py", "            mark_latest(previous.finished)", "            pass",
+          (L + "::test_once_skips_a_run_finished_with_the_same_settings_and_no_other",),
+          "a skipped stage leaves `latest` at a run of other settings, which the next stage then reads"),
+    Break("unfinished-once-run-kept", "utils/run/once.py", "        shutil.rmtree(run_dir)", "        pass",
+          (L + "::test_once_starts_again_in_place_of_a_run_that_left_nothing_to_resume",),
+          "a run killed before its first checkpoint stays beside the new one (another number, a leftover)"),
+    Break("partial-writes-kept", "utils/run/lifecycle.py", "                remove_partial_writes(run.run_dir)",
+          "                pass", (L + "::test_once_continues_an_interrupted_run_to_the_uninterrupted_result",),
+          "a continued run keeps the temporary file of a write its kill cut short"),
+    Break("pipeline-stage-silent", "utils/run/cli.py",
+          '        print(f"== stage {args.pipeline_stage} {script}: {what}", flush=True)', "        pass",
+          (L + "::test_once_continues_an_interrupted_run_to_the_uninterrupted_result",),
+          "make reproduce does not say which stage of six runs, nor how long each took"),
     # ------------------------------------------------------------ what is reported
     Break("stage-epsilon-reported-as-total", "utils/privacy/dp.py",
           "is_private(ledger) and history(ledger) == own_history",

@@ -18,6 +18,7 @@ from conftest import distill_argv, handmade_student, teacher_argv, write_handmad
 from test_compress import quick_argv
 from test_evaluate import eval_argv
 from test_reliability import snapshot
+from utils.gan.steps import NonPrivateStep
 from utils.run.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint, mark_latest
 from utils.run.cli import LOG_INTERVAL_S, progress_bar, run_script
 from utils.run.lifecycle import Run
@@ -122,6 +123,37 @@ def test_once_skips_a_run_finished_with_the_same_settings_and_no_other(tiny_data
     assert len(runs_of(out, "teacher")) == 2 and latest_of(out, "teacher") != first
     assert run_once(train_teacher, argv) == 0  # the first settings again: that run, and `latest` back at it
     assert len(runs_of(out, "teacher")) == 2 and latest_of(out, "teacher") == first
+
+
+def test_once_continues_an_interrupted_run_to_the_uninterrupted_result(tiny_data_root, tmp_path, monkeypatch, capsys):
+    out, straight = str(tmp_path / "continued"), str(tmp_path / "straight")
+    argv = ["--max-steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--pipeline-stage", "1/6"]
+    trained = NonPrivateStep.optimize_parameters
+
+    def interrupted_at_3(step, batch, number):
+        if number == 3:
+            raise KeyboardInterrupt
+        return trained(step, batch, number)
+
+    monkeypatch.setattr(NonPrivateStep, "optimize_parameters", interrupted_at_3)
+    assert run_once(train_teacher, teacher_argv(tiny_data_root, out, *argv)) == 130
+    monkeypatch.undo()
+    run_dir = latest_of(out, "teacher")
+    early = open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:2]
+    open(os.path.join(run_dir, "checkpoint.pt.tmp.99999"), "w").close()  # a write the kill cut short
+    capsys.readouterr()
+    assert run_once(train_teacher, teacher_argv(tiny_data_root, out, *argv)) == 0
+    output = capsys.readouterr().out
+    assert f"teacher: continuing {run_dir}" in output
+    assert "== stage 1/6 train_teacher.py: started" in output and "== stage 1/6 train_teacher.py: done in" in output
+    assert runs_of(out, "teacher") == [os.path.basename(run_dir)] and latest_of(out, "teacher") == run_dir
+    assert open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:2] == early  # continued, not started again
+    assert not [name for name in os.listdir(run_dir) if ".tmp." in name]
+    assert run_once(train_teacher, teacher_argv(tiny_data_root, straight, *argv)) == 0
+    a, b = load_checkpoint(run_dir), load_checkpoint(os.path.join(straight, "teacher", "latest"))
+    assert a["step"] == b["step"] == 4
+    for name in ("generator", "discriminator"):
+        assert all(torch.equal(a[name][key], b[name][key]) for key in a[name]), name
 
 
 def test_once_runs_a_stage_again_when_the_run_it_reads_is_no_longer_the_latest(handmade_pipeline, capsys):
