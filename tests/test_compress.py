@@ -138,12 +138,17 @@ def test_main_end_to_end(handmade_pipeline, capsys):
     assert shipped["bytes"] == os.path.getsize(os.path.join(run_dir, "generator.onnx")) < cost["teacher"]["bytes"] / 2
     assert cost["teacher"]["vs_teacher"]["parameters"] == 1.0
     assert shipped["vs_teacher"]["images_per_s"] == shipped["images_per_s"] / cost["teacher"]["images_per_s"]
+    in_runtime = cost["teacher (ONNX Runtime)"]  # the headline: the teacher's own ONNX model, same runtime
+    assert shipped["vs_teacher_same_runtime"]["images_per_s"] == shipped["images_per_s"] / in_runtime["images_per_s"]
+    assert shipped["vs_teacher_same_runtime"]["bytes"] == shipped["bytes"] / in_runtime["bytes"]
     assert all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in cost.values())
     assert report["compression"]["runtime_max_abs_diff"] <= report["compression"]["runtime_tolerance"]
+    assert report["compression"]["runtime_exact"] and report["compression"]["runtime_reference_mismatches"] == 0
     assert report["compression"]["runtime_float_layers"] == ["block0", "to_image"]
     assert "float debugging export" in report["compression"]["program_note"]
     printed = capsys.readouterr().out
-    assert "compact" in printed and "x = ratio to the teacher" in printed and "generator.onnx (ONNX Runtime" in printed
+    assert "compact" in printed and "xT: ratio to the teacher in the same runtime" in printed
+    assert "generator.onnx (ONNX Runtime, what ships) against the teacher's float ONNX model" in printed
 
 
 def test_teacher_found_through_distill_parent(handmade_pipeline):

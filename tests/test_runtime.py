@@ -1,5 +1,4 @@
 """The on-device artifact (generator.onnx run by ONNX Runtime) and the cost-weighted channel penalty."""
-import copy
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from conftest import ROOT, handmade_student
 from models import Generator
 from utils.compression import runtime
 from utils.compression.compress import compress
+from utils.compression.reference import reference_images
 from utils.compression.cost import count_macs, count_parameters
 from utils.compression.slimming import ChannelCost, channel_costs, gamma_parameters, layer_costs, proximal_step
 
@@ -55,6 +55,7 @@ def test_artifact_matches_the_compact_model(artifacts, bits):
     model, path = artifacts[bits]
     result = runtime.verify_runtime(model, path, runtime.VerifySettings(num_samples=512))
     assert result["ok"] and result["max_abs_diff"] <= runtime.TOLERANCE
+    assert result["exact"] is (None if bits == 32 else True)  # bit for bit its integer reference
     if bits == 32:  # float arithmetic in another order only
         assert result["max_abs_diff"] < 1e-4
 
@@ -80,16 +81,16 @@ def test_judge_lets_rare_flips_pass_and_refuses_a_systematic_or_widespread_diffe
 
 
 def test_verify_refuses_an_artifact_whose_output_bias_is_off(artifacts, tmp_path):
-    """A small systematic error (to_image's bias off by 0.01: every pixel moves by about that) is caught by the
+    """A small systematic error of the integer program (to_image's bias off by 0.01: every pixel moves by about
+    that), which the graph and the integer reference share, so that they still agree bit for bit, is caught by the
     mean, though no image is off by more than TOLERANCE."""
     model, _ = artifacts[8]
-    shifted = copy.deepcopy(model)
-    with torch.no_grad():
-        shifted.to_image.bias.add_(0.01)
+    program = runtime.lower(model)
+    program.image.bias = program.image.bias + np.float32(0.01)
     path = str(tmp_path / "shifted.onnx")
-    runtime.save_runtime_artifact(shifted, path)
-    verdict = runtime.verify_runtime(model, path, runtime.VerifySettings(num_samples=64))
-    assert not verdict["ok"] and verdict["mean_abs_diff"] > runtime.MEAN_TOLERANCE
+    runtime.save_runtime_artifact(model, path, program)
+    verdict = runtime.verify_runtime(model, path, runtime.VerifySettings(num_samples=64), program)
+    assert verdict["exact"] and not verdict["ok"] and verdict["mean_abs_diff"] > runtime.MEAN_TOLERANCE
     assert verdict["pixels_over_tolerance"] == 0
 
 
@@ -107,8 +108,9 @@ def test_integer_weights_inside_and_only_blocks_0_and_to_image_in_float(artifact
     float_values = sum(n for kind, n in types.values() if kind == TensorProto.FLOAT)
     assert float_values <= model.embed.weight.numel() + 8 * sum(model.channels) + 8  # scales, biases, steps
     ops = [node.op_type for node in proto.graph.node]
-    assert ops.count("QLinearConv") == 2  # block1 and block2 on integer kernels
-    assert not {"Round", "Div", "ConvTranspose"} & set(ops)  # no fake-quantisation arithmetic, no float deconv
+    assert ops.count("QLinearConv") == 2 and ops.count("ConvInteger") == 1  # integer sums but block0's
+    assert not {"Round", "ConvTranspose", "Conv", "Tanh"} & set(ops)  # no fake quantisation, no float conv
+    assert [node.output[0] for node in proto.graph.node if node.op_type == "Div"] == ["images"]  # the tanh's only
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["float_layers"] == "block0,to_image" and meta["bits"] == str(bits)
 
@@ -142,9 +144,8 @@ def test_runtime_only_process_reproduces_the_compact_model(artifacts, tmp_path, 
     np.savez(tmp_path / "zy.npz", z=z.numpy(), labels=labels.numpy())
     report = run_runtime_only([path, "--inputs", str(tmp_path / "zy.npz"), "--out", str(tmp_path / "x.npy")])
     assert report["images_shape"] == [40, 1, 28, 28] and report["metadata"]["bits"] == str(bits)
-    with torch.no_grad():
-        expected = model(z, labels).numpy()
-    assert np.abs(np.load(tmp_path / "x.npy") - expected).max() <= runtime.TOLERANCE
+    expected = reference_images(runtime.lower(model), z, labels).numpy()
+    assert np.array_equal(np.load(tmp_path / "x.npy"), expected)  # bit for bit, without torch
 
 
 def test_runner_samples_and_benchmarks_without_torch(artifacts):
@@ -224,15 +225,20 @@ def test_write_runtime_files_writes_artifact_and_runner(tmp_path):
     report = runtime.write_runtime_files(model, str(tmp_path), runtime.VerifySettings(num_samples=64))
     assert sorted(os.listdir(tmp_path)) == [runtime.RUNTIME_NAME, runtime.RUNNER_NAME]
     assert report["runtime_bytes"] == os.path.getsize(tmp_path / runtime.RUNTIME_NAME)
-    assert report["runtime_max_abs_diff"] <= runtime.TOLERANCE
+    assert report["runtime_max_abs_diff"] <= runtime.TOLERANCE and report["runtime_exact"]
+    assert report["runtime_reference_mismatches"] == 0
     assert report["runtime_float_layers"] == ["block0", "to_image"]
     assert report["runtime_integer_layers"] == ["block1", "block2"]
 
 
-def test_write_runtime_files_refuses_a_mismatch_and_leaves_nothing(tmp_path, monkeypatch):
-    wrong = runtime.judge(np.ones(4), runtime.VerifySettings())
+@pytest.mark.parametrize("diff,exact,message", [(1.0, True, "from the generator"),
+                                                 (0.0, False, "from its integer reference")])
+def test_write_runtime_files_refuses_a_mismatch_and_leaves_nothing(tmp_path, monkeypatch, diff, exact, message):
+    verdict = runtime.judge(np.full(4, diff), runtime.VerifySettings())
+    wrong = {**verdict, "exact": exact, "reference_mismatches": int(not exact), "num_samples": 1,
+             "ok": verdict["ok"] and exact}
     monkeypatch.setattr(runtime, "verify_runtime", lambda *a, **k: wrong)
-    with pytest.raises(RuntimeError, match="differs"):
+    with pytest.raises(RuntimeError, match=message):
         runtime.write_runtime_files(compact_model(8), str(tmp_path))
     assert os.listdir(tmp_path) == []
 
@@ -287,7 +293,7 @@ def test_four_bit_end_to_end_through_the_stages(four_bit_compact_run, tmp_path):
     types, _ = initializer_types(path)
     assert all(types[f"{layer}.weight_int"][0] == TensorProto.INT4
                for layer in ("block0", "block1", "block2", "to_image"))
-    assert abs(os.path.getsize(path) - runtime.expected_bytes(compact)) < 6000  # tiny model: the graph is most
+    assert abs(os.path.getsize(path) - runtime.expected_bytes(compact)) < 8000  # tiny model: the graph is most
     z, labels = compact.sample_inputs(30, generator=torch.Generator().manual_seed(9))
     np.savez(tmp_path / "zy.npz", z=z.numpy(), labels=labels.numpy())
     runner = os.path.join(compact_dir, runtime.RUNNER_NAME)  # the copy that ships beside the artifact

@@ -2,7 +2,9 @@
 
 What a device runs is `generator.onnx` (utils/compression/runtime.py: ONNX Runtime, integer weights inside, a torch-free
 runner `ort_runner.py` beside it); `write_device_artifacts` writes and checks all three files, and
-`shipped_cost_rows` measures what ships beside the teacher (the rows and ratios of utils/compression/cost.py).
+`shipped_cost_rows` measures what ships beside the teacher, like for like: the artifact in ONNX Runtime against the
+teacher's own float ONNX model in the same runtime, timed in one process, interleaved (the rows and ratios of
+utils/compression/cost.py).
 
 Integer artifact (`generator_int.pt`, read with `torch.load(weights_only=True)`): a dict
 
@@ -25,13 +27,16 @@ N dynamic. A process with only torch runs it: `torch.export.load(path).module()(
 """
 import copy
 import os
+import tempfile
 
 import torch
 
 from models import Generator
 from models.quant import QuantConv2d, QuantConvTranspose2d, quantize_weight, weight_to_int
-from utils.compression.cost import add_ratios, cost_row, state_dict_bytes
-from utils.compression.runtime import RUNTIME_NAME, VerifySettings, runtime_cost_row, write_runtime_files
+from utils.compression.cost import (RUNTIME_SUFFIX, SAME_RUNTIME, TEACHER, TEACHER_RUNTIME, add_ratios,
+                                    add_same_runtime_ratios, state_dict_bytes, timed_rows)
+from utils.compression.runtime import (RUNTIME_NAME, VerifySettings, runtime_forward, teacher_baseline,
+                                       write_runtime_files)
 from utils.run.files import atomic_write
 
 FORMAT = "device-gan-generator-int"
@@ -227,31 +232,52 @@ def write_device_artifacts(run_dir: str, generator: Generator, seed: int = 0) ->
 
 # ---------------------------------------------------------------- what ships: cost rows
 
+def like_for_like_rows(teacher: Generator, entries: dict, speed: dict, runtime_names=()) -> dict:
+    """Cost rows of the teacher in eager torch (float32 state dict) and as its own float ONNX model in ONNX Runtime
+    (`teacher_baseline`: checked against the eager teacher), then of `entries` ({name: (generator, run or None,
+    bytes)}; an artifact's run: `runtime_entry`), all timed together in this process, interleaved
+    (`utils.compression.cost.timed_rows`). Ratios: to the teacher in the same runtime (SAME_RUNTIME, the headline;
+    the rows named in `runtime_names` or ending in RUNTIME_SUFFIX run in ONNX Runtime) and to the eager teacher
+    (`vs_teacher`). The ONNX Runtime sessions run on torch's thread count, as the eager models do."""
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as scratch:
+        baseline = teacher_baseline(teacher, scratch)
+        rows = timed_rows({TEACHER: (teacher, None, state_dict_bytes(teacher)),
+                           TEACHER_RUNTIME: (teacher, runtime_forward(baseline["path"], threads), baseline["bytes"]),
+                           **entries}, speed)
+    rows[TEACHER_RUNTIME]["max_abs_diff_to_eager"] = baseline["max_abs_diff_to_eager"]
+    for row in rows.values():
+        row["threads"] = threads
+    return add_same_runtime_ratios(add_ratios(rows), runtime_names)
+
+
+def runtime_entry(model: Generator, path: str) -> tuple:
+    """A `like_for_like_rows` entry of the artifact at `path` (of `model`), run by ONNX Runtime."""
+    return model, runtime_forward(path, torch.get_num_threads()), os.path.getsize(path)
+
+
 def shipped_cost_rows(teacher: Generator, name: str, model: Generator, run_dir: str, speed: dict,
                       others: dict = None) -> dict:
-    """Cost rows measured in this process, ratios to the teacher in eager torch: the teacher (float32 state dict;
-    eager, and as a float ONNX model in ONNX Runtime), `others` ({name: generator}, eager, state dict bytes),
-    `model` in eager torch (weight quantisation folded in; bytes of its integer weight file) and, where `run_dir`
-    has one, its `generator.onnx` in ONNX Runtime: what ships."""
-    rows = {"teacher": cost_row(teacher, state_dict_bytes(teacher), speed=speed),
-            "teacher (ONNX Runtime)": runtime_cost_row(teacher, speed=speed)}
-    for other_name, other in (others or {}).items():
-        rows[other_name] = cost_row(other, state_dict_bytes(other), speed=speed)
-    rows[f"{name} (eager)"] = cost_row(model, os.path.getsize(os.path.join(run_dir, ARTIFACT_NAME)),
-                                       run=folded(model), speed=speed)
+    """`like_for_like_rows` of what a stage writes: `others` ({name: generator}, eager, state dict bytes), `model`
+    in eager torch (weight quantisation folded in; bytes of its integer weight file) and, where `run_dir` has one,
+    its `generator.onnx` in ONNX Runtime: what ships."""
+    entries = {other_name: (other, None, state_dict_bytes(other)) for other_name, other in (others or {}).items()}
+    entries[f"{name} (eager)"] = (model, folded(model), os.path.getsize(os.path.join(run_dir, ARTIFACT_NAME)))
     path = os.path.join(run_dir, RUNTIME_NAME)
     if os.path.isfile(path):
-        rows[f"{name} (ONNX Runtime)"] = runtime_cost_row(model, path, speed)
-    return add_ratios(rows)
+        entries[name + RUNTIME_SUFFIX] = runtime_entry(model, path)
+    return like_for_like_rows(teacher, entries, speed)
 
 
 def shipped_summary(rows: dict, name: str, artifacts: dict) -> str:
-    """One line on what ships, as ratios to the teacher in eager torch."""
-    if f"{name} (ONNX Runtime)" not in rows:
+    """One line on what ships: ratios to the teacher in the same runtime, then to the eager teacher."""
+    if name + RUNTIME_SUFFIX not in rows:
         return f"no on-device artifact: {artifacts.get('runtime_note')}"
-    r = rows[f"{name} (ONNX Runtime)"]["vs_teacher"]
-    return (f"{RUNTIME_NAME} (ONNX Runtime, what ships): {r['bytes']:.4f}x the teacher's float bytes "
-            f"(1/{1 / r['bytes']:.1f}), latency (b=1) {r['latency_ms']:.3f}x, throughput (b=256) "
-            f"{r['images_per_s']:.2f}x; |runtime - model| max {artifacts['runtime_max_abs_diff']:.3g}, mean "
-            f"{artifacts['runtime_mean_abs_diff']:.2g}; layers in "
-            f"float: {', '.join(artifacts['runtime_float_layers'])}")
+    row = rows[name + RUNTIME_SUFFIX]
+    like, eager = row[SAME_RUNTIME], row["vs_teacher"]
+    return (f"{RUNTIME_NAME} (ONNX Runtime, what ships) against the teacher's float ONNX model in the same runtime: "
+            f"{like['bytes']:.4f}x the bytes (1/{1 / like['bytes']:.1f}), latency (b=1) {like['latency_ms']:.3f}x, "
+            f"throughput {like['images_per_s']:.2f}x (against the eager teacher: "
+            f"{eager['latency_ms']:.3f}x, {eager['images_per_s']:.2f}x); bit for bit equal to its integer reference: "
+            f"{'yes' if artifacts.get('runtime_exact') else 'NO'}; |runtime - model| max "
+            f"{artifacts['runtime_max_abs_diff']:.3g}, mean {artifacts['runtime_mean_abs_diff']:.2g}")

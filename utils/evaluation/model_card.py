@@ -10,7 +10,7 @@ infinite epsilon is the string "inf" (JSON has no infinity). Runs are named rela
 import math
 import os
 
-from utils.compression.cost import count_parameters
+from utils.compression.cost import RUNTIME_SUFFIX, SAME_RUNTIME, count_parameters
 from utils.privacy.ledger import SECURE_RNG_NOTE, compose_epsilon, epsilon, history, is_private
 from utils.run.checkpoint import pipeline_root, relative_to_root
 from utils.run.files import write_json, write_text
@@ -104,23 +104,37 @@ def _table(rows: list, columns: list) -> list:
 
 
 def _artifact_lines(a: dict) -> list:
-    """What ships (generator.onnx), the other files, and the cost table measured at the end of the stage."""
+    """What ships (generator.onnx), the other files, and the cost table measured at the end of the stage: ratios to
+    the teacher in the same runtime (the headline), and to the eager teacher (labelled)."""
+    exact = {True: "bit for bit equal to its eager integer reference (utils/compression/reference.py) on "
+                   f"{a.get('runtime_check_samples', '-')} samples", False: "NOT equal to its integer reference",
+             None: "no integer reference (float model)"}[a.get("runtime_exact")]
     lines = [f"- on-device artifact: {a.get('runtime_artifact') or 'not written'} ({a.get('runtime_bytes', '-')} "
              f"bytes, {a.get('runtime', 'ONNX Runtime')}); run it without torch with {a.get('runtime_runner', '-')};"
-             f" layers in float arithmetic: {', '.join(a.get('runtime_float_layers', [])) or '-'}; abs "
-             f"difference to the model: max {_fmt(a.get('runtime_max_abs_diff'))}, mean "
+             f" layers outside QLinearConv: {', '.join(a.get('runtime_float_layers', [])) or '-'}; {exact}; abs "
+             f"difference to the compact model's float arithmetic: max {_fmt(a.get('runtime_max_abs_diff'))}, mean "
              f"{_fmt(a.get('runtime_mean_abs_diff'))}"
              + (f"; {a['runtime_note']}" if a.get("runtime_note") else ""),
              f"- integer weight file: {a.get('artifact', 'not written')} ({a.get('artifact_bytes', '-')} bytes); "
              f"{a.get('program', 'generator.pt2')} ({a.get('program_bytes', '-')} bytes) is a float debugging export"]
     if a.get("cost"):
-        rows = [{"model": name, "bytes": row["bytes"], "ms (b=1)": row["latency_ms"],
-                 "img/s": row["images_per_s"], "bytes xT": row["vs_teacher"]["bytes"],
-                 "latency xT": row["vs_teacher"]["latency_ms"], "img/s xT": row["vs_teacher"]["images_per_s"]}
-                for name, row in a["cost"].items()]
-        lines += ["", "Cost on this machine's CPU, one process (xT: ratio to the teacher in eager torch):", ""]
+        rows = [_cost_cells(name, row) for name, row in a["cost"].items()]
+        threads = next(iter(a["cost"].values())).get("threads", "torch's default")
+        lines += ["", f"Cost on this machine's CPU, measured by this stage at its end: one process, {threads} "
+                      "thread(s) for torch and ONNX Runtime alike, all models timed interleaved (medians). xT: ratio "
+                      "to the teacher in the same runtime (ONNX Runtime rows: the teacher's own float ONNX model); "
+                      "xT eager: to the teacher in eager torch. Re-measure: `python benchmarks/bench_compression.py "
+                      "--compact-dir <this run>`.", ""]
         lines += _table(rows, list(rows[0]))
     return lines
+
+
+def _cost_cells(name: str, row: dict) -> dict:
+    like = row.get(SAME_RUNTIME) or row["vs_teacher"]
+    eager = row["vs_teacher"] if name.endswith(RUNTIME_SUFFIX) else {}
+    return {"model": name, "bytes": row["bytes"], "ms (b=1)": row["latency_ms"], "img/s": row["images_per_s"],
+            "bytes xT": like["bytes"], "latency xT": like["latency_ms"], "img/s xT": like["images_per_s"],
+            "latency xT eager": eager.get("latency_ms", "-"), "img/s xT eager": eager.get("images_per_s", "-")}
 
 
 def audit_lines(audits) -> list:

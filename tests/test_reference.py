@@ -1,0 +1,117 @@
+"""The eager integer reference of generator.onnx (utils/compression/reference.py): the artifact equals it bit for bit
+at 8 and 4 bits, a one-step change of any requantisation shift or zero point breaks that, and the artifact check
+refuses an artifact that differs from it however little."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import handmade_student
+from utils.compression import runtime
+from utils.compression.compress import compress
+from utils.compression.ort_runner import generate, load_session
+from utils.compression.reference import reference_images, tanh
+
+SAMPLES = 96  # fixed inputs: every class, enough activations that a one-step change shows
+
+
+def compact_model(bits, image_size=28, image_channels=1):
+    channels = (12, 8, 6) if image_size == 28 else (12, 8, 6, 5)
+    dead = ([0, 3], [1], [2, 4]) if image_size == 28 else ([0, 3], [1], [2], [0])
+    return compress(handmade_student(channels=channels, bits=bits, dead=dead, image_size=image_size,
+                                     image_channels=image_channels))
+
+
+@pytest.fixture(scope="module", params=[8, 4])
+def shipped(request, tmp_path_factory):
+    """(program, runtime images, fixed inputs) of a compact model's generator.onnx."""
+    model = compact_model(request.param)
+    path = str(tmp_path_factory.mktemp("reference") / "g.onnx")
+    runtime.save_runtime_artifact(model, path)
+    z, labels = model.sample_inputs(SAMPLES, generator=torch.Generator().manual_seed(11))
+    images = generate(load_session(path), z.numpy(), labels.numpy())
+    return runtime.lower(model), images, (z, labels), model
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_reference_matches_the_artifact_bit_for_bit(shipped):
+    program, images, inputs, model = shipped
+    assert same_bits(reference_images(program, *inputs).numpy(), images)
+    with torch.no_grad():  # and both compute the compact model, up to rare rounding flips
+        assert np.abs(images - model(*inputs).numpy()).mean() <= runtime.MEAN_TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reference_matches_a_32_pixel_rgb_artifact(tmp_path, bits):
+    model = compact_model(bits, image_size=32, image_channels=3)
+    path = str(tmp_path / "g.onnx")
+    runtime.save_runtime_artifact(model, path)
+    z, labels = model.sample_inputs(32, generator=torch.Generator().manual_seed(3))
+    images = generate(load_session(path), z.numpy(), labels.numpy())
+    assert images.shape == (32, 3, 32, 32)
+    assert same_bits(reference_images(runtime.lower(model), z, labels).numpy(), images)
+
+
+def one_step_changes(program: runtime.IntegerProgram) -> dict:
+    """{what: change(program)}: every requantisation shift (its multiplier doubled or halved) and every zero point
+    moved by one step. (One unit of an int32 bias is below the grid at 4 bits, by design: see
+    `runtime.weight_multipliers`; the artifact check's test below moves one at 8 bits.)"""
+    def setter(layer, field, value):
+        def change(p):
+            setattr(layer(p), field, value(getattr(layer(p), field)))
+        return change
+    changes = {"block0 shift up": setter(lambda p: p.latent, "quant_scale", lambda v: v * 2),
+               "block0 shift down": setter(lambda p: p.latent, "quant_scale", lambda v: v / 2),
+               "block0 zero point": setter(lambda p: p.latent, "zero", lambda v: v + 1)}
+    for name in program.blocks:
+        def layer(p, name=name):
+            return p.blocks[name]
+        changes.update({f"{name} shift up": setter(layer, "scale", lambda v: v * np.float32(2)),
+                        f"{name} shift down": setter(layer, "scale", lambda v: v / np.float32(2)),
+                        f"{name} input zero point": setter(layer, "input_zero", lambda v: v + 1),
+                        f"{name} weight zero point up": setter(layer, "weight_zero", lambda v: v + 1),
+                        f"{name} weight zero point down": setter(layer, "weight_zero", lambda v: v - 1),
+                        f"{name} output zero point": setter(layer, "output_zero", lambda v: v + 1)})
+    changes.update({"to_image input zero point": setter(lambda p: p.image, "input_zero", lambda v: v + 1),
+                    "to_image weight zero point up": setter(lambda p: p.image, "weight_zero", lambda v: v + 1),
+                    "to_image weight zero point down": setter(lambda p: p.image, "weight_zero", lambda v: v - 1)})
+    return changes
+
+
+def test_a_one_step_change_of_any_shift_or_zero_point_breaks_the_match(shipped):
+    program, images, inputs, _ = shipped
+    changes = one_step_changes(program)
+    assert len(changes) == 3 + 6 * len(program.blocks) + 3
+    still_equal = []
+    for what, change in changes.items():
+        changed = copy.deepcopy(program)
+        change(changed)
+        if same_bits(reference_images(changed, *inputs).numpy(), images):
+            still_equal.append(what)
+    assert still_equal == []
+
+
+def test_verify_refuses_a_one_step_change_that_the_mean_lets_pass(tmp_path):
+    """An artifact whose graph has one int32 bias one unit off: a handful of activations one step away, far inside
+    the tolerances against the compact model, but not its integer reference: refused."""
+    model = compact_model(8)
+    program = runtime.lower(model)
+    program.blocks["block2"].bias = program.blocks["block2"].bias + 1
+    path = str(tmp_path / "g.onnx")
+    runtime.save_runtime_artifact(model, path, program)
+    settings = runtime.VerifySettings(num_samples=256)
+    verdict = runtime.verify_runtime(model, path, settings)
+    assert verdict["mean_abs_diff"] <= settings.mean_tolerance  # the second guard alone would pass it
+    assert verdict["pixels_over_tolerance"] <= settings.pixel_share * verdict["num_pixels"]
+    assert verdict["exact"] is False and verdict["reference_mismatches"] > 0 and not verdict["ok"]
+    assert runtime.verify_runtime(model, path, settings, program)["ok"]  # its own program: equal bit for bit
+
+
+def test_the_rational_tanh_is_tanh_to_float32_precision():
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float32)
+    assert (tanh(x).double() - torch.tanh(x.double())).abs().max() < 5e-7
+    assert tanh(torch.tensor([0.0, 20.0, -20.0])).tolist() == [0.0, 1.0, -1.0]
