@@ -12,7 +12,9 @@ runs named with --runs (or in RUNS at the top of this script). For each generato
             10 epochs; the real test set chooses nothing), or with --quick its labelled quick variant;
   cost      parameters, MACs per image, bytes on disk of the deployable artifact (or of the float state dict
             where a run has no artifact; the table says which), CPU latency at batch 1 and throughput at batch
-            256, each also as a ratio to the teacher;
+            256, each also as a ratio to the teacher; a run's generator.onnx is timed like for like, with the
+            teacher's own float ONNX model in the same ONNX Runtime (one process, interleaved), the ratio to the
+            eager teacher beside it;
   privacy   epsilon and delta of the checkpoint's ledger, and an empirical membership-inference audit: AUC of the
             distance-to-nearest-generated-sample attack, private images the run trained on (members: the whole
             private split, or the seeded subset its ledger records, as for train_teacher.py --subset) against as
@@ -38,7 +40,7 @@ from dataclasses import asdict
 import torch
 
 from utils.compression import deploy, runtime
-from utils.compression.cost import COST_KEYS, add_ratios, cost_row, state_dict_bytes
+from utils.compression.cost import COST_KEYS, SAME_RUNTIME, add_ratios, cost_row, state_dict_bytes
 from utils.data.datasets import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
 from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
                                       precision_recall, predict, protocol_accuracy, protocol_variant,
@@ -264,10 +266,28 @@ def device_cost(G, run_dir: str, args) -> dict:
     speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats}
     row = {**cost_row(model, size, run=run, speed=speed), "bytes_source": source}
     shipped = os.path.join(run_dir, runtime.RUNTIME_NAME)
-    if os.path.isfile(shipped):  # what ships: generator.onnx in ONNX Runtime
-        row["runtime"] = {key: value for key, value in runtime.runtime_cost_row(model, shipped, speed).items()
-                          if key in ("bytes", "latency_ms", "images_per_s")}
+    if os.path.isfile(shipped):  # what ships: generator.onnx, timed like for like by `runtime_costs`
+        row["runtime"] = {"bytes": os.path.getsize(shipped)}
     return row
+
+
+def runtime_costs(rows, runs, baseline_run, args):
+    """What ships, like for like: every run's generator.onnx timed in ONNX Runtime together with the baseline
+    teacher's own float ONNX model and the eager teacher, one process, interleaved
+    (`utils.compression.deploy.like_for_like_rows`); each row's "runtime" gets its costs, the ratios to the teacher
+    in the same runtime and those to the eager teacher. Without a baseline teacher: no timing, no ratios."""
+    shipped = {row["label"]: (row, build_generator(checkpoint).cpu().eval()) for row, checkpoint in zip(rows, runs)
+               if "runtime" in row}
+    if not shipped or baseline_run is None:
+        return
+    entries = {label: deploy.runtime_entry(model, os.path.join(row["run_dir"], runtime.RUNTIME_NAME))
+               for label, (row, model) in shipped.items()}
+    teacher = build_generator(load_checkpoint(baseline_run, "teacher")).cpu().eval()
+    speed = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats}
+    costs = deploy.like_for_like_rows(teacher, entries, speed, runtime_names=entries)
+    for label, (row, _) in shipped.items():
+        row["runtime"] = {key: costs[label][key] for key in ("bytes", "latency_ms", "images_per_s", "vs_teacher",
+                                                             SAME_RUNTIME, "threads")}
 
 
 def privacy_summary(ledger: dict, delta: float, accountant: str) -> dict:
@@ -429,8 +449,9 @@ def format_mia(row) -> str:
 
 
 SHIPPED_COLUMNS = ("stage", "run", "generator.onnx bytes", "bytes ×T", "latency ms (b=1)", "latency ×T",
-                   "img/s (b=256)", "img/s ×T", "FD ↓ (its samples)", "precision ↑ (its samples)",
-                   "recall ↑ (its samples)", "downstream acc ↑ (its samples)", "max |runtime - model|")
+                   "img/s (b=256)", "img/s ×T", "latency ×T eager", "img/s ×T eager", "FD ↓ (its samples)",
+                   "precision ↑ (its samples)", "recall ↑ (its samples)", "downstream acc ↑ (its samples)",
+                   "max |runtime - model|")
 
 
 def shipped_table(rows) -> list:
@@ -438,13 +459,19 @@ def shipped_table(rows) -> list:
     shipped = [row for row in rows if "runtime" in row]
     if not shipped:
         return []
-    lines = ["", "What ships: generator.onnx run by ONNX Runtime (utils/compression/runtime.py), timed in this "
-             "process; quality of the artifact's own samples (same z and labels as above).", "",
+    lines = ["", "What ships: generator.onnx run by ONNX Runtime (utils/compression/runtime.py); ×T: ratio to the "
+             "teacher's own float ONNX model in the same ONNX Runtime, ×T eager: to the teacher in eager torch, all "
+             "timed in one pass of this process, interleaved (medians); quality of the artifact's own samples (same "
+             "z and labels as above).", "",
              "| " + " | ".join(SHIPPED_COLUMNS) + " |", "|" + "---|" * len(SHIPPED_COLUMNS)]
     for row in shipped:
-        r, ratios = row["runtime"], row["runtime"].get("vs_teacher") or {}
-        cells = [row["label"], row["run"], human(r["bytes"], "B"), _ratio(ratios, "bytes"), f"{r['latency_ms']:.3f}",
-                 _ratio(ratios, "latency_ms"), f"{r['images_per_s']:.0f}", _ratio(ratios, "images_per_s"),
+        r = row["runtime"]
+        ratios, eager = r.get(SAME_RUNTIME) or {}, r.get("vs_teacher") or {}
+        timed = "latency_ms" in r
+        cells = [row["label"], row["run"], human(r["bytes"], "B"), _ratio(ratios, "bytes"),
+                 f"{r['latency_ms']:.3f}" if timed else "-", _ratio(ratios, "latency_ms"),
+                 f"{r['images_per_s']:.0f}" if timed else "-", _ratio(ratios, "images_per_s"),
+                 _ratio(eager, "latency_ms"), _ratio(eager, "images_per_s"),
                  f"{row['fd_runtime']:.2f}" if "fd_runtime" in row else "-",
                  f"{row['precision_runtime']:.3f}" if "precision_runtime" in row else "-",
                  f"{row['recall_runtime']:.3f}" if "recall_runtime" in row else "-",
@@ -544,7 +571,7 @@ def main(args):
     rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
     baseline, baseline_run = teacher_cost(rows, runs, args)
     add_ratios({row["label"]: row for row in rows}, baseline=baseline)
-    add_ratios({row["label"]: row["runtime"] for row in rows if "runtime" in row}, baseline=baseline)
+    runtime_costs(rows, runs, baseline_run, args)
     table = write_reports(run, rows, runs, context["reference_info"], baseline_run, args, device)
     run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs],
               "snapshots": [checkpoint.get("snapshot") for checkpoint in runs]})
