@@ -140,7 +140,8 @@ def test_once_continues_an_interrupted_run_to_the_uninterrupted_result(tiny_data
     monkeypatch.undo()
     run_dir = latest_of(out, "teacher")
     early = open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:2]
-    open(os.path.join(run_dir, "checkpoint.pt.tmp.99999"), "w").close()  # a write the kill cut short
+    open(os.path.join(run_dir, "checkpoint.pt.tmp.99999"), "w").close()  # writes the kill cut short
+    os.symlink(os.path.basename(run_dir), os.path.join(out, "teacher", ".latest.99999"))
     capsys.readouterr()
     assert run_once(train_teacher, teacher_argv(tiny_data_root, out, *argv)) == 0
     output = capsys.readouterr().out
@@ -149,6 +150,7 @@ def test_once_continues_an_interrupted_run_to_the_uninterrupted_result(tiny_data
     assert runs_of(out, "teacher") == [os.path.basename(run_dir)] and latest_of(out, "teacher") == run_dir
     assert open(os.path.join(run_dir, "metrics.jsonl")).readlines()[:2] == early  # continued, not started again
     assert not [name for name in os.listdir(run_dir) if ".tmp." in name]
+    assert sorted(os.listdir(os.path.join(out, "teacher"))) == [os.path.basename(run_dir), "latest"]
     assert run_once(train_teacher, teacher_argv(tiny_data_root, straight, *argv)) == 0
     a, b = load_checkpoint(run_dir), load_checkpoint(os.path.join(straight, "teacher", "latest"))
     assert a["step"] == b["step"] == 4

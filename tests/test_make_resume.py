@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from conftest import FP32, ROOT, TINY_D, TINY_G, tiny_data_args
 from test_reliability import snapshot
 from utils.run.checkpoint import load_checkpoint, read_metrics
 from utils.run.cli import run_script
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="runs make (make test has it)")
 
 STAGES = ("teacher", "distill", "student", "compact", "private", "eval")
 STUDENT_STEPS = 120  # 12 steps per epoch of the 200-sample set: the kill lands long before the end

@@ -118,7 +118,8 @@ class Run:
             run = cls(checkpoint["run_dir"], stage, checkpoint)
             run.metrics.truncate_after(checkpoint["step"])
             if getattr(args, "once", False):
-                remove_partial_writes(run.run_dir)
+                for directory in (run.run_dir, os.path.dirname(run.run_dir)):
+                    remove_partial_writes(directory)
             return run
         desc = args.desc or desc
         if staged:

@@ -150,6 +150,8 @@ def skip_if_finished(previous: Previous, stage: str):
         latest = os.path.join(os.path.dirname(previous.finished), "latest")
         if is_writer() and os.path.realpath(latest) != os.path.realpath(previous.finished):
             mark_latest(previous.finished)
+        if is_writer():
+            remove_partial_writes(os.path.dirname(previous.finished))
         raise NothingToDo(f"{stage}: skipped: {previous.finished} finished with these settings (--once); "
                           f"{stage}/latest points at it")
 
@@ -163,10 +165,13 @@ def clear_the_way(args, stage: str):
     for run_dir in previous.stale:
         print(f"{stage}: removing {run_dir}, left unfinished with these settings (--once): starting again", flush=True)
         shutil.rmtree(run_dir)
+    if os.path.isdir(os.path.join(args.out, stage)):
+        remove_partial_writes(os.path.join(args.out, stage))
 
 
-def remove_partial_writes(run_dir: str):
-    """A resumed run's leftovers of a killed atomic write (`*.tmp.<pid>`, utils/run/files.py)."""
-    for name in os.listdir(run_dir):
-        if re.search(r"\.tmp\.\d+$", name):
-            os.remove(os.path.join(run_dir, name))
+def remove_partial_writes(directory: str):
+    """The leftovers in `directory` of writes a kill cut short: `*.tmp.<pid>` files (utils/run/files.py) and
+    `.latest.<pid>` links (`mark_latest`). Called on a stage's own directories only, one pipeline per --out."""
+    for name in os.listdir(directory):
+        if re.search(r"\.tmp\.\d+$", name) or re.fullmatch(r"\.latest\.\d+", name):
+            os.remove(os.path.join(directory, name))
