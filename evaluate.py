@@ -46,15 +46,16 @@ from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statisti
                                       precision_recall, predict, protocol_accuracy, protocol_variant,
                                       reference_classifier)
 from utils.evaluation.plots import plot_tradeoff, side_by_side_samples
+from utils.gan.sampling import generated_pool
 from utils.privacy.ledger import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
                                   warn_if_not_private)
 from utils.run.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
 from utils.run.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
-                           progress_bar, run_script, set_seed)
+                           run_script, set_seed)
 from utils.run.distributed import single_process_device
 from utils.run.files import write_json, write_text
 from utils.run.lifecycle import Run, maybe_dry_run, snapshot_file
-from utils.run.precision import FP32, add_precision_arg, announce, resolve_precision
+from utils.run.precision import add_precision_arg, announce, resolve_precision
 
 STAGE = "eval"
 MIA_NOT_READ = "n/a (private split not read)"
@@ -230,19 +231,6 @@ def membership_sets(ledger: dict, data: dict, args):
 
 
 # ---------------------------------------------------------------- per-generator measurements
-
-@torch.no_grad()
-def generated_pool(G, n: int, seed: int, device, desc: str, batch_size: int = 500, run=None,
-                   precision=FP32) -> tuple:
-    """n samples of G (eval mode, its forward passes in `precision`; or of `run`, e.g. its runtime artifact) with
-    class-balanced labels; the same z and labels for every generator."""
-    z, labels = G.sample_inputs(n, generator=torch.Generator().manual_seed(seed))
-    G.eval()
-    run = run or precision.wrap(G)
-    images = [run(z[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
-              for i in progress_bar(range(0, n, batch_size), desc=f"generate {desc}", leave=False)]
-    return torch.cat(images), labels
-
 
 def artifact_file(run_dir: str):
     """The run's deployable integer artifact (utils/compression/deploy.py's file name), or None where the run has
