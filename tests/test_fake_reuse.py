@@ -193,7 +193,8 @@ BEFORE_REUSE = {
 def seven_dp_steps(data_root, out) -> dict:
     """Hashes of the weights and random states after 7 DP steps of both DP scripts, without --reuse-fakes."""
     write_compact(out, public_ledger(data_root))
-    common = ("--noise-multiplier", "1.0", "--max-steps", "7", "--d-steps-per-g-step", "2")
+    common = ("--noise-multiplier", "1.0", "--max-steps", "7", "--d-steps-per-g-step", "2",
+              "--grad-sample-mode", "hooks")  # the default when the hashes were recorded (fused since issue 25)
     runs = {"fine_tune": load_checkpoint(fine_tune.main(fine_tune.parse_args(ft_argv(data_root, out, *common))),
                                          "private")}
     argv = teacher_argv(data_root, str(out / "teacher-run"), "--dp", "--split", "private", "--accountant", "rdp",

@@ -10,6 +10,10 @@ parameters.
   added and one DP optimizer step follows. The per-sample gradient Opacus clips is that of the pair
   (real i, fake i); the fakes depend only on the generator, so one private record still moves the clipped sum
   by at most C. An empty Poisson batch still takes a noisy step (the accountant counts it).
+- Per-pair gradients (`--grad-sample-mode`): by default `fused` (utils/privacy/pair_gradients.py: one forward pass of
+  the 2n images and each layer's per-pair gradients as one batched product, about 1.3x a plain step against about
+  2x for Opacus's hooks), handed to Opacus's DP optimizer through its no-op wrapper: the clipping, the noise and the
+  accountant step are Opacus's in every mode (hooks, functorch, ew, ghost, vmap stay selectable).
 - Generator step: the discriminator's per-sample hooks are off, the unwrapped discriminator is called, the loss is
   backpropagated into the generator's parameters only, and no accountant step is taken. The discriminator's
   gradients are cleared at the start of every DP step.
@@ -47,15 +51,17 @@ from utils.data.datasets import SplitDataset
 from utils.gan.steps import d_loss, g_loss, local_random_inputs, random_inputs
 from utils.privacy.ledger import (ACCOUNTANTS, SECURE_RNG_NOTE, calibrate_noise, check_delta, check_same_partition,
                                   compose_epsilon, epsilon, history, is_private, record_mechanism)
+from utils.privacy.pair_gradients import PAIR_GRADIENT_MODES, pair_gradients
 from utils.run.cli import UserError, open_unit_float, positive_float, positive_int
 from utils.run.distributed import (gather_parts, global_mean, is_writer, local_part, local_poisson_batch,
                                    make_private_data_parallel, unwrap_data_parallel)
 from utils.run.lifecycle import TrainConfig
 from utils.run.trainer import TrainingStep
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-# The fastest mode that clips exactly in benchmarks/bench_dp_step.py (results in benchmarks/results/).
-DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost") + PAIR_GRADIENT_MODES  # the last two: pair_gradients.py
+# The fastest mode that clips exactly in benchmarks/bench_dp_step.py (benchmarks/results/dp_step-*.md: about 1.3x a
+# plain step, hooks about 2x; Opacus's modes stay selectable).
+DEFAULT_GRAD_SAMPLE_MODE = "fused"
 DEFAULT_D_STEPS_PER_G_STEP = 5
 SAMPLER_SEED_OFFSET, NOISE_SEED_OFFSET = 7919, 104729  # the sampler's and the noise's seeds differ from --seed's
 FAKE_POOL_MARGIN = 6  # --reuse-fakes: a pool holds the expected batch plus this many standard deviations of its size
@@ -76,7 +82,9 @@ def add_dp_args(parser, default_target_epsilon: float):
     group.add_argument("--d-steps-per-g-step", type=positive_int, default=DEFAULT_D_STEPS_PER_G_STEP,
                        help="discriminator DP steps per generator step (Bie et al. 2023 use 50-100 from scratch)")
     group.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=DEFAULT_GRAD_SAMPLE_MODE,
-                       help="how Opacus computes per-sample gradients (see benchmarks/bench_dp_step.py)")
+                       help="how the per-pair gradients are computed: Opacus's modes, or fused / vmap "
+                            "(utils/privacy/pair_gradients.py), all clipped and noised by Opacus's optimizer; timed "
+                            "in benchmarks/bench_dp_step.py")
     group.add_argument("--reuse-fakes", action="store_true",
                        help="draw the fakes once per generator step and reuse them in its D steps (each D step pairs "
                             "its n real examples with the pool's first n); the guarantee is unchanged: the fakes "
@@ -180,6 +188,8 @@ class PrivateDiscriminator:
         check_private_discriminator(D)  # before Opacus wraps it (and before any state is built)
         grad_sample_mode = config.grad_sample_mode
         self.split, self.device, self.grad_sample_mode = split, torch.device(device), grad_sample_mode
+        # fused, vmap: per-pair gradients computed here, handed to Opacus's optimizer through its no-op wrapper
+        self.pair_gradients = pair_gradients(grad_sample_mode, D) if grad_sample_mode in PAIR_GRADIENT_MODES else None
         self.sample_rate = batch_size / len(split)
         self.sample_rng = torch.Generator().manual_seed(seed + SAMPLER_SEED_OFFSET)
         self.noise_rng = torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
@@ -190,7 +200,7 @@ class PrivateDiscriminator:
         wrapped = make_private_data_parallel(  # under torchrun: noise from rank 0 only, once per step
             self.engine, D, optimizer, loader, batch_size, noise_multiplier=noise_multiplier,
             max_grad_norm=config.max_grad_norm, poisson_sampling=False,  # the loader above already samples, seeded
-            noise_generator=self.noise_rng, grad_sample_mode=grad_sample_mode,
+            noise_generator=self.noise_rng, grad_sample_mode="no_op" if self.pair_gradients else grad_sample_mode,
             criterion=torch.nn.BCEWithLogitsLoss())
         if grad_sample_mode == "ghost":
             self.module, self.optimizer, self.criterion, self.loader = wrapped
@@ -327,13 +337,19 @@ class FakePool:
 # ---------------------------------------------------------------- the two steps
 
 def discriminator_backward(pd: PrivateDiscriminator, real, real_labels, fake, fake_labels):
-    """Clear D's gradients, then real and fake through the wrapped D, one loss, one backward.
+    """Clear D's gradients, then real and fake through the wrapped D, one loss, one backward (fused, vmap: their
+    per-pair gradients, utils/privacy/pair_gradients.py).
 
     With Opacus's hooks (hooks, functorch) the per-sample gradients come from the hooks and the DP optimizer
     overwrites D's ordinary `.grad`, so the backward targets the images instead: autograd then skips D's weight
     gradients (about a fifth of the step), and the hooks still see every layer's output gradient.
     """
     pd.optimizer.zero_grad(set_to_none=True)
+    if pd.pair_gradients is not None:  # fused, vmap: the per-pair gradients Opacus's optimizer clips
+        loss, grads = pd.pair_gradients(pd.plain, real, real_labels, fake, fake_labels)
+        for p in pd.optimizer.params:
+            p.grad_sample = grads[p]
+        return loss
     targets = None
     if pd.grad_sample_mode in ("hooks", "functorch"):
         real, fake = real.detach().requires_grad_(), fake.detach().requires_grad_()
