@@ -20,6 +20,10 @@ runs named with --runs (or in RUNS at the top of this script). For each generato
             private split, or the seeded subset its ledger records, as for train_teacher.py --subset) against as
             many test images (non-members); about 0.5 means no measurable leakage. A run whose ledger shows no
             read of the private split (no DP mechanism, no non-DP read) has no members: its MIA is n/a.
+With --synthetic DIR it scores a released dataset instead (generate.py's ImageFolder tree of PNGs or dataset.npz, or
+any ImageFolder/.npz of the data's image shape and classes): FD, precision/recall and downstream accuracy of its
+images in its order, as of a generator's samples; for a set written from a run, the numbers of the run's own
+samples as the set holds them (docs/DESIGN.md, "Releasing a synthetic dataset").
 The same latent vectors and labels are used for every generator. The reference classifier and the audit read
 real (also private) data: they are the data holder's measurements, not covered by the generator's DP guarantee.
 
@@ -41,7 +45,9 @@ import torch
 
 from utils.compression import deploy, runtime
 from utils.compression.cost import COST_KEYS, SAME_RUNTIME, add_ratios, cost_row, state_dict_bytes
+from utils.data import synthetic
 from utils.data.datasets import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
+from utils.evaluation.dataset_card import read_card
 from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
                                       precision_recall, predict, protocol_accuracy, protocol_variant,
                                       reference_classifier)
@@ -92,6 +98,10 @@ def parse_args(argv=None):
                         help="run directories (or checkpoints) to evaluate; default: RUNS at the top of this "
                              f"script, else <out>/<stage>/latest of every stage in {', '.join(GENERATOR_STAGES)} "
                              "that exists")
+    parser.add_argument("--synthetic", default=None, metavar="DIR",
+                        help="score a released dataset instead of generator runs: generate.py's output (a folder "
+                             "of PNGs or dataset.npz), or any ImageFolder tree or .npz of the data's image shape "
+                             "and classes (FD, precision/recall, downstream accuracy; no cost, no membership audit)")
     add_input_arg(parser, "--teacher", "TEACHER_DIR", "baseline of the cost ratios",
                   "the evaluated teacher, else the evaluated runs' teacher, else <out>/teacher/latest")
     group = parser.add_argument_group("quality")
@@ -414,11 +424,15 @@ TABLE_COLUMNS = ("stage", "run", "params", "MACs", "bytes on disk", "latency ms 
                  "downstream acc ↑", "epsilon", "delta", "MIA AUC")
 
 
+def protocol_label(protocol) -> str:
+    """The downstream column's label: the published protocol, its quick variant, or a named variant."""
+    return "Bie et al. 2023" if protocol == PROTOCOL else ("quick variant" if protocol == QUICK_PROTOCOL
+                                                            else protocol.name)
+
+
 def table_columns(protocol) -> list:
     """TABLE_COLUMNS with the downstream column labelled by its protocol (published, quick or a variant)."""
-    label = "Bie et al. 2023" if protocol == PROTOCOL else ("quick variant" if protocol == QUICK_PROTOCOL
-                                                             else protocol.name)
-    return [f"{name} ({label})" if name == "downstream acc ↑" else name for name in TABLE_COLUMNS]
+    return [f"{name} ({protocol_label(protocol)})" if name == "downstream acc ↑" else name for name in TABLE_COLUMNS]
 
 
 def table_row(row) -> list:
@@ -481,15 +495,7 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
     lines += shipped_table(rows)
     # the cap where no row has members (all public-only): "up to 0 members" would read as a setting
     members = max([row["audit"]["members"] for row in rows], default=0) or args.audit_members
-    lines += ["",
-              f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
-              f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"
-              f" ({'cached' if reference['cached'] else 'trained'}: {reference['path']}).",
-              f"FD: {args.num_fd_samples} class-balanced generated samples against the real test set, in the "
-              f"reference classifier's penultimate features. Precision/recall: k-NN manifolds (k = 3, "
-              f"Kynkaenniemi et al. 2019) of the same samples and as many real test images, same features.",
-              f"Downstream: {protocol.describe()}.",
-              f"Precision of sampling and the downstream classifier: {args.resolved_precision}.",
+    lines += ["", *quality_notes(reference, args, "class-balanced generated samples"),
               f"MIA AUC: distance-to-nearest of {args.audit_samples} generated samples"
               f"{' of the same label' if args.audit_same_label else ''}, up to {members} members (private images "
               f"the run trained on: the whole private split, or the seeded subset its ledger records) vs as many "
@@ -498,6 +504,18 @@ def results_markdown(rows, reference: dict, baseline_run, args) -> str:
               f"×T: ratio to the teacher ({baseline_run or 'none available'}). Epsilon: {args.accountant.upper()} "
               f"accountant over the ledger's mechanisms."]
     return "\n".join(lines) + "\n"
+
+
+def quality_notes(reference: dict, args, samples: str) -> list:
+    """How FD, precision/recall and the downstream accuracy were measured, on `args.num_fd_samples` `samples`."""
+    return [f"Reference classifier (2-conv CNN, {reference['train_size']} real training images, "
+            f"{reference['settings']['epochs']} epoch(s)): test accuracy {100 * reference['test_accuracy']:.2f}%"
+            f" ({'cached' if reference['cached'] else 'trained'}: {reference['path']}).",
+            f"FD: {args.num_fd_samples} {samples} against the real test set, in the reference classifier's "
+            f"penultimate features. Precision/recall: k-NN manifolds (k = 3, Kynkaenniemi et al. 2019) of the same "
+            f"samples and as many real test images, same features.",
+            f"Downstream: {downstream_protocol(args).describe()}.",
+            f"Precision of sampling and the downstream classifier: {args.resolved_precision}."]
 
 
 def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, device) -> str:
@@ -513,6 +531,66 @@ def write_reports(run: Run, rows, runs, reference: dict, baseline_run, args, dev
                          run.path("comparison.png"), "same z and labels (one row per class)", device)
     plot_tradeoff(rows, run.path("tradeoff.png"))
     return table
+
+
+# ---------------------------------------------------------------- a released dataset (--synthetic)
+
+def load_synthetic(args) -> tuple:
+    """(the set at --synthetic, real data, the set's card or None), the set checked against the data's image
+    shape and classes and against the sample counts: every refusal comes here, before anything is written."""
+    if args.runs:
+        raise UserError("--synthetic scores a dataset and --runs generators: give one of them")
+    data = load_data(args, {})
+    names = data["splits"]["all"].classes or synthetic.BUILTIN_CLASS_NAMES[args.dataset]
+    needed = downstream_protocol(args).num_samples
+    try:
+        count = synthetic.count_images(args.synthetic)  # before decoding: a refusal is one line, no progress bar
+        if count < max(args.num_fd_samples, needed):
+            raise UserError(f"--synthetic {args.synthetic} holds {count} images, but FD takes {args.num_fd_samples} "
+                            f"(--num-fd-samples) and the downstream protocol {needed}: write more, or pass smaller "
+                            f"counts (--num-downstream-samples makes a labelled variant)")
+        released = synthetic.read_set(args.synthetic, data["splits"]["test"].image_shape, names, args.seed)
+    except synthetic.ReleaseError as exc:
+        raise UserError(str(exc)) from exc
+    return released, data, read_card(args.synthetic)
+
+
+def synthetic_markdown(row, reference: dict, args) -> str:
+    columns = ["set", "images", "FD ↓", "precision ↑", "recall ↑",
+               f"downstream acc ↑ ({protocol_label(downstream_protocol(args))})"]
+    cells = [row["set"], str(row["images"]), f"{row['fd']:.2f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+             f"{100 * row['downstream_accuracy']:.1f}%"]
+    privacy = " ".join(row["privacy"]) if row["privacy"] else "not stated (no dataset.json beside the set)"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), "| " + " | ".join(cells) + " |", "",
+             f"Order of the images: {row['order']} (the downstream protocol holds out the last ones).",
+             f"Privacy, from the set's dataset.json: {privacy}",
+             *quality_notes(reference, args, "images of the set (its first ones)")]
+    return "\n".join(lines) + "\n"
+
+
+def score_synthetic(args, device, precision) -> str:
+    """FD, precision/recall and downstream accuracy of the set at --synthetic, measured as `sample_quality`
+    measures a generator's pool: the set's images, in its order, take the pool's place."""
+    released, data, card = load_synthetic(args)
+    run = Run.open(args, STAGE, f"{args.dataset}-synthetic{'-quick' if args.quick else ''}")
+    announce(precision, STAGE)
+    context = prepare_reference(args, data, device, precision)
+    images, labels = to_unit_range(torch.from_numpy(released.images)), torch.from_numpy(released.labels)
+    timings = {}
+    row = {"label": "synthetic", "set": os.path.realpath(args.synthetic), "images": len(released),
+           "order": released.order, **sample_quality(images, labels, context, args, device, "synthetic", timings),
+           "privacy": (card or {}).get("privacy_in_words"), "timings": timings}
+    table = synthetic_markdown(row, context["reference_info"], args)
+    write_text(run.path("results.md"), table)
+    write_json(run.path("results.json"),
+               {"rows": [row], "reference_classifier": context["reference_info"],
+                "downstream_protocol": asdict(downstream_protocol(args)),
+                "settings": {key: getattr(args, key) for key in ("num_fd_samples", "num_downstream_samples",
+                                                                 "downstream_epochs", "classifier_epochs", "seed",
+                                                                 "max_steps", "quick", "resolved_precision")}})
+    run.save({**checkpoint_fields(STAGE, args), "synthetic": row["set"]})
+    print(table)
+    return run.finish(f"synthetic dataset {row['set']}")
 
 
 # ---------------------------------------------------------------- main
@@ -552,6 +630,8 @@ def main(args):
     precision = resolve_precision(args.precision, device)
     args.resolved_precision = precision.describe()
     set_seed(args.seed)
+    if args.synthetic:
+        return score_synthetic(args, device, precision)
     runs, data = load_inputs(args)
     run = Run.open(args, STAGE, f"{args.dataset}{'-quick' if args.quick else ''}")
     announce(precision, STAGE)

@@ -1,0 +1,272 @@
+"""Release a synthetic dataset: labelled images written from a generator, with its privacy statement
+(docs/DESIGN.md, "Releasing a synthetic dataset").
+
+Input: a generator run of any stage (--run; default RUN_DIR at the top of this script, else <out>/private/latest,
+the DP fine-tuned generator), or a generator.onnx alone (--onnx: ONNX Runtime and numpy, torch is never imported;
+the privacy statement comes from the model_card.json beside it, and without one the card says plainly that no
+guarantee is known). An audit run's generator is refused: it is never a released model.
+
+Writes <out>/release/<NNNNN>-<desc>/ (built in a hidden directory, numbered once complete; release/latest):
+  --format png   one folder per class, `<label>-<class name>/<index>.png`: torchvision's ImageFolder reads it, its
+                 sorted folders giving back the labels
+  --format npz   dataset.npz: images uint8 (N, H, W, C), labels int64 (N,), class_names (C,)
+  DATASET_CARD.md, dataset.json: how the set was made (generator, seed, count, format) and the generator's
+                 privacy statement from its ledger, in plain words
+--num-samples class-balanced images (labels 0, 1, ..., C-1, 0, ...), the generator's output in 8 bits. The latent
+vectors are those evaluate.py draws for --seed: `evaluate.py --synthetic DIR` scores the run's own samples as the
+set holds them. The ONNX path draws the same vectors in numpy (utils/gan/latents.py), so its images are the torch
+path's within the artifact check's tolerance. Post-processing of the generator: reads no data, spends no privacy.
+
+Imports stay torch-free at the top: only the --run path imports torch and the rest of the project.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from utils.data import synthetic
+from utils.data.synthetic import ReleaseError
+from utils.evaluation.dataset_card import build_card, epsilon_text, write_dataset_card
+from utils.gan import latents
+
+STAGE = "release"
+GENERATOR_STAGES = ("teacher", "student", "compact", "private")
+# The generator run this script samples, editable here: None means <out>/private/latest; --run overrides it.
+# Example: RUN_DIR = "checkpoints/private/00002-quick"
+RUN_DIR = None
+MODEL_CARD = "model_card.json"  # utils/evaluation/model_card.py's file, beside a private run's generator.onnx
+ONNX_BATCH = 256  # images per ONNX Runtime call
+PIXELS = "uint8 = floor((x + 1) * 127.5 + 0.5) of the generator's output x in [-1, 1] (as torchvision saves images)"
+EXAMPLES = ("python generate.py --num-samples 60000                # <out>/private/latest, PNG folders\n"
+            "  python generate.py --format npz --run checkpoints/private/00002-quick\n"
+            "  python generate.py --onnx generator.onnx --num-samples 1000   # no torch needed")
+
+
+# ---------------------------------------------------------------- command line (torch-free: utils/run/cli.py
+# imports torch, so its parser helpers are not used here; the flags and their behaviour are the same)
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr and exit code 2, as utils.run.cli.OneLineParser."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(description=__doc__, epilog=f"example:\n  {EXAMPLES}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run", default=None, metavar="RUN",
+                        help="generator run directory, `latest` link or checkpoint file (any stage); default: "
+                             "RUN_DIR at the top of this script if set, else <out>/private/latest (this flag wins "
+                             "over both)")
+    source.add_argument("--onnx", default=None, metavar="FILE",
+                        help="a generator.onnx alone, sampled by ONNX Runtime without torch; its privacy statement "
+                             "comes from the model_card.json beside it")
+    group = parser.add_argument_group("the dataset")
+    group.add_argument("--num-samples", type=positive_int, default=60000,
+                       help="images to write, class-balanced (default: 60000, the downstream protocol's count)")
+    group.add_argument("--format", choices=synthetic.FORMATS, default="png",
+                       help="png: one folder of PNGs per class (ImageFolder); npz: one dataset.npz (default: png)")
+    group.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
+                       help="the class names, in label order (default: the dataset's: Fashion-MNIST's, MNIST's "
+                            "digits, CIFAR-10's, or your folder's classes; with --onnx and a dataset of your own, "
+                            "the labels 0, 1, ...)")
+    group = parser.add_argument_group("common")
+    group.add_argument("--seed", type=int, default=0, help="seed of the latent vectors (default: 0, evaluate.py's)")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (--run only; default: auto)")
+    group.add_argument("--out", default="checkpoints", help="root of all pipeline outputs (default: checkpoints)")
+    group.add_argument("--desc", default=None,
+                       help="suffix of the directory name (default: <stage>-<format>-<count>, onnx-... with --onnx)")
+    group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- the generator: a run (torch) ...
+
+def from_run(args) -> dict:
+    """What `write_release` needs from a generator run: its samples, classes, shape, privacy and provenance."""
+    from utils.evaluation.model_card import privacy_section
+    from utils.gan.sampling import generated_pool
+    from utils.privacy.ledger import is_audit
+    from utils.run.checkpoint import build_generator, input_run, load_checkpoint, pipeline_root, relative_to_root
+    from utils.run.distributed import single_process_device
+    import torch
+
+    path = input_run(args.run, RUN_DIR, args.out, "private")
+    checkpoint = load_checkpoint(path, GENERATOR_STAGES)
+    ledger, saved, run_name = checkpoint["privacy"], checkpoint["args"], os.path.basename(checkpoint["run_dir"])
+    if is_audit(ledger):
+        raise ReleaseError(f"{checkpoint['run_dir']} is an audit run (canaries were inserted into its private "
+                           f"data): its generator is never released")
+    device = single_process_device(args.device, "generate.py")
+    G = build_generator(checkpoint).to(device).eval()
+    names = args.class_names or run_class_names(ledger["dataset"], saved.get("data_root"))
+
+    def sample(count: int, seed: int) -> tuple:
+        images, labels = generated_pool(G, count, seed, device, run_name)
+        return synthetic.to_uint8(images.numpy()), labels.numpy()
+    where = relative_to_root(checkpoint["run_dir"], pipeline_root(checkpoint["run_dir"]))
+    return {"sample": sample, "num_classes": G.num_classes, "image_shape": (G.image_channels, G.image_size,
+                                                                            G.image_size),
+            "class_names": names, "dataset": ledger["dataset"], "stage": checkpoint["stage"],
+            "privacy": privacy_section(ledger, saved.get("delta", 1e-5), saved.get("accountant", "prv"),
+                                       checkpoint["stage"], run_name),
+            "generator": {"run": where, "stage": checkpoint["stage"], "onnx": None},
+            "generator_text": f"the {checkpoint['stage']} run {where} (relative to the pipeline directory)",
+            "computed_by": f"torch {torch.__version__} on {device}, float32",
+            "latents": "z ~ N(0, I) from torch.Generator().manual_seed(seed) (Generator.sample_inputs, as "
+                       "evaluate.py draws them)"}
+
+
+def run_class_names(dataset: str, data_root: str) -> tuple:
+    """The class names of a run's dataset: built-in names, CIFAR-10's, or the class folders of its data root."""
+    from utils.data import folders
+    from utils.run.cli import UserError
+    if dataset in synthetic.BUILTIN_CLASS_NAMES:
+        return synthetic.BUILTIN_CLASS_NAMES[dataset]
+    if dataset == "cifar10":
+        return folders.CIFAR_CLASSES
+    try:
+        if not data_root:
+            raise UserError("this run's arguments name none")
+        return folders.list_folder(data_root).classes
+    except UserError as exc:
+        raise ReleaseError(f"the class names of a folder dataset are its class folders, but its data root cannot "
+                           f"be read ({exc}): pass --class-names") from exc
+
+
+# ---------------------------------------------------------------- ... or a generator.onnx alone (no torch)
+
+def read_json(path: str):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def from_onnx(args) -> dict:
+    """`from_run`'s answer for a generator.onnx alone, with ONNX Runtime and numpy only."""
+    from utils.compression.ort_runner import generate, load_session, metadata
+    import onnxruntime
+    if not os.path.isfile(args.onnx):
+        raise ReleaseError(f"--onnx {args.onnx}: no such file")
+    try:
+        session = load_session(args.onnx)
+    except Exception as exc:  # ONNX Runtime raises its own exception types for an unreadable model
+        raise ReleaseError(f"--onnx {args.onnx}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+    info = metadata(session)
+    if not {"nz", "num_classes"} <= set(info):
+        raise ReleaseError(f"--onnx {args.onnx}: not a generator.onnx of this project (no nz and num_classes in "
+                           f"its metadata)")
+    card = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), MODEL_CARD)) or {}
+    if card.get("audit"):
+        raise ReleaseError(f"--onnx {args.onnx}: its model card is an audit run's (canaries were inserted into its "
+                           f"private data): its generator is never released")
+    nz, num_classes = int(info["nz"]), int(info["num_classes"])
+    dataset = card.get("data", {}).get("dataset")
+
+    def sample(count: int, seed: int) -> tuple:
+        z, labels = latents.sample_inputs(count, nz, num_classes, seed)
+        images = [synthetic.to_uint8(generate(session, z[i:i + ONNX_BATCH], labels[i:i + ONNX_BATCH]))
+                  for i in synthetic.progress(range(0, count, ONNX_BATCH), "generate (ONNX Runtime)")]
+        return np.concatenate(images), labels
+    return {"sample": sample, "num_classes": num_classes, "image_shape": tuple(session.get_outputs()[0].shape[1:]),
+            "class_names": args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(dataset)
+            or tuple(str(label) for label in range(num_classes)),
+            "dataset": dataset, "stage": "onnx", "privacy": card.get("privacy"),
+            "generator": {"run": None, "stage": None, "onnx": os.path.realpath(args.onnx)},
+            "generator_text": f"{os.path.realpath(args.onnx)} alone",
+            "computed_by": f"onnxruntime {onnxruntime.__version__} (CPU)",
+            "latents": "z ~ N(0, I): torch.Generator().manual_seed(seed)'s draw reproduced in numpy "
+                       "(utils/gan/latents.py; equal to float rounding)"}
+
+
+# ---------------------------------------------------------------- writing
+
+def card_of(source: dict, args, labels: np.ndarray, files: str, folders) -> dict:
+    channels, height, width = source["image_shape"]
+    made = {"name": f"synthetic {source['dataset'] or 'images'} ({args.desc})", "num_samples": args.num_samples,
+            "seed": args.seed, "format": args.format,
+            "format_text": ("one folder of PNGs per class, `<label>-<class name>/<index>.png` (torchvision's "
+                            "ImageFolder)" if args.format == "png" else
+                            "dataset.npz: images uint8 (N, H, W, C), labels int64 (N,), class_names"),
+            "image_shape": [channels, height, width],
+            "image_shape_text": f"{height}x{width}, {channels} channel{'s' if channels != 1 else ''}",
+            "class_names": list(source["class_names"]), "class_folders": folders, "dataset": source["dataset"],
+            "generator": source["generator"], "generator_text": source["generator_text"],
+            "computed_by": source["computed_by"], "latents": source["latents"] + "; labels i mod C",
+            "pixels": PIXELS, "order": "file index i is sample i of the seeded draw"}
+    return build_card(made=made, privacy=source["privacy"], files=files,
+                      per_class=synthetic.count_per_class(labels, source["class_names"]))
+
+
+def write_release(source: dict, args) -> str:
+    """Sample, write the set and its card in a hidden directory, then number it: a set is complete or absent."""
+    stage_dir = os.path.join(args.out, STAGE)
+    staging = synthetic.staging_dir(stage_dir)
+    try:
+        images, labels = source["sample"](args.num_samples, args.seed)
+        if args.format == "png":
+            folders = synthetic.write_png_tree(staging, images, labels, source["class_names"])
+            files = "<class folder>/<index>.png"
+        else:
+            folders, files = None, os.path.basename(synthetic.write_npz(staging, images, labels,
+                                                                        source["class_names"]))
+        card = card_of(source, args, labels, files, folders)
+        write_dataset_card(staging, card)
+        return synthetic.publish(staging, stage_dir, args.desc), card
+    finally:
+        synthetic.discard(staging)  # gone once published; left only by a failure
+
+
+def check_source(source: dict):
+    """Refuse, before anything is written, class names that do not fit the generator."""
+    if len(source["class_names"]) != source["num_classes"]:
+        raise ReleaseError(f"{len(source['class_names'])} class names for a generator of {source['num_classes']} "
+                           f"classes: give one name per class (--class-names)")
+
+
+def main(args):
+    if args.dry_run:
+        print(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+        return None
+    source = from_onnx(args) if args.onnx else from_run(args)
+    check_source(source)
+    args.desc = args.desc or f"{source['stage']}-{args.format}-{args.num_samples}"
+    target, card = write_release(source, args)
+    privacy = card["privacy"]
+    if privacy["epsilon_total"] in ("inf", "unknown"):
+        print("WARNING: " + card["privacy_in_words"][0].replace("**", ""), file=sys.stderr)
+    epsilon = epsilon_text(privacy["epsilon_total"]) if card["privacy_known"] else "unknown"
+    print(f"{STAGE}: {args.num_samples} images ({args.format}) from {source['generator_text']}; epsilon {epsilon}"
+          f"\n{STAGE}: run directory {target}", flush=True)
+    return target
+
+
+def run(argv=None) -> int:
+    """utils.run.cli.run_script's contract on both paths: bad input is one line on stderr and exit code 2,
+    nothing written. The --onnx path never imports utils/run/cli.py (it imports torch)."""
+    args = parse_args(argv)
+    try:
+        if args.onnx:
+            main(args)
+            return 0
+        from utils.run.cli import run_script
+        return run_script(main, lambda _: args)
+    except ReleaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())
