@@ -85,7 +85,7 @@ async function generate(state, choice, count) {
     : `All of class ${names[Number(choice)]}.`;
   const tiles = drawGrid(state.config, images, count, columns, caption);
   $("timing").textContent = `${count} images in ${ms.toFixed(1)} ms: ${(ms / count).toFixed(3)} ms per image in ` +
-    "this browser (one batch, one WebAssembly thread; the first press includes warm-up).";
+    "this browser (one batch, one WebAssembly thread).";
   state.last = images;
   return { tiles, ms, msPerImage: ms / count, labels: Array.from(labels, Number) };
 }
