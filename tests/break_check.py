@@ -44,6 +44,7 @@ PR = "tests/test_precision.py"
 Q = "tests/test_dp_sampling.py::test_poisson_batches_of_a_dp_step_are_drawn_at_the_ledgers_q"
 QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_at_the_ledgers_q"
 FR = "tests/test_fake_reuse.py"
+V = "tests/test_dp_step_variants.py"
 MR = "tests/test_make_resume.py"
 DEMO = "tests/test_demo.py"
 DEMO_PAGE = DEMO + "::test_page_runs_the_generator_offline_and_matches_the_python_runtime"
@@ -116,6 +117,34 @@ BREAKS = [
           "    if True:\n        return local\n    bounds",
           (DIST + "::test_two_process_fake_pool_is_the_one_process_pool",),
           "under torchrun each rank keeps only its own part of the pool: a batch's first n fakes are not the pool's"),
+    # ------------------------------------------------------------ the DP step's per-pair gradient modes (issue 25)
+    Break("fused-pairs-mispaired", "utils/privacy/pair_gradients.py", "(s_n, n * s_n, sh * s_h,",
+          "(2 * s_n, s_n, sh * s_h,", (V + "::test_pair_gradients_match_autograd_pair_by_pair",
+                                       N + "::test_every_grad_sample_mode_clips_each_pair_exactly"),
+          "the fused mode pairs sample 2i with 2i+1 instead of real i with fake i: no record's pair is clipped"),
+    Break("fused-bias-of-the-reals-only", "utils/privacy/pair_gradients.py", "return weight, side_by_side.sum(dim=2)",
+          "return weight, side_by_side[:, :, :t].sum(dim=2)",
+          (V + "::test_every_mode_clips_each_pair_at_the_median_norm_exactly_over_batches_of_other_sizes",),
+          "the fused mode's bias gradients leave out the fakes: the clipped norm is not the pair's"),
+    Break("fused-loss-averaged", "utils/privacy/pair_gradients.py", "torch.autograd.grad(losses.sum(),",
+          "torch.autograd.grad(losses.mean(),",
+          (V + "::test_every_mode_clips_each_pair_at_the_median_norm_exactly_over_batches_of_other_sizes",),
+          "the fused per-pair gradients are 1/n of the pairs' (a factor hides while every pair stays clipped)"),
+    Break("fused-fakes-get-the-real-labels", "utils/privacy/pair_gradients.py",
+          "torch.cat([real_labels, fake_labels])", "torch.cat([real_labels, real_labels])",
+          (V + "::test_pair_gradients_match_autograd_pair_by_pair",),
+          "the fused mode conditions the fakes on the real batch's labels"),
+    Break("fused-buffer-not-grown", "utils/privacy/pair_gradients.py",
+          "if held is None or len(held) < n or", "if held is None or",
+          (V + "::test_every_mode_clips_each_pair_at_the_median_norm_exactly_over_batches_of_other_sizes",),
+          "a Poisson batch larger than the first one finds the fused mode's buffers too small"),
+    Break("vmap-fake-replaced-by-real", "utils/privacy/pair_gradients.py", "torch.stack([x_r, x_f])",
+          "torch.stack([x_r, x_r])", (V + "::test_pair_gradients_match_autograd_pair_by_pair",),
+          "the vmap mode's pair is the real example twice"),
+    Break("bench-exactness-check-disabled", "benchmarks/bench_dp_step.py",
+          "exact = grad_err < EXACT_RTOL and", "exact = True or grad_err < EXACT_RTOL and",
+          (V + "::test_the_benchmark_checks_every_variant_and_its_check_can_fail",),
+          "bench_dp_step.py calls every variant exact: its table's exact column means nothing"),
     # ------------------------------------------------------------ DP-SGD never trains a D that mixes samples
     Break("dp-accepts-minibatch-std", "utils/privacy/dp.py", "        check_private_discriminator(D)  # before Opacus",
           "        #", (O + "::test_private_discriminator_refuses_the_std_layer",),
