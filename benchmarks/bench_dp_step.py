@@ -283,7 +283,8 @@ def run_variant(args, variant: Variant, split, batch: int, device) -> dict:
     D = Discriminator(channels=variant.d_channels)
     row = {"variant": variant.name, "batch_size": batch, "grad_sample_mode": variant.mode,
            "reuse_fakes_d_steps": variant.reuse_d_steps, "channels_last": variant.channels_last,
-           "physical": variant.physical, "d_channels": list(D.channels), "d_params": sum(p.numel() for p in D.parameters())}
+           "physical": variant.physical, "d_channels": list(D.channels),
+           "d_params": sum(p.numel() for p in D.parameters())}
     if variant.physical is not None and batch <= variant.physical:
         return {**row, "ok": True, "skipped": f"batch {batch} is not above the physical batch {variant.physical}"}
     real, labels = split.batch(torch.arange(batch))

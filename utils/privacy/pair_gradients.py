@@ -59,7 +59,7 @@ class _Buffers:
         return held[:n]
 
 
-# ---------------------------------------------------------------- fused: one forward, one backward, one product per layer
+# ---------------------------------------------------------------- fused: one forward, one backward, a product a layer
 
 def check_fusable(D: nn.Module):
     """Refuse a layer the fused per-pair gradients do not handle, before anything is trained (one line)."""
@@ -142,7 +142,7 @@ class FusedPairGradients:
         return weight, gs.sum(dim=1)
 
 
-# ---------------------------------------------------------------- vmap: torch.func over the module holding the parameters
+# ---------------------------------------------------------------- vmap: torch.func over the parameters' module
 
 class _Captured(Exception):
     """Stops D's forward once the input of its parameter-holding module is known."""
