@@ -211,8 +211,9 @@ def test_like_for_like_rows_ratio_to_the_teacher_in_the_same_runtime(tmp_path):
 
 
 def test_interleaved_speed_times_the_runs_in_turn(monkeypatch):
-    """Every repeat calls each run once in turn (after the warm-ups), and each figure is the median of its own
-    calls; a fake clock that each call advances by its run's cost makes the figures exact."""
+    """Every round times each run in turn, in a burst after an untimed call (the warm-ups in the first round), and
+    each figure is the median of its run's timed calls; a fake clock that each call advances by its run's cost
+    makes the figures exact."""
     clock, calls = [0.0], []
 
     def run_costing(name, seconds):
@@ -222,9 +223,11 @@ def test_interleaved_speed_times_the_runs_in_turn(monkeypatch):
         return run
     monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
     model = Generator(nz=4, channels=(2, 2, 2))
-    speed = cost.interleaved_speed({"a": (model, run_costing("a", 1.0)), "b": (model, run_costing("b", 3.0))},
-                                   latency_repeats=3, throughput_repeats=2, throughput_batch=4, warmup=1)
-    assert calls == [("a", 1), ("b", 1)] * 4 + [("a", 4), ("b", 4)] * 3
+    runs = {"a": (model, run_costing("a", 1.0)), "b": (model, run_costing("b", 3.0))}
+    monkeypatch.setattr(cost, "ROUNDS", 2)
+    speed = cost.interleaved_speed(runs, latency_repeats=4, throughput_repeats=2, throughput_batch=4, warmup=1)
+    latency_round, throughput_round = [("a", 1)] * 3 + [("b", 1)] * 3, [("a", 4)] * 2 + [("b", 4)] * 2
+    assert calls == latency_round * 2 + throughput_round * 2
     assert speed == {"a": {"latency_ms": 1000.0, "images_per_s": 1.0},
                      "b": {"latency_ms": 3000.0, "images_per_s": 1 / 3}}
 

@@ -1,13 +1,14 @@
 """Device cost of a generator: parameters, MACs per image, CPU latency at batch 1 and throughput at batch 256.
 
 Timings are medians over repeats after a warm-up, in one process; models compared with each other are timed
-interleaved (`interleaved_speed`: every repeat calls each in turn), so a change of the machine's load hits all alike;
+interleaved (`interleaved_speed`: rounds that time each in turn), so a change of the machine's load hits all alike;
 compare models only within one run. The cost report's rows (`cost_row`, `timed_rows`, `state_dict_bytes`), their
 ratios to the teacher (`add_ratios` to the eager teacher, `add_same_runtime_ratios` to the teacher in the row's own
 runtime: the like-for-like headline) and its table (`format_table`) are here too, shared by every stage's and
 benchmark's report.
 """
 import io
+import math
 import statistics
 import time
 
@@ -51,25 +52,32 @@ def count_macs(generator_model: nn.Module) -> int:
     return total[0]
 
 
+ROUNDS = 5  # rounds of an interleaved timing (`interleaved_seconds`)
+
+
 def median_seconds(call, repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of `call()` over `repeats` calls, after `warmup` untimed ones."""
-    return statistics.median(interleaved_seconds({"call": call}, repeats, warmup)["call"])
+    return statistics.median(interleaved_seconds({"call": call}, repeats, warmup, rounds=1)["call"])
 
 
-def interleaved_seconds(calls: dict, repeats: int, warmup: int = 3, desc: str = None) -> dict:
-    """{name: [seconds of each call]} for `calls` ({name: call()}) timed in one process, interleaved: after
-    `warmup` untimed calls of each, every repeat calls each of them once in turn, so that a change of the machine's
-    load during the measurement hits all of them alike."""
+def interleaved_seconds(calls: dict, repeats: int, warmup: int = 3, rounds: int = None, desc: str = None) -> dict:
+    """{name: [seconds of each timed call]} for `calls` ({name: call()}) timed in one process, interleaved: the
+    repeats are split into `rounds` rounds (default ROUNDS), and every round times each call in turn, in a burst
+    after one untimed call (`warmup` of them in the first round). A change of the machine's load during the
+    measurement hits all calls alike, and each burst runs with its own weights in cache (timed call by call, a
+    small model would pay for the cache that a large one evicted before it)."""
     from utils.run.cli import progress_bar
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
+    rounds = max(1, min(ROUNDS if rounds is None else rounds, repeats))
+    burst = math.ceil(repeats / rounds)
     times = {name: [] for name in calls}
-    for _ in progress_bar(range(repeats), desc=desc, leave=False, disable=desc is None):
+    for round_ in progress_bar(range(rounds), desc=desc, leave=False, disable=desc is None):
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(warmup if round_ == 0 else 1):
+                call()
+            for _ in range(burst):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -82,7 +90,7 @@ def interleaved_speed(runs: dict, latency_repeats: int = 50, throughput_repeats:
                       throughput_batch: int = 256, warmup: int = 3) -> dict:
     """{name: {"latency_ms", "images_per_s"}} of `runs` ({name: (generator, run(z, labels) or None for the
     generator itself)}; the generator gives the seeded inputs): CPU latency at batch 1 and throughput at batch
-    `throughput_batch`, medians of `interleaved_seconds` (one process, every repeat times each run in turn)."""
+    `throughput_batch`, medians of `interleaved_seconds` (one process, rounds that time each run in turn)."""
     result = {name: {} for name in runs}
     for key, batch, repeats in (("latency_ms", 1, latency_repeats),
                                 ("images_per_s", throughput_batch, throughput_repeats)):

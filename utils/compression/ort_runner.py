@@ -17,12 +17,19 @@ import numpy as np
 import onnxruntime as ort
 
 
-def load_session(path: str, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with every graph optimisation on (QLinear fusions, constant folding)."""
+OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+
+
+def load_session(path, threads: int = 1, optimization: str = "all") -> ort.InferenceSession:
+    """An ONNX Runtime CPU session (of a file or serialised model) on `threads` threads, with every graph
+    optimisation on by default (QLinear fusions, constant folding; measured best: runtime_choice.md)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = OPTIMIZATION[optimization]
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -73,11 +80,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="write the images here (.npy)")
     parser.add_argument("--bench", action="store_true", help="measure latency at batch 1 and throughput")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--optimization", choices=OPTIMIZATION, default="all", help="graph optimisation level")
     return parser.parse_args(argv)
 
 
 def main(args) -> dict:
-    session = load_session(args.model, args.threads)
+    session = load_session(args.model, args.threads, args.optimization)
     if args.inputs:
         with np.load(args.inputs) as data:
             z, labels = data["z"], data["labels"]
