@@ -28,7 +28,7 @@ import numpy as np
 
 from utils.data import synthetic
 from utils.data.synthetic import ReleaseError
-from utils.evaluation.dataset_card import build_card, epsilon_text, write_dataset_card
+from utils.evaluation.dataset_card import build_card, epsilon_text, read_card, read_json, write_dataset_card
 from utils.gan import latents
 
 STAGE = "release"
@@ -38,6 +38,7 @@ GENERATOR_STAGES = ("teacher", "student", "compact", "private")
 RUN_DIR = None
 MODEL_CARD = "model_card.json"  # utils/evaluation/model_card.py's file, beside a private run's generator.onnx
 ONNX_BATCH = 256  # images per ONNX Runtime call
+ONCE_KEYS = ("generator", "seed", "num_samples", "format", "class_names")  # what makes two sets the same (--once)
 PIXELS = "uint8 = floor((x + 1) * 127.5 + 0.5) of the generator's output x in [-1, 1] (as torchvision saves images)"
 EXAMPLES = ("python generate.py --num-samples 60000                # <out>/private/latest, PNG folders\n"
             "  python generate.py --format npz --run checkpoints/private/00002-quick\n"
@@ -77,9 +78,9 @@ def parse_args(argv=None):
     group.add_argument("--format", choices=synthetic.FORMATS, default="png",
                        help="png: one folder of PNGs per class (ImageFolder); npz: one dataset.npz (default: png)")
     group.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
-                       help="the class names, in label order (default: the dataset's: Fashion-MNIST's, MNIST's "
-                            "digits, CIFAR-10's, or your folder's classes; with --onnx and a dataset of your own, "
-                            "the labels 0, 1, ...)")
+                       help="the class names, in label order (default: the dataset's: Fashion-MNIST's, MNIST's, "
+                            "CIFAR-10's, or your folder's classes where its data root still lists them, else "
+                            "'class 0', 'class 1', ...; with --onnx, the built-in sets' only)")
     group = parser.add_argument_group("common")
     group.add_argument("--seed", type=int, default=0, help="seed of the latent vectors (default: 0, evaluate.py's)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (--run only; default: auto)")
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     group.add_argument("--desc", default=None,
                        help="suffix of the directory name (default: <stage>-<format>-<count>, onnx-... with --onnx)")
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    group.add_argument("--once", action="store_true",
+                       help="write the set once: skip when a set under --out was made from the same generator run "
+                            "with the same seed, count, format and classes (release/latest then points at it)")
     return parser.parse_args(argv)
 
 
@@ -109,7 +113,10 @@ def from_run(args) -> dict:
                            f"data): its generator is never released")
     device = single_process_device(args.device, "generate.py")
     G = build_generator(checkpoint).to(device).eval()
-    names = args.class_names or run_class_names(ledger["dataset"], saved.get("data_root"))
+    names = args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(ledger["dataset"])
+    if names is None:  # CIFAR-10's or a folder's classes (web_demo reads the built-in ones from torchvision: slower)
+        from utils.evaluation.web_demo import class_names
+        names = class_names(checkpoint, G.num_classes)
 
     def sample(count: int, seed: int) -> tuple:
         images, labels = generated_pool(G, count, seed, device, run_name)
@@ -127,32 +134,7 @@ def from_run(args) -> dict:
                        "evaluate.py draws them)"}
 
 
-def run_class_names(dataset: str, data_root: str) -> tuple:
-    """The class names of a run's dataset: built-in names, CIFAR-10's, or the class folders of its data root."""
-    from utils.data import folders
-    from utils.run.cli import UserError
-    if dataset in synthetic.BUILTIN_CLASS_NAMES:
-        return synthetic.BUILTIN_CLASS_NAMES[dataset]
-    if dataset == "cifar10":
-        return folders.CIFAR_CLASSES
-    try:
-        if not data_root:
-            raise UserError("this run's arguments name none")
-        return folders.list_folder(data_root).classes
-    except UserError as exc:
-        raise ReleaseError(f"the class names of a folder dataset are its class folders, but its data root cannot "
-                           f"be read ({exc}): pass --class-names") from exc
-
-
 # ---------------------------------------------------------------- ... or a generator.onnx alone (no torch)
-
-def read_json(path: str):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
 
 def from_onnx(args) -> dict:
     """`from_run`'s answer for a generator.onnx alone, with ONNX Runtime and numpy only."""
@@ -182,7 +164,7 @@ def from_onnx(args) -> dict:
         return np.concatenate(images), labels
     return {"sample": sample, "num_classes": num_classes, "image_shape": tuple(session.get_outputs()[0].shape[1:]),
             "class_names": args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(dataset)
-            or tuple(str(label) for label in range(num_classes)),
+            or tuple(f"class {label}" for label in range(num_classes)),
             "dataset": dataset, "stage": "onnx", "privacy": card.get("privacy"),
             "generator": {"run": None, "stage": None, "onnx": os.path.realpath(args.onnx)},
             "generator_text": f"{os.path.realpath(args.onnx)} alone",
@@ -193,40 +175,50 @@ def from_onnx(args) -> dict:
 
 # ---------------------------------------------------------------- writing
 
-def card_of(source: dict, args, labels: np.ndarray, files: str, folders) -> dict:
+def made_of(source: dict, args) -> dict:
+    """How the set is made, for its card (and for --once: ONCE_KEYS)."""
     channels, height, width = source["image_shape"]
-    made = {"name": f"synthetic {source['dataset'] or 'images'} ({args.desc})", "num_samples": args.num_samples,
+    png = args.format == "png"
+    return {"name": f"synthetic {source['dataset'] or 'images'} ({args.desc})", "num_samples": args.num_samples,
             "seed": args.seed, "format": args.format,
             "format_text": ("one folder of PNGs per class, `<label>-<class name>/<index>.png` (torchvision's "
-                            "ImageFolder)" if args.format == "png" else
+                            "ImageFolder)" if png else
                             "dataset.npz: images uint8 (N, H, W, C), labels int64 (N,), class_names"),
+            "files": "<class folder>/<index>.png" if png else synthetic.NPZ_NAME,
+            "class_folders": synthetic.class_folder_names(source["class_names"]) if png else None,
             "image_shape": [channels, height, width],
             "image_shape_text": f"{height}x{width}, {channels} channel{'s' if channels != 1 else ''}",
-            "class_names": list(source["class_names"]), "class_folders": folders, "dataset": source["dataset"],
+            "class_names": list(source["class_names"]), "dataset": source["dataset"],
             "generator": source["generator"], "generator_text": source["generator_text"],
             "computed_by": source["computed_by"], "latents": source["latents"] + "; labels i mod C",
             "pixels": PIXELS, "order": "file index i is sample i of the seeded draw"}
-    return build_card(made=made, privacy=source["privacy"], files=files,
-                      per_class=synthetic.count_per_class(labels, source["class_names"]))
 
 
-def write_release(source: dict, args) -> str:
-    """Sample, write the set and its card in a hidden directory, then number it: a set is complete or absent."""
-    stage_dir = os.path.join(args.out, STAGE)
+def write_release(source: dict, made: dict, stage_dir: str) -> tuple:
+    """Sample, write the set and its card in a hidden directory, then number it: a set is complete or absent.
+    Returns (its directory, its card)."""
     staging = synthetic.staging_dir(stage_dir)
     try:
-        images, labels = source["sample"](args.num_samples, args.seed)
-        if args.format == "png":
-            folders = synthetic.write_png_tree(staging, images, labels, source["class_names"])
-            files = "<class folder>/<index>.png"
+        images, labels = source["sample"](made["num_samples"], made["seed"])
+        if made["format"] == "png":
+            synthetic.write_png_tree(staging, images, labels, source["class_names"])
         else:
-            folders, files = None, os.path.basename(synthetic.write_npz(staging, images, labels,
-                                                                        source["class_names"]))
-        card = card_of(source, args, labels, files, folders)
+            synthetic.write_npz(staging, images, labels, source["class_names"])
+        card = build_card(made=made, privacy=source["privacy"],
+                          per_class=synthetic.count_per_class(labels, source["class_names"]))
         write_dataset_card(staging, card)
-        return synthetic.publish(staging, stage_dir, args.desc), card
+        return synthetic.publish(staging, stage_dir, made["desc"]), card
     finally:
         synthetic.discard(staging)  # gone once published; left only by a failure
+
+
+def finished_release(stage_dir: str, made: dict):
+    """The newest set under `stage_dir` made with these settings (ONCE_KEYS, from its dataset.json), or None."""
+    for directory in synthetic.numbered_dirs(stage_dir):
+        card = read_card(directory)
+        if card and all(card["made"].get(key) == made[key] for key in ONCE_KEYS):
+            return directory
+    return None
 
 
 def check_source(source: dict):
@@ -243,7 +235,13 @@ def main(args):
     source = from_onnx(args) if args.onnx else from_run(args)
     check_source(source)
     args.desc = args.desc or f"{source['stage']}-{args.format}-{args.num_samples}"
-    target, card = write_release(source, args)
+    made, stage_dir = {**made_of(source, args), "desc": args.desc}, os.path.join(args.out, STAGE)
+    done = finished_release(stage_dir, made) if args.once else None
+    if done:
+        synthetic.point_latest(stage_dir, done)
+        print(f"{STAGE}: skipped: {done} was written with these settings (--once); {STAGE}/latest points at it")
+        return done
+    target, card = write_release(source, made, stage_dir)
     privacy = card["privacy"]
     if privacy["epsilon_total"] in ("inf", "unknown"):
         print("WARNING: " + card["privacy_in_words"][0].replace("**", ""), file=sys.stderr)

@@ -82,6 +82,8 @@ def test_numpy_latents_are_the_generators_own_draw(n, nz, seed):
 
 def test_both_formats_read_back_balanced_and_labelled_and_the_card_states_the_ledgers_epsilon(tmp_path):
     import torchvision
+    assert NAMES == tuple(torchvision.datasets.FashionMNIST.classes)  # the torch-free copies of the built-in names
+    assert synthetic.MNIST_CLASSES == tuple(torchvision.datasets.MNIST.classes)
     run_dir = private_run(tmp_path / "out")
     G = build_generator(load_checkpoint(run_dir))
     pool, pool_labels = generated_pool(G, 50, 3, "cpu", "expected")
@@ -110,6 +112,15 @@ def test_both_formats_read_back_balanced_and_labelled_and_the_card_states_the_le
         assert f"epsilon = {value:.3f}, delta = 1e-05" in text and "spent no privacy" in text
 
 
+def test_class_names_are_the_runs_datasets_or_the_given_ones(tmp_path):
+    from utils.data.folders import CIFAR_CLASSES
+    run_dir = private_run(tmp_path / "out", {**private_ledger(), "dataset": "cifar10"})
+    named = [json.load(open(os.path.join(released(tmp_path / "out", "--run", run_dir, "--num-samples", "10",
+                                                  "--format", "npz", *given), "dataset.json")))["made"]["class_names"]
+             for given in ((), ("--class-names", *"abcdefghij"))]
+    assert named == [list(CIFAR_CLASSES), list("abcdefghij")]
+
+
 def test_the_card_says_no_guarantee_plainly_for_a_non_private_run(tmp_path, capsys):
     ledger = private_ledger()
     record_data_read(ledger, "teacher", "private", 400, run="t")
@@ -119,6 +130,20 @@ def test_the_card_says_no_guarantee_plainly_for_a_non_private_run(tmp_path, caps
     assert card["privacy"]["epsilon_total"] == "inf" and not card["privacy"]["guarantee"]
     assert "NO privacy guarantee** (epsilon = inf)" in open(os.path.join(directory, "DATASET_CARD.md")).read()
     assert "WARNING: NO privacy guarantee" in capsys.readouterr().err
+
+
+def test_once_writes_a_set_once_per_generator_seed_count_and_format(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_dir = private_run(out)
+    first = released(out, "--run", run_dir, "--num-samples", "20", "--once")
+    other = released(out, "--run", run_dir, "--num-samples", "20", "--seed", "1", "--once")
+    os.remove(out / "release" / "latest")
+    before = snapshot(out / "release")
+    assert released(out, "--run", run_dir, "--num-samples", "20", "--once") == first  # latest points at it again
+    assert "skipped" in capsys.readouterr().out and first != other
+    os.remove(out / "release" / "latest")
+    assert snapshot(out / "release") == before  # and nothing else was written
+    assert released(out, "--run", run_dir, "--num-samples", "20", "--format", "npz", "--once") not in (first, other)
 
 
 # ---------------------------------------------------------------- the ONNX path: no torch, the same images

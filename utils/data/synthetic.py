@@ -26,10 +26,16 @@ from tqdm import tqdm
 
 FORMATS = ("png", "npz")
 NPZ_NAME = "dataset.npz"
+# torchvision's class lists of the built-in sets (`FashionMNIST.classes`, `MNIST.classes`), which
+# utils/evaluation/web_demo.py reads from torchvision: written out for generate.py's torch-free path
+# (tests/test_generate.py holds them equal)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-BUILTIN_CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": tuple(str(digit) for digit in range(10))}
+MNIST_CLASSES = ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+                 "8 - eight", "9 - nine")
+BUILTIN_CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
 INDEX_NAME = re.compile(r"^(\d+)$")
+NUMBERED = re.compile(r"(\d{5})-")
 LOG_INTERVAL_S = 30  # progress reports in a log file, as utils.run.cli.progress_bar makes them
 
 
@@ -95,11 +101,21 @@ def staging_dir(stage_dir: str) -> str:
     return path
 
 
+# The numbered directories and `latest` link of every stage's runs: the same steps as utils/run/checkpoint.py's
+# `new_run_dir` and `mark_latest`, which this torch-free module cannot import.
+
+def numbered_dirs(stage_dir: str) -> list:
+    """The numbered sets `<stage_dir>/<NNNNN>-<desc>`, newest first."""
+    if not os.path.isdir(stage_dir):
+        return []
+    return [os.path.join(stage_dir, name) for name in sorted(os.listdir(stage_dir), reverse=True)
+            if NUMBERED.match(name) and os.path.isdir(os.path.join(stage_dir, name))]
+
+
 def publish(staging: str, stage_dir: str, desc: str) -> str:
-    """Move a complete set to `<stage_dir>/<NNNNN>-<desc>` (numbered one past the highest, as every stage's runs;
-    a rename onto a freshly reserved, empty directory) and point `<stage_dir>/latest` at it. The same steps as
-    utils/run/checkpoint.py's `new_run_dir` and `mark_latest`, which this torch-free module cannot import."""
-    numbers = [int(m.group(1)) for name in os.listdir(stage_dir) if (m := re.match(r"(\d{5})-", name))]
+    """Move a complete set to `<stage_dir>/<NNNNN>-<desc>`, numbered one past the highest (a rename onto a freshly
+    reserved, empty directory), and point `<stage_dir>/latest` at it."""
+    numbers = [int(m.group(1)) for name in os.listdir(stage_dir) if (m := NUMBERED.match(name))]
     number = max(numbers, default=-1) + 1
     while True:
         target = os.path.join(stage_dir, f"{number:05d}-{desc}")
@@ -109,12 +125,17 @@ def publish(staging: str, stage_dir: str, desc: str) -> str:
         except FileExistsError:  # another process took this number
             number += 1
     os.replace(staging, target)
+    point_latest(stage_dir, target)
+    return target
+
+
+def point_latest(stage_dir: str, target: str):
+    """`<stage_dir>/latest` -> `target`, atomically (a new link renamed over the old one)."""
     link = os.path.join(stage_dir, f".latest.{os.getpid()}")
     if os.path.lexists(link):
         os.remove(link)
     os.symlink(os.path.basename(target), link)
     os.replace(link, os.path.join(stage_dir, "latest"))
-    return target
 
 
 def discard(staging: str):

@@ -45,10 +45,10 @@ def privacy_words(privacy) -> list:
             f"{privacy['delta']:g}.** {privacy['statement']}", scope, POST_PROCESSING]
 
 
-def build_card(*, made: dict, privacy, per_class: dict, files: str) -> dict:
-    """The card's content: `made` (how: generator, seed, count, format, image shape, class names, ...), the
-    generator's privacy section (None where none came with it), the images per class and where they are."""
-    return {"made": made, "files": files, "per_class": per_class,
+def build_card(*, made: dict, privacy, per_class: dict) -> dict:
+    """The card's content: `made` (how: generator, seed, count, format, files, image shape, class names, ...), the
+    generator's privacy section (None where none came with it) and the images per class."""
+    return {"made": made, "per_class": per_class,
             "privacy": privacy if privacy is not None else {"guarantee": False, "epsilon_total": "unknown",
                                                             "statement": UNKNOWN},
             "privacy_known": privacy is not None, "privacy_in_words": privacy_words(privacy),
@@ -83,11 +83,16 @@ def write_dataset_card(directory: str, card: dict) -> tuple:
     return md_path, json_path
 
 
-def read_card(path: str):
-    """The dataset.json of the set at `path` (its folder, or beside its .npz), or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+def read_json(path: str):
+    """The JSON file at `path`, or None where it is missing or not JSON (a card, dataset.json or model_card.json)."""
     try:
-        with open(os.path.join(folder, CARD_JSON)) as handle:
+        with open(path) as handle:
             return json.load(handle)
     except (OSError, ValueError):
         return None
+
+
+def read_card(path: str):
+    """The dataset.json of the set at `path` (its folder, or beside its .npz), or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return read_json(os.path.join(folder, CARD_JSON))
