@@ -43,6 +43,7 @@ pipeline: setup
 	$(PY) evaluate.py --out $(OUT) --once --pipeline-stage 6/6 --quick \
 		--runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
 	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
+	$(PY) generate.py --out $(OUT) --once --num-samples 1000 --desc quick
 
 # The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings"). The sizes
 # of each stage are set here, once; the recipe and --precision auto are the scripts' defaults. Like `pipeline`, every
