@@ -48,6 +48,11 @@ V = "tests/test_dp_step_variants.py"
 MR = "tests/test_make_resume.py"
 DEMO = "tests/test_demo.py"
 DEMO_PAGE = DEMO + "::test_page_runs_the_generator_offline_and_matches_the_python_runtime"
+GEN = "tests/test_generate.py"
+GEN_FORMATS = GEN + "::test_both_formats_read_back_balanced_and_labelled_and_the_card_states_the_ledgers_epsilon"
+GEN_ONNX = GEN + "::test_a_generator_onnx_alone_writes_the_torch_paths_images_without_torch"
+GEN_REFUSE = GEN + "::test_generate_refuses_bad_input_and_writes_nothing"
+GEN_EVAL_REFUSE = GEN + "::test_evaluate_refuses_a_set_of_another_shape_or_classes"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -479,6 +484,56 @@ BREAKS = [
     Break("demo-verdict-ignores-the-pixel-share", "demo/demo.js", "over <= check.pixel_share * expected.length",
           "over >= 0", (DEMO_PAGE + "[28-grey]",),
           "the page calls images the same however many pixels differ by more than the tolerance"),
+    # ------------------------------------------------------------ a released synthetic dataset (issue 29)
+    Break("release-latents-tail-not-redrawn", "utils/gan/latents.py", "    if tail:  # torch makes the last 16",
+          "    if False:  # torch makes the last 16", (GEN + "::test_numpy_latents_are_the_generators_own_draw",),
+          "the numpy draw skips torch's second pass over the last 16 values: not torch's z when 16 does not divide "
+          "the count"),
+    Break("release-onnx-own-latent-draw", "generate.py",
+          "z, labels = latents.sample_inputs(count, nz, num_classes, seed)",
+          "z, labels = np.random.default_rng(seed).standard_normal((count, nz), np.float32), "
+          "np.arange(count) % num_classes", (GEN_ONNX,),
+          "the ONNX path draws its own latent vectors: its images are not the torch path's for the same seed"),
+    Break("release-onnx-path-imports-torch", "generate.py", "import numpy as np\n\nfrom utils.data import synthetic",
+          "import numpy as np\nimport torch  # noqa: F401\n\nfrom utils.data import synthetic", (GEN_ONNX,),
+          "generate.py imports torch at the top: a generator.onnx alone cannot be released without torch"),
+    Break("release-folders-in-name-order", "utils/data/synthetic.py", 'f"{label:0{width}d}-{name.replace(',
+          'f"{name.replace(', (GEN_FORMATS,),
+          "class folders named by the class alone: ImageFolder sorts them by name and gives back other labels"),
+    Break("release-read-in-listing-order", "utils/data/synthetic.py",
+          'return np.argsort([int(stem) for stem in stems], kind="stable")', "return np.arange(len(files))",
+          (GEN + "::test_scoring_a_set_written_from_a_run_gives_that_runs_numbers",),
+          "a set is scored in its folders' order (class by class), not the run's: FD's first samples and the "
+          "protocol's hold-out are other images than the run's"),
+    Break("release-card-epsilon-of-one-stage", "utils/evaluation/dataset_card.py",
+          "epsilon = {epsilon_text(privacy['epsilon_total'])}, delta",
+          "epsilon = {epsilon_text(privacy['epsilon_this_stage'])}, delta", (GEN_FORMATS,),
+          "the card states the last stage's epsilon, not the total over every mechanism of the ledger"),
+    Break("release-card-infinite-epsilon-not-said", "utils/evaluation/dataset_card.py",
+          'if privacy["epsilon_total"] == "inf":', "if False:",
+          (GEN + "::test_the_card_says_no_guarantee_plainly_for_a_non_private_run",),
+          "a set from a generator with infinite epsilon gets a card that reads like a DP one"),
+    Break("release-staged-before-checks", "generate.py",
+          "    source = from_onnx(args) if args.onnx else from_run(args)\n",
+          "    synthetic.staging_dir(os.path.join(args.out, STAGE))\n"
+          "    source = from_onnx(args) if args.onnx else from_run(args)\n", (GEN_REFUSE,),
+          "generate.py creates its directory before checking its input: a refusal leaves it behind"),
+    Break("release-of-an-audit-run", "generate.py", "    if is_audit(ledger):", "    if False:", (GEN_REFUSE,),
+          "an audit run's generator (canaries in its private data) is released"),
+    Break("synthetic-image-shape-unchecked", "utils/data/synthetic.py",
+          '        if found != image_shape:\n            raise ReleaseError(f"{path}: the image is',
+          '        if False:\n            raise ReleaseError(f"{path}: the image is', (GEN_EVAL_REFUSE,),
+          "a folder of images of another size or channel count is scored (or crashes) instead of refused"),
+    Break("synthetic-npz-shape-unchecked", "utils/data/synthetic.py",
+          '    if found != image_shape:\n        raise ReleaseError(f"{path}: its images are',
+          '    if False:\n        raise ReleaseError(f"{path}: its images are', (GEN_EVAL_REFUSE,),
+          "an .npz of images of another size is scored (or crashes) instead of refused"),
+    Break("synthetic-classes-unchecked", "utils/data/synthetic.py", "    if found not in accepted:", "    if False:",
+          (GEN_EVAL_REFUSE,), "a folder whose class folders are not the data's classes is scored with wrong labels"),
+    Break("release-once-ignores-the-seed", "generate.py", 'ONCE_KEYS = ("generator", "seed", "num_samples",',
+          'ONCE_KEYS = ("generator", "num_samples",',
+          (GEN + "::test_once_writes_a_set_once_per_generator_seed_count_and_format",),
+          "--once takes a set of another seed for this one and skips writing it"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc")
