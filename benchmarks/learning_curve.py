@@ -153,8 +153,10 @@ def plot(state: dict, path: str, title: str):
     records = [{"step": r["step"], "FD / 100": r["quick"]["fd"] / 100, "recall": r["quick"]["recall"],
                 "precision": r["quick"]["precision"], "downstream (quick)": r["quick"]["downstream_accuracy"],
                 **({"downstream (published)": r["published"]["downstream_accuracy"]} if "published" in r else {}),
+                **({"distillation L1 x 10": 10 * r["distill_loss"]} if "distill_loss" in r else {}),
                 "quick ceiling": state["ceiling"]["test_accuracy"]} for r in rows]
-    keys = ["FD / 100", "precision", "recall", "downstream (quick)", "downstream (published)", "quick ceiling"]
+    keys = ["FD / 100", "precision", "recall", "downstream (quick)", "downstream (published)", "quick ceiling",
+            "distillation L1 x 10"]
     plot_curves(records, keys, path, title, ylabel="value", logx=True)
 
 
