@@ -8,12 +8,17 @@ summation order moves an activation across a quantisation level: utils/compressi
 student: the privacy ledger is copied unchanged.
 
 Writes `<out>/compact/<NNNNN>-<desc>/`: checkpoint.pt (stage "compact"), generator.onnx (the on-device artifact:
-ONNX Runtime, integer weights inside, checked against the compact model; utils/compression/runtime.py) with
-ort_runner.py (runs it with onnxruntime and numpy only), generator_int.pt (integer weights: int8, or packed int4 for <=
-4 bits, plus float scales; torch.load(weights_only=True)), generator.pt2 (a float debugging export: torch.export,
-weights stored as floats), compression.json / compression.png (parameters, MACs, bytes, CPU latency at batch 1 and
-throughput at batch 256 of the teacher, student and compact model in eager torch and of generator.onnx in ONNX Runtime,
-ratios to the teacher, one process), samples.png (student vs compact). Runs on the CPU.
+ONNX Runtime, integer weights inside, checked on seeded inputs to equal its eager integer reference bit for bit and,
+as a second guard, to agree with the compact model; utils/compression/runtime.py) with ort_runner.py (runs it with
+onnxruntime and numpy only), generator_int.pt (integer weights: int8, or packed int4 for <= 4 bits, plus float
+scales; torch.load(weights_only=True)), generator.pt2 (a float debugging export: torch.export, weights stored as
+floats), compression.json / compression.png (parameters, MACs, bytes, CPU latency at batch 1 and throughput at batch
+256 of the teacher in eager torch and as its own float ONNX model in ONNX Runtime (checked to compute the eager
+teacher), of the student and the compact model in eager torch and of generator.onnx in ONNX Runtime, all timed in
+one process, interleaved, on the same threads; each row with two sets of ratios: to the teacher in its own runtime,
+`vs_teacher_same_runtime`, the like-for-like headline (generator.onnx against the teacher's ONNX model), and to the
+eager teacher, `vs_teacher`; utils/compression/deploy.py, cost.py), samples.png (student vs compact). Runs on the
+CPU.
 """
 import copy
 import os
@@ -93,7 +98,8 @@ def compress_checked(student, args):
 # ---------------------------------------------------------------- report
 
 def cost_report(args, models: dict, run_dir: str) -> dict:
-    """Cost rows, one process, ratios to the teacher in eager torch (`utils.compression.deploy.shipped_cost_rows`)."""
+    """Cost rows, one process, interleaved, ratios to the teacher in the row's own runtime and to the eager teacher
+    (`utils.compression.deploy.shipped_cost_rows`)."""
     set_threads(args.threads)
     return shipped_cost_rows(models["teacher"], "compact", models["compact"], run_dir, speed_settings(args),
                              others={"student": models["student"]})
