@@ -6,6 +6,9 @@ args, parent, model_args and unwrapped state dicts, privacy ledger, data, versio
 atomically and read back with `torch.load(weights_only=True)` so that it can never run code. Paths to other runs
 are stored relative to the pipeline root `<out>` (so a pipeline directory can be moved or copied whole) and come
 back absolute from `load_checkpoint`; `lineage` follows them back to the teacher.
+
+torch is imported inside the functions that use it: the run directories and `latest` serve generate.py's --onnx path
+too, in a process without torch.
 """
 import json
 import os
@@ -13,8 +16,6 @@ import pickle
 import re
 import time
 import zipfile
-
-import torch
 
 from utils.run.cli import UserError
 from utils.run.files import atomic_write
@@ -29,11 +30,13 @@ LINEAGE_STAGES = ("teacher", "distill", "student")
 
 def versions() -> dict:
     import opacus
+    import torch
     return {"torch": str(torch.__version__), "opacus": str(opacus.__version__), "project": PROJECT_VERSION}
 
 
-def unwrapped_state_dict(module: torch.nn.Module) -> dict:
-    """State dict without the prefixes that Opacus, DataParallel or torch.compile add."""
+def unwrapped_state_dict(module) -> dict:
+    """A torch.nn.Module's state dict without the prefixes that Opacus, DataParallel or torch.compile add."""
+    import torch
     state = {}
     for key, value in module.state_dict().items():
         changed = True
@@ -154,6 +157,7 @@ def checkpoint_fields(stage: str, args, *, step: int = 0, parent=None, models: d
 def contiguous_optimizer_state(optimizer) -> dict:
     """The optimiser's state dict with its tensors in the default memory layout (a channels-last network's Adam
     moments are channels-last): checkpoints look the same whatever layout trained them."""
+    import torch
     state = optimizer.state_dict()
     state["state"] = {key: {name: value.contiguous() if torch.is_tensor(value) else value
                             for name, value in entry.items()} for key, entry in state["state"].items()}
@@ -169,6 +173,7 @@ def data_fields(split) -> dict:
 
 def save_checkpoint(run_dir: str, checkpoint: dict, name: str = CHECKPOINT_NAME) -> str:
     """Write atomically (temp file, fsync, rename), paths to other runs stored relative to the pipeline root."""
+    import torch
     path = os.path.join(run_dir, name)
     stored = stored_paths(checkpoint, pipeline_root(run_dir))
     stored.pop("run_dir", None)  # where it was loaded from: never part of the file
@@ -184,6 +189,7 @@ def _unpickler_reason(exc) -> str:
 
 def _read(file: str, **load_args) -> dict:
     """torch.load(weights_only=True) with every failure as a UserError."""
+    import torch
     if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is damaged or foreign
         raise UserError(f"{file}: corrupt or truncated checkpoint (not a torch.save archive)")
     try:

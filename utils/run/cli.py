@@ -2,6 +2,9 @@
 
 `UserError` is a problem with the user's input (a path, a checkpoint, a number): `run_script` turns it into one
 line on stderr and exit code 2, never a traceback.
+
+torch is imported inside the functions that use it: generate.py's --onnx path parses its flags and reports its errors
+here in a process without torch (tests/test_generate.py).
 """
 import argparse
 import json
@@ -12,7 +15,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 # progress reports when the output is a file, not a terminal: one line every this many seconds
@@ -29,12 +31,15 @@ class NothingToDo(Exception):
 
 def set_seed(seed: int):
     """Seed Python, NumPy and torch's global generators (models are initialised from torch's)."""
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    """The torch.device that --device names (auto: CUDA, else MPS, else the CPU)."""
+    import torch
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -134,6 +139,7 @@ def speed_settings(args) -> dict:
 def set_threads(threads: int):
     """torch's CPU threads for timings; 0 keeps torch's default."""
     if threads:
+        import torch
         torch.set_num_threads(threads)
 
 
