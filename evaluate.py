@@ -543,15 +543,12 @@ def load_synthetic(args) -> tuple:
     data = load_data(args, {})
     names = data["splits"]["all"].classes or synthetic.BUILTIN_CLASS_NAMES[args.dataset]
     needed = downstream_protocol(args).num_samples
-    try:
-        count = synthetic.count_images(args.synthetic)  # before decoding: a refusal is one line, no progress bar
-        if count < max(args.num_fd_samples, needed):
-            raise UserError(f"--synthetic {args.synthetic} holds {count} images, but FD takes {args.num_fd_samples} "
-                            f"(--num-fd-samples) and the downstream protocol {needed}: write more, or pass smaller "
-                            f"counts (--num-downstream-samples makes a labelled variant)")
-        released = synthetic.read_set(args.synthetic, data["splits"]["test"].image_shape, names, args.seed)
-    except synthetic.ReleaseError as exc:
-        raise UserError(str(exc)) from exc
+    count = synthetic.count_images(args.synthetic)  # before decoding: a refusal is one line, no progress bar
+    if count < max(args.num_fd_samples, needed):
+        raise UserError(f"--synthetic {args.synthetic} holds {count} images, but FD takes {args.num_fd_samples} "
+                        f"(--num-fd-samples) and the downstream protocol {needed}: write more, or pass smaller "
+                        f"counts (--num-downstream-samples makes a labelled variant)")
+    released = synthetic.read_set(args.synthetic, data["splits"]["test"].image_shape, names, args.seed)
     return released, data, read_card(args.synthetic)
 
 

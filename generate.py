@@ -17,19 +17,25 @@ vectors are those evaluate.py draws for --seed: `evaluate.py --synthetic DIR` sc
 set holds them. The ONNX path draws the same vectors in numpy (utils/gan/latents.py), so its images are the torch
 path's within the artifact check's tolerance. Post-processing of the generator: reads no data, spends no privacy.
 
-Imports stay torch-free at the top: only the --run path imports torch and the rest of the project.
+--device applies to the --run path only. --once skips writing where a set under --out was made from the same
+generator with the same seed, count, format and classes (release/latest then points at it); a killed release leaves
+no numbered set (a hidden .partial-* directory at most), so it starts again.
+
+Imports stay torch-free at the top (utils/run/cli.py and checkpoint.py import torch only where they use it): only
+the --run path imports torch and the rest of the project.
 """
-import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from utils.data import synthetic
-from utils.data.synthetic import ReleaseError
 from utils.evaluation.dataset_card import build_card, epsilon_text, read_card, read_json, write_dataset_card
 from utils.gan import latents
+from utils.run.checkpoint import (build_generator, input_run, load_checkpoint, mark_latest, pipeline_root,
+                                  relative_to_root)
+from utils.run.cli import (NothingToDo, UserError, add_common_args, add_input_arg, make_parser, positive_int,
+                           print_config, progress_bar, run_script)
 
 STAGE = "release"
 GENERATOR_STAGES = ("teacher", "student", "compact", "private")
@@ -45,52 +51,24 @@ EXAMPLES = ("python generate.py --num-samples 60000                # <out>/priva
             "  python generate.py --onnx generator.onnx --num-samples 1000   # no torch needed")
 
 
-# ---------------------------------------------------------------- command line (torch-free: utils/run/cli.py
-# imports torch, so its parser helpers are not used here; the flags and their behaviour are the same)
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument error is one line on stderr and exit code 2, as utils.run.cli.OneLineParser."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def parse_args(argv=None):
-    parser = OneLineParser(description=__doc__, epilog=f"example:\n  {EXAMPLES}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, EXAMPLES)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--run", default=None, metavar="RUN",
-                        help="generator run directory, `latest` link or checkpoint file (any stage); default: "
-                             "RUN_DIR at the top of this script if set, else <out>/private/latest (this flag wins "
-                             "over both)")
+    add_input_arg(source, "--run", "RUN_DIR", "generator run directory, `latest` link or checkpoint file (any stage)",
+                  "<out>/private/latest")
     source.add_argument("--onnx", default=None, metavar="FILE",
                         help="a generator.onnx alone, sampled by ONNX Runtime without torch; its privacy statement "
                              "comes from the model_card.json beside it")
     group = parser.add_argument_group("the dataset")
     group.add_argument("--num-samples", type=positive_int, default=60000,
-                       help="images to write, class-balanced (default: 60000, the downstream protocol's count)")
+                       help="images to write, class-balanced (the downstream protocol's count)")
     group.add_argument("--format", choices=synthetic.FORMATS, default="png",
-                       help="png: one folder of PNGs per class (ImageFolder); npz: one dataset.npz (default: png)")
+                       help="png: one folder of PNGs per class (ImageFolder); npz: one dataset.npz")
     group.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
                        help="the class names, in label order (default: the dataset's: Fashion-MNIST's, MNIST's, "
                             "CIFAR-10's, or your folder's classes where its data root still lists them, else "
                             "'class 0', 'class 1', ...; with --onnx, the built-in sets' only)")
-    group = parser.add_argument_group("common")
-    group.add_argument("--seed", type=int, default=0, help="seed of the latent vectors (default: 0, evaluate.py's)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (--run only; default: auto)")
-    group.add_argument("--out", default="checkpoints", help="root of all pipeline outputs (default: checkpoints)")
-    group.add_argument("--desc", default=None,
-                       help="suffix of the directory name (default: <stage>-<format>-<count>, onnx-... with --onnx)")
-    group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    group.add_argument("--once", action="store_true",
-                       help="write the set once: skip when a set under --out was made from the same generator run "
-                            "with the same seed, count, format and classes (release/latest then points at it)")
+    add_common_args(parser, max_steps=False)
     return parser.parse_args(argv)
 
 
@@ -101,7 +79,6 @@ def from_run(args) -> dict:
     from utils.evaluation.model_card import privacy_section
     from utils.gan.sampling import generated_pool
     from utils.privacy.ledger import is_audit
-    from utils.run.checkpoint import build_generator, input_run, load_checkpoint, pipeline_root, relative_to_root
     from utils.run.distributed import single_process_device
     import torch
 
@@ -109,8 +86,8 @@ def from_run(args) -> dict:
     checkpoint = load_checkpoint(path, GENERATOR_STAGES)
     ledger, saved, run_name = checkpoint["privacy"], checkpoint["args"], os.path.basename(checkpoint["run_dir"])
     if is_audit(ledger):
-        raise ReleaseError(f"{checkpoint['run_dir']} is an audit run (canaries were inserted into its private "
-                           f"data): its generator is never released")
+        raise UserError(f"{checkpoint['run_dir']} is an audit run (canaries were inserted into its private "
+                        f"data): its generator is never released")
     device = single_process_device(args.device, "generate.py")
     G = build_generator(checkpoint).to(device).eval()
     names = args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(ledger["dataset"])
@@ -141,26 +118,26 @@ def from_onnx(args) -> dict:
     from utils.compression.ort_runner import generate, load_session, metadata
     import onnxruntime
     if not os.path.isfile(args.onnx):
-        raise ReleaseError(f"--onnx {args.onnx}: no such file")
+        raise UserError(f"--onnx {args.onnx}: no such file")
     try:
         session = load_session(args.onnx)
     except Exception as exc:  # ONNX Runtime raises its own exception types for an unreadable model
-        raise ReleaseError(f"--onnx {args.onnx}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+        raise UserError(f"--onnx {args.onnx}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
     info = metadata(session)
     if not {"nz", "num_classes"} <= set(info):
-        raise ReleaseError(f"--onnx {args.onnx}: not a generator.onnx of this project (no nz and num_classes in "
-                           f"its metadata)")
+        raise UserError(f"--onnx {args.onnx}: not a generator.onnx of this project (no nz and num_classes in "
+                        f"its metadata)")
     card = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), MODEL_CARD)) or {}
     if card.get("audit"):
-        raise ReleaseError(f"--onnx {args.onnx}: its model card is an audit run's (canaries were inserted into its "
-                           f"private data): its generator is never released")
+        raise UserError(f"--onnx {args.onnx}: its model card is an audit run's (canaries were inserted into its "
+                        f"private data): its generator is never released")
     nz, num_classes = int(info["nz"]), int(info["num_classes"])
     dataset = card.get("data", {}).get("dataset")
 
     def sample(count: int, seed: int) -> tuple:
         z, labels = latents.sample_inputs(count, nz, num_classes, seed)
         images = [synthetic.to_uint8(generate(session, z[i:i + ONNX_BATCH], labels[i:i + ONNX_BATCH]))
-                  for i in synthetic.progress(range(0, count, ONNX_BATCH), "generate (ONNX Runtime)")]
+                  for i in progress_bar(range(0, count, ONNX_BATCH), desc="generate (ONNX Runtime)", leave=False)]
         return np.concatenate(images), labels
     return {"sample": sample, "num_classes": num_classes, "image_shape": tuple(session.get_outputs()[0].shape[1:]),
             "class_names": args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(dataset)
@@ -194,10 +171,10 @@ def made_of(source: dict, args) -> dict:
             "pixels": PIXELS, "order": "file index i is sample i of the seeded draw"}
 
 
-def write_release(source: dict, made: dict, stage_dir: str) -> tuple:
+def write_release(source: dict, made: dict, out: str) -> tuple:
     """Sample, write the set and its card in a hidden directory, then number it: a set is complete or absent.
     Returns (its directory, its card)."""
-    staging = synthetic.staging_dir(stage_dir)
+    staging = synthetic.staging_dir(os.path.join(out, STAGE))
     try:
         images, labels = source["sample"](made["num_samples"], made["seed"])
         if made["format"] == "png":
@@ -207,7 +184,7 @@ def write_release(source: dict, made: dict, stage_dir: str) -> tuple:
         card = build_card(made=made, privacy=source["privacy"],
                           per_class=synthetic.count_per_class(labels, source["class_names"]))
         write_dataset_card(staging, card)
-        return synthetic.publish(staging, stage_dir, made["desc"]), card
+        return synthetic.publish(staging, out, STAGE, made["desc"]), card
     finally:
         synthetic.discard(staging)  # gone once published; left only by a failure
 
@@ -224,24 +201,24 @@ def finished_release(stage_dir: str, made: dict):
 def check_source(source: dict):
     """Refuse, before anything is written, class names that do not fit the generator."""
     if len(source["class_names"]) != source["num_classes"]:
-        raise ReleaseError(f"{len(source['class_names'])} class names for a generator of {source['num_classes']} "
-                           f"classes: give one name per class (--class-names)")
+        raise UserError(f"{len(source['class_names'])} class names for a generator of {source['num_classes']} "
+                        f"classes: give one name per class (--class-names)")
 
 
 def main(args):
     if args.dry_run:
-        print(json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+        print_config(args)
         return None
     source = from_onnx(args) if args.onnx else from_run(args)
     check_source(source)
     args.desc = args.desc or f"{source['stage']}-{args.format}-{args.num_samples}"
-    made, stage_dir = {**made_of(source, args), "desc": args.desc}, os.path.join(args.out, STAGE)
-    done = finished_release(stage_dir, made) if args.once else None
+    made = {**made_of(source, args), "desc": args.desc}
+    done = finished_release(os.path.join(args.out, STAGE), made) if args.once else None
     if done:
-        synthetic.point_latest(stage_dir, done)
-        print(f"{STAGE}: skipped: {done} was written with these settings (--once); {STAGE}/latest points at it")
-        return done
-    target, card = write_release(source, made, stage_dir)
+        mark_latest(done)
+        raise NothingToDo(f"{STAGE}: skipped: {done} was written with these settings (--once); {STAGE}/latest "
+                          f"points at it")
+    target, card = write_release(source, made, args.out)
     privacy = card["privacy"]
     if privacy["epsilon_total"] in ("inf", "unknown"):
         print("WARNING: " + card["privacy_in_words"][0].replace("**", ""), file=sys.stderr)
@@ -251,20 +228,5 @@ def main(args):
     return target
 
 
-def run(argv=None) -> int:
-    """utils.run.cli.run_script's contract on both paths: bad input is one line on stderr and exit code 2,
-    nothing written. The --onnx path never imports utils/run/cli.py (it imports torch)."""
-    args = parse_args(argv)
-    try:
-        if args.onnx:
-            main(args)
-            return 0
-        from utils.run.cli import run_script
-        return run_script(main, lambda _: args)
-    except ReleaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    raise SystemExit(run())
+    raise SystemExit(run_script(main, parse_args))

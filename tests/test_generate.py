@@ -52,9 +52,14 @@ def private_run(out, ledger=None) -> str:
     return run_dir
 
 
+def run_generate(argv) -> int:
+    """generate.py's exit code, as its __main__ runs it."""
+    return run_script(generate.main, generate.parse_args, argv)
+
+
 def released(out, *argv) -> str:
     """Run generate.py as its __main__ does; the directory it wrote."""
-    assert generate.run(["--out", str(out), "--device", "cpu", *argv]) == 0
+    assert run_generate(["--out", str(out), "--device", "cpu", *argv]) == 0
     return os.path.realpath(os.path.join(out, "release", "latest"))
 
 
@@ -268,5 +273,5 @@ def test_generate_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
              (["--run", good_run, "--format", "gif"], "invalid choice"),
              (["--run", good_run, "--num-samples", "0"], "not a positive integer")]
     for argv, expected in cases:
-        assert expected in refused(lambda: generate.run(["--out", str(out), *argv]), out, capsys), argv
+        assert expected in refused(lambda: run_generate(["--out", str(out), *argv]), out, capsys), argv
     assert not os.path.exists(out / "release")

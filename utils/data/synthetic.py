@@ -11,18 +11,19 @@ Formats (`FORMATS`), both of 8-bit images, the generator's [-1, 1] output rounde
 name is a distinct integer (generate.py's), else in a seeded order (a class-sorted folder would put one class in
 the protocol's hold-out), refusing images of another size or channel count than the data's, or classes other than
 the data's. Writing imports no torch (generate.py's ONNX path runs without it); reading uses the decoding of
-utils/data/folders.py. Bad input raises `ReleaseError`, which the scripts report as they do `UserError` (one line,
-exit 2): utils/run/cli.py, where `UserError` lives, imports torch.
+utils/data/folders.py. Bad input raises `UserError` (one line, exit 2). A set is built in a hidden directory and
+numbered once complete (`publish`), as utils/run/checkpoint.py numbers every stage's runs.
 """
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from utils.run.checkpoint import mark_latest, new_run_dir
+from utils.run.cli import UserError, progress_bar
 
 FORMATS = ("png", "npz")
 NPZ_NAME = "dataset.npz"
@@ -36,17 +37,6 @@ MNIST_CLASSES = ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 -
 BUILTIN_CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
 INDEX_NAME = re.compile(r"^(\d+)$")
 NUMBERED = re.compile(r"(\d{5})-")
-LOG_INTERVAL_S = 30  # progress reports in a log file, as utils.run.cli.progress_bar makes them
-
-
-class ReleaseError(Exception):
-    """Bad input to the release format: reported as one line on stderr, exit code 2, nothing written."""
-
-
-def progress(iterable, desc: str):
-    """tqdm as utils.run.cli.progress_bar sets it up (which imports torch): live on a terminal, rare in a log."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False,
-                mininterval=0.1 if sys.stderr.isatty() else LOG_INTERVAL_S)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -78,7 +68,7 @@ def write_png_tree(root: str, images: np.ndarray, labels: np.ndarray, class_name
     for name in folders:
         os.makedirs(os.path.join(root, name))
     width = index_width(len(labels))
-    for index in progress(range(len(labels)), "write png"):
+    for index in progress_bar(range(len(labels)), desc="write png", leave=False):
         image = images[index]
         pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         Image.fromarray(pixels).save(os.path.join(root, folders[labels[index]], f"{index:0{width}d}.png"))
@@ -101,9 +91,6 @@ def staging_dir(stage_dir: str) -> str:
     return path
 
 
-# The numbered directories and `latest` link of every stage's runs: the same steps as utils/run/checkpoint.py's
-# `new_run_dir` and `mark_latest`, which this torch-free module cannot import.
-
 def numbered_dirs(stage_dir: str) -> list:
     """The numbered sets `<stage_dir>/<NNNNN>-<desc>`, newest first."""
     if not os.path.isdir(stage_dir):
@@ -112,30 +99,13 @@ def numbered_dirs(stage_dir: str) -> list:
             if NUMBERED.match(name) and os.path.isdir(os.path.join(stage_dir, name))]
 
 
-def publish(staging: str, stage_dir: str, desc: str) -> str:
-    """Move a complete set to `<stage_dir>/<NNNNN>-<desc>`, numbered one past the highest (a rename onto a freshly
-    reserved, empty directory), and point `<stage_dir>/latest` at it."""
-    numbers = [int(m.group(1)) for name in os.listdir(stage_dir) if (m := NUMBERED.match(name))]
-    number = max(numbers, default=-1) + 1
-    while True:
-        target = os.path.join(stage_dir, f"{number:05d}-{desc}")
-        try:
-            os.makedirs(target)
-            break
-        except FileExistsError:  # another process took this number
-            number += 1
+def publish(staging: str, out: str, stage: str, desc: str) -> str:
+    """Move a complete set to `<out>/<stage>/<NNNNN>-<desc>` (`new_run_dir`: numbered one past the highest; a
+    rename onto that freshly reserved, empty directory) and point `<out>/<stage>/latest` at it."""
+    target = new_run_dir(out, stage, desc)
     os.replace(staging, target)
-    point_latest(stage_dir, target)
+    mark_latest(target)
     return target
-
-
-def point_latest(stage_dir: str, target: str):
-    """`<stage_dir>/latest` -> `target`, atomically (a new link renamed over the old one)."""
-    link = os.path.join(stage_dir, f".latest.{os.getpid()}")
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(os.path.basename(target), link)
-    os.replace(link, os.path.join(stage_dir, "latest"))
 
 
 def discard(staging: str):
@@ -161,7 +131,7 @@ def located(path: str) -> tuple:
     if os.path.isfile(npz):
         return "npz", npz
     if not os.path.isdir(path):
-        raise ReleaseError(f"--synthetic {path}: no such folder or .npz file")
+        raise UserError(f"--synthetic {path}: no such folder or .npz file")
     return "folder", path
 
 
@@ -175,7 +145,7 @@ def count_images(path: str) -> int:
         with np.load(where, allow_pickle=False) as data:
             return len(data["labels"])
     except (OSError, ValueError, KeyError) as exc:
-        raise ReleaseError(f"{where}: not an .npz with 'images' (N, H, W, C) uint8 and 'labels' ({exc})") from exc
+        raise UserError(f"{where}: not an .npz with 'images' (N, H, W, C) uint8 and 'labels' ({exc})") from exc
 
 
 def read_set(path: str, image_shape: tuple, class_names, seed: int = 0) -> ReleasedSet:
@@ -193,17 +163,17 @@ def read_npz(path: str, image_shape: tuple, class_names: tuple) -> ReleasedSet:
             images, labels = data["images"], data["labels"]
             names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else class_names
     except (OSError, ValueError, KeyError) as exc:  # KeyError: no images or labels in it
-        raise ReleaseError(f"{path}: not an .npz with 'images' (N, H, W, C) uint8 and 'labels' ({exc})") from exc
+        raise UserError(f"{path}: not an .npz with 'images' (N, H, W, C) uint8 and 'labels' ({exc})") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images),):
-        raise ReleaseError(f"{path}: 'images' must be uint8 (N, H, W, C) and 'labels' (N,), found {images.dtype} "
-                           f"{images.shape} and {labels.shape}")
+        raise UserError(f"{path}: 'images' must be uint8 (N, H, W, C) and 'labels' (N,), found {images.dtype} "
+                        f"{images.shape} and {labels.shape}")
     found = (images.shape[3], images.shape[1], images.shape[2])
     if found != image_shape:
-        raise ReleaseError(f"{path}: its images are {shape_text(found)}, the data's {shape_text(image_shape)}")
+        raise UserError(f"{path}: its images are {shape_text(found)}, the data's {shape_text(image_shape)}")
     if names != class_names:
-        raise ReleaseError(f"{path}: its classes {list(names)} are not the data's {list(class_names)}")
+        raise UserError(f"{path}: its classes {list(names)} are not the data's {list(class_names)}")
     if len(labels) and not (0 <= labels.min() and labels.max() < len(class_names)):
-        raise ReleaseError(f"{path}: labels outside 0..{len(class_names) - 1}")
+        raise UserError(f"{path}: labels outside 0..{len(class_names) - 1}")
     return ReleasedSet(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64), class_names,
                        "file order", path)
 
@@ -226,8 +196,8 @@ def class_folders(root: str, class_names: tuple) -> list:
     if sorted(class_names) == list(class_names):
         accepted.append(list(class_names))
     if found not in accepted:
-        raise ReleaseError(f"{root}: its class folders {found} do not match the data's classes (expected "
-                           f"{accepted[0]})")
+        raise UserError(f"{root}: its class folders {found} do not match the data's classes (expected "
+                        f"{accepted[0]})")
     return found
 
 
@@ -238,16 +208,16 @@ def read_png_tree(root: str, image_shape: tuple, class_names: tuple, seed: int) 
     for label, folder in enumerate(class_folders(root, class_names)):
         found = images_under(os.path.join(root, folder))
         if not found:
-            raise ReleaseError(f"class folder {os.path.join(root, folder)} has no images (PNG, JPEG or BMP)")
+            raise UserError(f"class folder {os.path.join(root, folder)} has no images (PNG, JPEG or BMP)")
         files += found
         labels += [label] * len(found)
     for path in files:  # every header first (no decoding): a refusal comes before any progress output
         mode, (width, height) = header(path)
         found = (1 if mode in GREY_MODES else 3, height, width)
         if found != image_shape:
-            raise ReleaseError(f"{path}: the image is {shape_text(found)}, the data's are {shape_text(image_shape)}")
+            raise UserError(f"{path}: the image is {shape_text(found)}, the data's are {shape_text(image_shape)}")
     images = np.empty((len(files), *image_shape), np.uint8)
-    for i, path in enumerate(progress(files, "read images")):
+    for i, path in enumerate(progress_bar(files, desc="read images", leave=False)):
         pixels = np.asarray(open_image(path).convert("L" if image_shape[0] == 1 else "RGB"), np.uint8)
         images[i] = pixels[None] if image_shape[0] == 1 else pixels.transpose(2, 0, 1)
     order, how = file_order(files, seed)

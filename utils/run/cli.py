@@ -94,14 +94,16 @@ def make_parser(description: str, example: str) -> argparse.ArgumentParser:
     return OneLineParser(description=description, epilog=f"example:\n  {example}", formatter_class=_Formatter)
 
 
-def add_common_args(parser: argparse.ArgumentParser):
+def add_common_args(parser: argparse.ArgumentParser, max_steps: bool = True):
+    """The flags every script has; `max_steps=False` for a script that takes no steps (generate.py)."""
     group = parser.add_argument_group("common")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps")
     group.add_argument("--out", default="checkpoints", help="root of all pipeline outputs")
     group.add_argument("--desc", default=None, help="suffix of the run directory name (default: from the settings)")
-    group.add_argument("--max-steps", type=positive_int, default=None,
-                       help="stop after this many optimiser steps or batches (quick runs and tests)")
+    if max_steps:
+        group.add_argument("--max-steps", type=positive_int, default=None,
+                           help="stop after this many optimiser steps or batches (quick runs and tests)")
     group.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     group.add_argument("--once", action="store_true",
                        help="(stage scripts) run this stage once for these settings: skip it when a run under --out "
