@@ -30,12 +30,13 @@ import sys
 import numpy as np
 
 from utils.data import synthetic
-from utils.evaluation.dataset_card import build_card, epsilon_text, read_card, read_json, write_dataset_card
+from utils.evaluation.dataset_card import build_card, epsilon_text, read_card, write_dataset_card
 from utils.gan import latents
 from utils.run.checkpoint import (build_generator, input_run, load_checkpoint, mark_latest, pipeline_root,
                                   relative_to_root)
 from utils.run.cli import (NothingToDo, UserError, add_common_args, add_input_arg, make_parser, positive_int,
                            print_config, progress_bar, run_script)
+from utils.run.files import read_json
 
 STAGE = "release"
 GENERATOR_STAGES = ("teacher", "student", "compact", "private")

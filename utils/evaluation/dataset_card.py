@@ -8,11 +8,10 @@ about; "NO privacy guarantee" plainly when epsilon is infinite or no ledger came
 is post-processing of the generator: it reads no data and spends no privacy. Imports no torch (generate.py's ONNX
 path runs without it).
 """
-import json
 import math
 import os
 
-from utils.run.files import write_json, write_text
+from utils.run.files import read_json, write_json, write_text
 
 CARD_MD, CARD_JSON = "DATASET_CARD.md", "dataset.json"
 POST_PROCESSING = ("Writing this dataset read no data and spent no privacy budget: the images and labels are "
@@ -81,15 +80,6 @@ def write_dataset_card(directory: str, card: dict) -> tuple:
     write_json(json_path, card)
     write_text(md_path, render_markdown(card))
     return md_path, json_path
-
-
-def read_json(path: str):
-    """The JSON file at `path`, or None where it is missing or not JSON (a card, dataset.json or model_card.json)."""
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 
 
 def read_card(path: str):

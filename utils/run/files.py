@@ -32,3 +32,12 @@ def write_json(path: str, data):
 def write_text(path: str, text: str):
     with atomic_write(path) as handle:
         handle.write(text)
+
+
+def read_json(path: str):
+    """The JSON file at `path`, or None where it is missing or not JSON (a run's finished.json, a card)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None

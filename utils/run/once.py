@@ -23,6 +23,7 @@ from utils.run.checkpoint import (CHECKPOINT_NAME, PATH_ARGS, PATH_FIELDS, absol
                                   mark_latest, stored_paths)
 from utils.run.cli import NothingToDo, UserError
 from utils.run.distributed import is_writer
+from utils.run.files import read_json
 
 FINISHED_NAME = "finished.json"
 # what a run's settings leave out: where and how this process runs, and the flags that only steer it
@@ -76,14 +77,6 @@ class Previous:
     stale: list = field(default_factory=list)  # unfinished --once runs with nothing to resume: remove, start again
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
 class RunRecord(NamedTuple):
     """A run directory as --once compares it."""
     settings: dict
@@ -97,7 +90,7 @@ def run_record(run_dir: str, root: str):
     """The RunRecord of a run directory: a finished run's from `finished.json`, an unfinished one's from its
     checkpoint, else from `args.json`; None where none of them can be read."""
     has_checkpoint = os.path.isfile(os.path.join(run_dir, CHECKPOINT_NAME))
-    finished = _read_json(os.path.join(run_dir, FINISHED_NAME))
+    finished = read_json(os.path.join(run_dir, FINISHED_NAME))
     if has_checkpoint and isinstance(finished, dict) and "settings" in finished:
         return RunRecord(finished["settings"], finished.get("reads", []), True, True, True)
     if has_checkpoint:
@@ -107,7 +100,7 @@ def run_record(run_dir: str, root: str):
             return None
         args, reads = checkpoint.get("args") or {}, run_reads(checkpoint, root)
     else:
-        args, reads = _read_json(os.path.join(run_dir, "args.json")), []
+        args, reads = read_json(os.path.join(run_dir, "args.json")), []
         if not isinstance(args, dict):
             return None
     return RunRecord(run_settings(args, root), reads, False, has_checkpoint, bool(args.get("once")))
