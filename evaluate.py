@@ -46,6 +46,7 @@ import torch
 from utils.compression import deploy, runtime
 from utils.compression.cost import COST_KEYS, SAME_RUNTIME, add_ratios, cost_row, state_dict_bytes
 from utils.data import synthetic
+from utils.data.classes import KNOWN_CLASS_NAMES
 from utils.data.datasets import add_data_args, check_data_fits, image_request, load_split, subset_ids, to_unit_range
 from utils.evaluation.dataset_card import read_card
 from utils.evaluation.metrics import (PROTOCOL, QUICK_PROTOCOL, feature_statistics, frechet_distance, membership_auc,
@@ -541,7 +542,7 @@ def load_synthetic(args) -> tuple:
     if args.runs:
         raise UserError("--synthetic scores a dataset and --runs generators: give one of them")
     data = load_data(args, {})
-    names = data["splits"]["all"].classes or synthetic.BUILTIN_CLASS_NAMES[args.dataset]
+    names = data["splits"]["all"].classes or KNOWN_CLASS_NAMES[args.dataset]
     needed = downstream_protocol(args).num_samples
     count = synthetic.count_images(args.synthetic)  # before decoding: a refusal is one line, no progress bar
     if count < max(args.num_fd_samples, needed):

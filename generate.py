@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from utils.data import synthetic
+from utils.data.classes import KNOWN_CLASS_NAMES, class_names, fitting_names
 from utils.evaluation.dataset_card import build_card, epsilon_text, read_card, write_dataset_card
 from utils.gan import latents
 from utils.run.checkpoint import (build_generator, input_run, load_checkpoint, mark_latest, pipeline_root,
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     group.add_argument("--class-names", nargs="+", default=None, metavar="NAME",
                        help="the class names, in label order (default: the dataset's: Fashion-MNIST's, MNIST's, "
                             "CIFAR-10's, or your folder's classes where its data root still lists them, else "
-                            "'class 0', 'class 1', ...; with --onnx, the built-in sets' only)")
+                            "'class 0', 'class 1', ...; with --onnx, the named sets' only: not a folder's)")
     add_common_args(parser, max_steps=False)
     return parser.parse_args(argv)
 
@@ -91,10 +92,7 @@ def from_run(args) -> dict:
                         f"data): its generator is never released")
     device = single_process_device(args.device, "generate.py")
     G = build_generator(checkpoint).to(device).eval()
-    names = args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(ledger["dataset"])
-    if names is None:  # CIFAR-10's or a folder's classes (web_demo reads the built-in ones from torchvision: slower)
-        from utils.evaluation.web_demo import class_names
-        names = class_names(checkpoint, G.num_classes)
+    names = args.class_names or class_names(checkpoint, G.num_classes)  # given ones are checked, not replaced
 
     def sample(count: int, seed: int) -> tuple:
         images, labels = generated_pool(G, count, seed, device, run_name)
@@ -141,8 +139,7 @@ def from_onnx(args) -> dict:
                   for i in progress_bar(range(0, count, ONNX_BATCH), desc="generate (ONNX Runtime)", leave=False)]
         return np.concatenate(images), labels
     return {"sample": sample, "num_classes": num_classes, "image_shape": tuple(session.get_outputs()[0].shape[1:]),
-            "class_names": args.class_names or synthetic.BUILTIN_CLASS_NAMES.get(dataset)
-            or tuple(f"class {label}" for label in range(num_classes)),
+            "class_names": args.class_names or fitting_names(num_classes, KNOWN_CLASS_NAMES.get(dataset)),
             "dataset": dataset, "stage": "onnx", "privacy": card.get("privacy"),
             "generator": {"run": None, "stage": None, "onnx": os.path.realpath(args.onnx)},
             "generator_text": f"{os.path.realpath(args.onnx)} alone",

@@ -15,6 +15,7 @@ import make_demo
 from conftest import ROOT, handmade_student, tiny_ledger, write_handmade_run
 from utils.compression.ort_runner import generate, load_session
 from utils.compression.runtime import RUNTIME_NAME, VerifySettings, judge, save_runtime_artifact
+from utils.data import classes
 from utils.evaluation import web_demo
 from utils.evaluation.headless import find_chromium
 from utils.gan.steps import fixed_inputs
@@ -142,11 +143,11 @@ def test_class_names_of_a_folder_given_names_and_the_fallback(tmp_path, fake_ort
     run_dir = write_handmade_run(tmp_path / "out", "compact", generator,
                                  extra={"privacy": ledger, "args": {"data_root": str(root)}})
     checkpoint = web_demo.load_checkpoint(run_dir)
-    assert web_demo.dataset_class_names(checkpoint) == ["circle", "square", "triangle"]
+    assert classes.dataset_class_names(checkpoint) == ["circle", "square", "triangle"]
     # ten classes in the model, three folders: the folder is not the model's data any more
-    assert web_demo.class_names(checkpoint, 10) == [f"class {i}" for i in range(10)]
-    assert web_demo.class_names(checkpoint, 3) == ["circle", "square", "triangle"]
-    assert web_demo.class_names(checkpoint, 3, ["a", "b", "c"]) == ["a", "b", "c"]
+    assert classes.class_names(checkpoint, 10) == [f"class {i}" for i in range(10)]
+    assert classes.class_names(checkpoint, 3) == ["circle", "square", "triangle"]
+    assert classes.class_names(checkpoint, 3, ["a", "b", "c"]) == ["a", "b", "c"]
 
 
 def test_a_run_without_artifact_or_without_onnxruntime_web_is_a_one_line_error(tmp_path, fake_ort, monkeypatch):

@@ -18,7 +18,7 @@ from models import Generator
 from test_reliability import snapshot
 from utils.compression import runtime
 from utils.compression.compress import compress
-from utils.data import synthetic
+from utils.data import classes, synthetic
 from utils.data.datasets import to_unit_range
 from utils.evaluation.model_card import build_card, write_model_card
 from utils.gan import latents
@@ -27,7 +27,7 @@ from utils.privacy.ledger import epsilon, record_audit, record_data_read, record
 from utils.run.checkpoint import build_generator, load_checkpoint
 from utils.run.cli import run_script
 
-NAMES = synthetic.FASHION_MNIST_CLASSES
+NAMES = classes.FASHION_MNIST_CLASSES
 DP_ARGS = {"seed": 0, "delta": 1e-5, "accountant": "rdp"}  # RDP: PRV takes seconds per epsilon
 
 
@@ -88,7 +88,7 @@ def test_numpy_latents_are_the_generators_own_draw(n, nz, seed):
 def test_both_formats_read_back_balanced_and_labelled_and_the_card_states_the_ledgers_epsilon(tmp_path):
     import torchvision
     assert NAMES == tuple(torchvision.datasets.FashionMNIST.classes)  # the torch-free copies of the built-in names
-    assert synthetic.MNIST_CLASSES == tuple(torchvision.datasets.MNIST.classes)
+    assert classes.MNIST_CLASSES == tuple(torchvision.datasets.MNIST.classes)
     run_dir = private_run(tmp_path / "out")
     G = build_generator(load_checkpoint(run_dir))
     pool, pool_labels = generated_pool(G, 50, 3, "cpu", "expected")
@@ -118,12 +118,11 @@ def test_both_formats_read_back_balanced_and_labelled_and_the_card_states_the_le
 
 
 def test_class_names_are_the_runs_datasets_or_the_given_ones(tmp_path):
-    from utils.data.folders import CIFAR_CLASSES
     run_dir = private_run(tmp_path / "out", {**private_ledger(), "dataset": "cifar10"})
     named = [json.load(open(os.path.join(released(tmp_path / "out", "--run", run_dir, "--num-samples", "10",
                                                   "--format", "npz", *given), "dataset.json")))["made"]["class_names"]
              for given in ((), ("--class-names", *"abcdefghij"))]
-    assert named == [list(CIFAR_CLASSES), list("abcdefghij")]
+    assert named == [list(classes.CIFAR_CLASSES), list("abcdefghij")]
 
 
 def test_the_card_says_no_guarantee_plainly_for_a_non_private_run(tmp_path, capsys):

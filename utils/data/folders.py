@@ -32,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from models.shapes import IMAGE_SIZES
+from utils.data.classes import CIFAR_CLASSES
 from utils.run.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -43,7 +44,6 @@ CACHE_PREFIX = ".gan-cache"
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SIZE_HINT = "pass --image-size 28, 32 or 64 to resize and centre-crop them"
 
 

@@ -27,14 +27,6 @@ from utils.run.cli import UserError, progress_bar
 
 FORMATS = ("png", "npz")
 NPZ_NAME = "dataset.npz"
-# torchvision's class lists of the built-in sets (`FashionMNIST.classes`, `MNIST.classes`), which
-# utils/evaluation/web_demo.py reads from torchvision: written out for generate.py's torch-free path
-# (tests/test_generate.py holds them equal)
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
-MNIST_CLASSES = ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
-                 "8 - eight", "9 - nine")
-BUILTIN_CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
 INDEX_NAME = re.compile(r"^(\d+)$")
 NUMBERED = re.compile(r"(\d{5})-")
 

@@ -33,11 +33,12 @@ from PIL import Image
 
 from utils.compression.ort_runner import generate, load_session, metadata
 from utils.compression.runtime import RUNTIME_NAME, VerifySettings
+from utils.data.classes import class_names
 from utils.evaluation.headless import Chromium
 from utils.evaluation.model_card import CARD_JSON, build_card
 from utils.gan.steps import fixed_inputs
 from utils.privacy.dp import add_dp_args
-from utils.run.checkpoint import build_generator, lineage, load_checkpoint
+from utils.run.checkpoint import build_generator, load_checkpoint
 from utils.run.cli import UserError
 from utils.run.files import write_json
 
@@ -64,35 +65,6 @@ def ort_web() -> tuple:
 
 
 # ---------------------------------------------------------------- what the page shows
-
-def dataset_class_names(checkpoint: dict) -> list:
-    """The class names of the data the run was trained on (label i is name i), or None where unknown: the built-in
-    sets' names, CIFAR-10's, or the class folders of a user's folder (still on disk at the recorded --data-root)."""
-    from utils.data.datasets import DATASETS
-    from utils.data.folders import CIFAR_CLASSES, list_folder
-    dataset = (checkpoint.get("privacy") or {}).get("dataset") or (checkpoint.get("data") or {}).get("dataset")
-    if dataset in DATASETS and DATASETS[dataset].get("torchvision"):
-        import torchvision
-        return list(getattr(torchvision.datasets, DATASETS[dataset]["torchvision"]).classes)
-    if dataset == "cifar10":
-        return list(CIFAR_CLASSES)
-    if dataset != "folder":
-        return None
-    runs = [checkpoint] + [load_checkpoint(r) for r in lineage(checkpoint).values() if r]
-    root = next((run["args"].get("data_root") for run in runs if run["args"].get("data_root")), None)
-    try:
-        return list(list_folder(root).classes) if root and os.path.isdir(root) else None
-    except UserError:  # the folder changed since: the names may not be the model's
-        return None
-
-
-def class_names(checkpoint: dict, num_classes: int, given=None) -> list:
-    """`given` (a command-line list), else the dataset's names, else "class 0", "class 1", ..."""
-    for names in (given, dataset_class_names(checkpoint)):
-        if names and len(names) == num_classes:
-            return list(names)
-    return [f"class {label}" for label in range(num_classes)]
-
 
 def run_card(checkpoint: dict) -> dict:
     """The run's model card: the one stage 5 wrote (model_card.json), else one built from the checkpoint's ledger
