@@ -6,4 +6,6 @@
 - augment.py   DiffAugment
 - dsteps.py    discriminator steps per generator step: constant or adaptive
 - recipe.py    a stage's training recipe as one settings object and one runtime object
+- sampling.py  a generator's seeded, class-balanced samples (what evaluate.py measures, generate.py releases)
+- latents.py   the same latent draw in numpy, for generate.py's torch-free path
 """
