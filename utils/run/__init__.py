@@ -1,7 +1,7 @@
 """The run and its infrastructure: what every script and stage shares, whatever it trains.
 
 - cli.py           command-line conventions: `UserError`, `run_script`, flag types and common flags, device, seed
-- files.py         atomic writes (`atomic_write`, `write_json`, `write_text`)
+- files.py         atomic writes (`atomic_write`, `write_json`, `write_text`) and `read_json`
 - checkpoint.py    run directories, `latest`, self-describing checkpoints, lineage, `MetricsLog`
 - lifecycle.py     the life cycle of a run: `resume_args`, `Run`, `TrainConfig`, `batches_from`, `checkpoint_due`
 - once.py          --once: skip a stage finished with the same settings, resume an interrupted one (`previous_runs`)
