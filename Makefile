@@ -31,19 +31,21 @@ test: setup
 # so the teacher runs 3000 steps of batch 64 and the student 600 steps of batch 32 (docs/RESULTS.md, "The quick
 # pipeline"; on a CPU without native bf16 they run in fp32 and take about twice as long).
 # The evaluation skips the student: it computes what the compact model computes (compress_student.py checks it).
+# The seventh stage releases 1,000 images of the private generator with their card (generate.py).
 # Every stage runs with --once: run again (same OUT), a stage whose run finished with the same settings is skipped,
 # an interrupted one continues where it stopped, the rest start (README, "Resuming and errors").
 pipeline: setup
-	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/6 --batch-size 64 --max-steps 3000 --desc quick
-	$(PY) create_dataset.py --out $(OUT) --once --pipeline-stage 2/6 --num-samples 10000 --desc quick
-	$(PY) train_student.py --out $(OUT) --once --pipeline-stage 3/6 --batch-size 32 --max-steps 600 --rho 0.15 --desc quick
-	$(PY) compress_student.py --out $(OUT) --once --pipeline-stage 4/6 --desc quick
-	$(PY) fine_tune.py --out $(OUT) --once --pipeline-stage 5/6 --batch-size 64 --epochs 0.25 --target-epsilon 10 \
+	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/7 --batch-size 64 --max-steps 3000 --desc quick
+	$(PY) create_dataset.py --out $(OUT) --once --pipeline-stage 2/7 --num-samples 10000 --desc quick
+	$(PY) train_student.py --out $(OUT) --once --pipeline-stage 3/7 --batch-size 32 --max-steps 600 --rho 0.15 --desc quick
+	$(PY) compress_student.py --out $(OUT) --once --pipeline-stage 4/7 --desc quick
+	$(PY) fine_tune.py --out $(OUT) --once --pipeline-stage 5/7 --batch-size 64 --epochs 0.25 --target-epsilon 10 \
 		--desc quick
-	$(PY) evaluate.py --out $(OUT) --once --pipeline-stage 6/6 --quick \
+	$(PY) evaluate.py --out $(OUT) --once --pipeline-stage 6/7 --quick \
 		--runs $(OUT)/teacher/latest $(OUT)/compact/latest $(OUT)/private/latest
-	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md"
-	$(PY) generate.py --out $(OUT) --once --num-samples 1000 --desc quick
+	$(PY) generate.py --out $(OUT) --once --pipeline-stage 7/7 --num-samples 1000 --desc quick
+	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md,"
+	@echo "released set: $(OUT)/release/latest/ (its card: DATASET_CARD.md)"
 
 # The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings"). The sizes
 # of each stage are set here, once; the recipe and --precision auto are the scripts' defaults. Like `pipeline`, every
