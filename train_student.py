@@ -5,9 +5,14 @@ samples are the stored teacher images with their labels, never the dataset, so t
 outputs: its privacy ledger is the distillation set's, unchanged (docs/DESIGN.md, "Privacy"). As in the GAN Slimming
 release, the channel scales (BatchNorm gammas of the prunable blocks) have their own SGD optimiser and are
 soft-thresholded by lr * rho after every step (`--penalty cost`: lr * rho times the channel's share of the
-parameters and MACs, mean 1); a channel whose scale reaches 0 is dead for good. All other student weights and the
-discriminator use Adam.
+parameters and MACs, mean 1; `--penalty params`: of the parameters only); a channel whose scale reaches 0 is dead for
+good. All other student weights and the discriminator use Adam.
+
+Recovery phase (`--init-student RUN`, typically with `--rho 0`): the student starts from another student run of the
+same teacher as it ended (weights, channel scales, BatchNorm statistics and mode, dead channels, which stay dead),
+with its widths, bits and discriminator; optimiser state starts afresh.
 """
+import argparse
 import os
 
 import torch
@@ -20,7 +25,8 @@ from utils.data.distill import load_distill_set
 from utils.evaluation.plots import plot_curves, plot_losses, side_by_side_samples
 from utils.gan.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.privacy.ledger import inherit, warn_if_not_private
-from utils.run.checkpoint import build_discriminator, build_generator, input_run, lineage, load_checkpoint, read_metrics
+from utils.run.checkpoint import (build_discriminator, build_generator, input_run, lineage, load_checkpoint,
+                                  read_metrics)
 from utils.run.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, add_snapshot_arg, make_parser,
                            nonnegative_float, positive_float, positive_int, quant_bits, run_script, set_seed)
 from utils.run.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
@@ -34,25 +40,35 @@ STAGE = "student"
 # set's own teacher (else <out>/teacher/latest). --distill-dir and --teacher-dir override these.
 DISTILL_DIR = None
 TEACHER_DIR = None
+# The student run a recovery phase starts from (--init-student): None means none, the student starts from the teacher.
+INIT_STUDENT = None
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__, "python train_student.py --epochs 20 --batch-size 128 --rho 0.01\n"
                                   "  python train_student.py --max-steps 200 --rho 0.05 --desc quick   # a quick look")
     group = parser.add_argument_group("inputs")
-    add_input_arg(group, "--distill-dir", "DISTILL_DIR", "distillation set", "<out>/distill/latest")
+    add_input_arg(group, "--distill-dir", "DISTILL_DIR", "distillation set",
+                  "the --init-student run's own, else <out>/distill/latest")
     add_input_arg(group, "--teacher-dir", "TEACHER_DIR", "teacher run, for initialisation and sample grids",
                   "the distillation set's teacher, else <out>/teacher/latest")
+    add_input_arg(group, "--init-student", "INIT_STUDENT",
+                  "student run (directory, `latest` link or checkpoint) to continue from, a recovery phase: its "
+                  "generator with its dead channels, widths and bits, and its discriminator",
+                  "none (the student starts from the teacher: --init)")
     group = parser.add_argument_group("student")
-    group.add_argument("--quant-bits", type=quant_bits, default=QUANT_BITS, help="weight and activation bits")
-    group.add_argument("--width-mult", type=positive_float, default=1.0, help="student widths = teacher's * this")
+    group.add_argument("--quant-bits", type=quant_bits, default=None,
+                       help=f"weight and activation bits (default: {QUANT_BITS}, or the --init-student run's)")
+    group.add_argument("--width-mult", type=positive_float, default=None,
+                       help="student widths = teacher's * this (default: 1, or the --init-student run's)")
     group.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
                        help="student initialisation; auto = teacher when the widths match, else scratch")
-    group.add_argument("--d-init", choices=("teacher", "scratch"), default="teacher", help="discriminator start")
+    group.add_argument("--d-init", choices=("teacher", "scratch"), default="teacher",
+                       help="discriminator start (an --init-student run's own discriminator comes first)")
     group.add_argument("--norm-stats", choices=("auto", "frozen", "batch"), default="auto",
                        help="BatchNorm in training: frozen = the teacher's running statistics (a fixed affine map, "
                             "so L1 on gamma prunes instead of rescaling); batch = batch statistics; "
-                            "auto = frozen when initialised from the teacher")
+                            "auto = frozen when initialised from the teacher; with --init-student, its mode")
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=20)
     group.add_argument("--batch-size", type=positive_int, default=128)
@@ -60,8 +76,8 @@ def parse_args(argv=None):
     group.add_argument("--beta", type=nonnegative_float, default=20.0, help="distillation weight over the GAN loss")
     group.add_argument("--distill-loss", choices=sorted(DISTILL_LOSSES), default="l1")
     group.add_argument("--penalty", choices=PENALTIES, default="uniform",
-                       help="L1 weight per channel: uniform (GAN Slimming), or cost: by the parameters and MACs "
-                            "the channel carries")
+                       help="L1 weight per channel: uniform (GAN Slimming), cost: by the parameters and MACs "
+                            "the channel carries, or params: by its parameters only (what the bytes count)")
     group.add_argument("--lr-g", type=positive_float, default=2e-4, help="Adam lr of the student's other weights")
     group.add_argument("--lr-gamma", type=positive_float, default=0.1, help="SGD lr of the channel scales")
     group.add_argument("--gamma-momentum", type=nonnegative_float, default=0.5, help="SGD momentum of the scales")
@@ -78,10 +94,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_inputs(args):
-    """(distillation set, teacher checkpoint), checked against the flags; records the runs actually used in args
-    (not `latest` links, which move)."""
-    distill_path = input_run(args.distill_dir, DISTILL_DIR, args.out, "distill")
+def load_inputs(args, resuming: bool = False):
+    """(distillation set, teacher checkpoint, --init-student checkpoint or None), checked against the flags;
+    records the runs actually used in args (not `latest` links, which move). A resumed run has its own
+    checkpoint: its --init-student is neither read nor needed again."""
+    init = None if resuming else load_init_student(args)
+    own_set = lineage(init)["distill"] if init is not None else None
+    distill_path = input_run(args.distill_dir, DISTILL_DIR or own_set, args.out, "distill")
     if not (args.distill_dir or DISTILL_DIR or os.path.exists(distill_path)):
         raise UserError(f"no distillation set in {args.out}/distill: run create_dataset.py first or pass --distill-dir")
     distill = load_distill_set(distill_path)
@@ -94,20 +113,75 @@ def load_inputs(args):
                         f"classes) does not match the distillation set {args.distill_dir}")
     if len(distill) < args.batch_size:
         raise UserError(f"the distillation set has {len(distill)} samples, fewer than --batch-size {args.batch_size}")
-    student_shape(args, teacher_args["channels"])
-    return distill, teacher_checkpoint
+    if init is None:
+        args.quant_bits = QUANT_BITS if args.quant_bits is None else args.quant_bits
+        args.width_mult = 1.0 if args.width_mult is None else args.width_mult
+        student_shape(args, teacher_args["channels"])
+    else:
+        check_init_student(init, distill, teacher_checkpoint)
+        take_init_student_shape(args, init, teacher_checkpoint)
+    return distill, teacher_checkpoint, init
+
+
+# ---------------------------------------------------------------- --init-student (recovery phase)
+
+def load_init_student(args):
+    """The --init-student checkpoint (or None); args.init_student becomes the run it is of (a checkpoint file, a
+    snapshot for one, stays named)."""
+    path = args.init_student or INIT_STUDENT
+    if not path:
+        return None
+    init = load_checkpoint(path, "student")
+    args.init_student = os.path.realpath(path) if os.path.isfile(path) else init["run_dir"]
+    return init
+
+
+def check_init_student(init, distill, teacher_checkpoint):
+    """Refuse a student of another teacher, or whose privacy ledger is not the distillation set's: this run
+    inherits the set's ledger, so what it starts from must descend from the same generator outputs."""
+    teacher, name = lineage(init)["teacher"], init["run_dir"]
+    if teacher is None or os.path.realpath(teacher) != os.path.realpath(teacher_checkpoint["run_dir"]):
+        raise UserError(f"--init-student {name} was distilled from teacher {teacher}, not from "
+                        f"{teacher_checkpoint['run_dir']}, the teacher of this run (distillation set {distill.run_dir})")
+    if init["privacy"] != distill.ledger:
+        raise UserError(f"--init-student {name}: its privacy ledger is not the distillation set {distill.run_dir}'s")
+
+
+def take_init_student_shape(args, init, teacher_checkpoint):
+    """Bits, widths and BatchNorm mode are the --init-student run's: flags that say otherwise are refused."""
+    model = init["model_args"]["generator"]
+    teacher_channels = teacher_checkpoint["model_args"]["generator"]["channels"]
+    conflicts = []
+    if args.quant_bits is not None and args.quant_bits != model["bits"]:
+        conflicts.append(f"--quant-bits {args.quant_bits}")
+    if args.width_mult is not None and scaled_widths(teacher_channels, args.width_mult) != list(model["channels"]):
+        conflicts.append(f"--width-mult {args.width_mult:g}")
+    if args.init != "auto":
+        conflicts.append(f"--init {args.init}")
+    if conflicts:
+        raise UserError(f"--init-student {init['run_dir']} fixes the student ({model['bits']}-bit, widths "
+                        f"{list(model['channels'])}): {', '.join(conflicts)} conflicts with it")
+    saved = argparse.Namespace(**{"init": "auto", "width_mult": 1.0, "norm_stats": "auto", **init["args"]})
+    args.quant_bits = model["bits"]
+    args.width_mult = saved.width_mult if args.width_mult is None else args.width_mult
+    if args.norm_stats == "auto":  # the mode it trained in: frozen statistics stay the ones it was pruned under
+        args.norm_stats = "frozen" if norm_stats_frozen(saved, teacher_checkpoint) else "batch"
 
 
 def student_shape(args, teacher_channels):
     """(student widths, init): the teacher's widths scaled by --width-mult; --init auto means teacher when the
     widths match."""
-    channels = [max(1, round(c * args.width_mult)) for c in teacher_channels]
+    channels = scaled_widths(teacher_channels, args.width_mult)
     same_widths = channels == list(teacher_channels)
     init = ("teacher" if same_widths else "scratch") if args.init == "auto" else args.init
     if init == "teacher" and not same_widths:
         raise UserError(f"--init teacher needs the teacher's widths {list(teacher_channels)}, got {channels} "
                         f"(--width-mult {args.width_mult}); use --init scratch")
     return channels, init
+
+
+def scaled_widths(teacher_channels, width_mult: float) -> list:
+    return [max(1, round(c * width_mult)) for c in teacher_channels]
 
 
 def build_student(args, teacher):
@@ -126,11 +200,15 @@ def norm_stats_frozen(args, teacher_checkpoint) -> bool:
     return args.norm_stats == "frozen"
 
 
-def build_models(args, checkpoint, teacher_checkpoint):
-    """Student and discriminator: fresh (seeded) or from the teacher, or the ones of the run being resumed."""
+def build_models(args, checkpoint, teacher_checkpoint, init=None):
+    """Student and discriminator: fresh (seeded) or from the teacher, or the --init-student run's (`init`: its
+    generator as it ended, `alive` masks included, and its discriminator where it has one), or the ones of the run
+    being resumed."""
     if checkpoint is not None:
         return build_generator(checkpoint), build_discriminator(checkpoint)
-    student = build_student(args, build_generator(teacher_checkpoint))
+    student = build_student(args, build_generator(teacher_checkpoint)) if init is None else build_generator(init)
+    if init is not None and "discriminator" in init:
+        return student, build_discriminator(init)
     if args.d_init == "teacher":
         return student, build_discriminator(teacher_checkpoint)
     return student, Discriminator(**teacher_checkpoint["model_args"]["discriminator"])
@@ -161,8 +239,8 @@ def write_reports(run_dir, G, teacher, distill, args, device) -> dict:
     return summary
 
 
-def make_step(args, run: Run, distill, teacher_checkpoint, device, precision) -> SlimmingStep:
-    G, D = (m.to(device) for m in build_models(args, run.checkpoint, teacher_checkpoint))
+def make_step(args, run: Run, distill, teacher_checkpoint, init, device, precision) -> SlimmingStep:
+    G, D = (m.to(device) for m in build_models(args, run.checkpoint, teacher_checkpoint, init))
     G.frozen_norm_stats = norm_stats_frozen(args, teacher_checkpoint)
     G.train()
     optimizers = make_optimizers(args, G, D)
@@ -188,11 +266,12 @@ def train_stage(args, inputs, device):
     args, checkpoint = resume_args(args, STAGE)
     precision = resolve_precision(getattr(args, "precision", None), device).for_use("student")
     check_divisible(args.batch_size)
-    distill, teacher_checkpoint = inputs or load_inputs(args)
-    penalty = "-cost" if getattr(args, "penalty", "uniform") == "cost" else ""
-    run = Run.open(args, STAGE, f"b{args.quant_bits}-rho{args.rho:g}{penalty}", checkpoint)
+    distill, teacher_checkpoint, init = inputs or load_inputs(args, resuming=checkpoint is not None)
+    penalty = getattr(args, "penalty", "uniform")
+    desc = f"b{args.quant_bits}-rho{args.rho:g}{'' if penalty == 'uniform' else '-' + penalty}"
+    run = Run.open(args, STAGE, desc + ("-recovery" if getattr(args, "init_student", None) else ""), checkpoint)
     set_seed(args.seed)
-    step = make_step(args, run, distill, teacher_checkpoint, device, precision)
+    step = make_step(args, run, distill, teacher_checkpoint, init, device, precision)
     if is_writer():
         announce(precision, STAGE)
     steps = Trainer(step, run, TrainConfig.from_args(args), args=args, parent=args.distill_dir,

@@ -53,6 +53,11 @@ GEN_FORMATS = GEN + "::test_both_formats_read_back_balanced_and_labelled_and_the
 GEN_ONNX = GEN + "::test_a_generator_onnx_alone_writes_the_torch_paths_images_without_torch"
 GEN_REFUSE = GEN + "::test_generate_refuses_bad_input_and_writes_nothing"
 GEN_EVAL_REFUSE = GEN + "::test_evaluate_refuses_a_set_of_another_shape_or_classes"
+SR = "tests/test_student_recovery.py"
+SR_PENALTY = (SR + "::test_params_penalty_weights_channels_by_their_parameters_only",
+              SR + "::test_the_step_thresholds_each_layer_by_its_penalty_weight")
+SR_KEEPS = SR + "::test_recovery_keeps_exactly_the_dead_channels_while_the_live_weights_train"
+SR_STARTS = SR + "::test_recovery_starts_from_the_init_students_generator_and_discriminator"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -534,6 +539,49 @@ BREAKS = [
           'ONCE_KEYS = ("generator", "num_samples",',
           (GEN + "::test_once_writes_a_set_once_per_generator_seed_count_and_format",),
           "--once takes a set of another seed for this one and skips writing it"),
+    # ------------------------------------------------------------ student options: --penalty params, --init-student
+    Break("params-penalty-counts-macs", "utils/compression/slimming.py", '"params": ChannelCost(params=1.0, macs=0.0)',
+          '"params": ChannelCost(params=1.0, macs=1.0)', SR_PENALTY,
+          "--penalty params weighs the MACs too: it is the cost penalty, not the parameters the bytes count"),
+    Break("cost-penalty-changed", "utils/compression/slimming.py", 'PENALTY_COSTS = {"cost": ChannelCost(),',
+          'PENALTY_COSTS = {"cost": ChannelCost(macs=0.0),', SR_PENALTY,
+          "--penalty cost no longer weighs parameters and MACs: existing cost runs change"),
+    Break("step-ignores-params-penalty", "utils/compression/slimming.py", "weights = penalty_weights(G, penalty)",
+          'weights = channel_costs(G) if penalty == "cost" else None', SR_PENALTY[1:],
+          "the student's step thresholds --penalty params uniformly"),
+    Break("recovery-starts-from-the-teacher", "train_student.py", " if init is None else build_generator(init)", "",
+          (SR_STARTS, SR_KEEPS),
+          "--init-student is ignored: the student starts from the teacher, its dead channels alive"),
+    Break("recovery-discriminator-from-the-teacher", "train_student.py",
+          '    if init is not None and "discriminator" in init:', "    if False:", (SR_STARTS,),
+          "a recovery run's discriminator is the teacher's, not the init student's"),
+    Break("recovery-norm-stats-not-kept", "train_student.py",
+          'args.norm_stats = "frozen" if norm_stats_frozen(saved, teacher_checkpoint) else "batch"',
+          'args.norm_stats = "batch"', (SR_KEEPS,),
+          "a recovery run of a frozen-statistics student trains on batch statistics: the statistics it was pruned "
+          "under move"),
+    Break("recovery-conflicting-flags-accepted", "train_student.py", "    if conflicts:\n", "    if False:\n",
+          (SR + "::test_flags_that_contradict_the_init_student_are_refused",),
+          "--quant-bits, --width-mult or --init that contradict the init student are silently overridden"),
+    Break("recovery-other-teacher-accepted", "train_student.py",
+          '    if teacher is None or os.path.realpath(teacher) != os.path.realpath(teacher_checkpoint["run_dir"]):',
+          "    if False:", (SR + "::test_a_student_of_another_teacher_is_refused",),
+          "a student of another teacher is recovered on this distillation set"),
+    Break("recovery-other-ledger-accepted", "train_student.py", '    if init["privacy"] != distill.ledger:',
+          "    if False:", (SR + "::test_a_student_with_another_ledger_is_refused",),
+          "a student whose privacy ledger is not the distillation set's is continued under the set's ledger"),
+    Break("recovery-lineage-not-recorded", "train_student.py",
+          'args.init_student = os.path.realpath(path) if os.path.isfile(path) else init["run_dir"]',
+          "args.init_student = path",
+          (SR + "::test_recovery_records_where_it_came_from_and_inherits_the_ledger",),
+          "a recovery run's args name the link it was given (which moves), not the student run it started from"),
+    Break("recovery-distill-set-not-its-own", "train_student.py", "DISTILL_DIR or own_set", "DISTILL_DIR",
+          (SR_KEEPS,),
+          "without --distill-dir a recovery run reads <out>/distill/latest, not its init student's set"),
+    Break("recovery-resume-reads-the-init-student", "train_student.py",
+          "load_inputs(args, resuming=checkpoint is not None)", "load_inputs(args)",
+          (SR + "::test_a_resumed_recovery_run_needs_no_init_student_and_equals_the_uninterrupted_one",),
+          "a resumed recovery run reads its --init-student again (and fails once that run is gone)"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc", "node_modules")

@@ -6,11 +6,11 @@ After each optimiser step they are soft-thresholded, `g <- sign(g) * max(|g| - l
 gamma is exactly 0 is dead for good: `alive` is cleared, gamma and beta are pinned to 0 (so the channel outputs
 exactly 0 and compression can drop it without changing the function) and its optimiser state is zeroed.
 
-Uniform L1 (GAN Slimming) gives every channel the same threshold. The cost-weighted option (`channel_costs`,
-penalty "cost") scales each channel's threshold by what the channel carries in the network as it is now (live
-widths): its share of the parameters plus its share of the multiply-accumulates (its own conv output channel and
-the next layer's input channel), normalised so that the mean weight over the live channels is 1, so rho keeps its
-meaning.
+Uniform L1 (GAN Slimming) gives every channel the same threshold. The cost-weighted options (`channel_costs`,
+`PENALTY_COSTS`) scale each channel's threshold by what the channel carries in the network as it is now (live
+widths), normalised so that the mean weight over the live channels is 1, so rho keeps its meaning: penalty "cost",
+its share of the parameters plus its share of the multiply-accumulates (its own conv output channel and the next
+layer's input channel); penalty "params", its share of the parameters only (what the compact model's bytes count).
 
 `SlimmingStep` is the student's step for `utils.run.trainer.Trainer`: the discriminator's real samples are the stored
 teacher images with their labels, and the student's loss is beta * distillation + GAN loss (non-saturating, or the
@@ -29,7 +29,7 @@ from utils.run.precision import FP32
 from utils.run.trainer import TrainingStep
 
 DISTILL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
-PENALTIES = ("uniform", "cost")  # L1 weight per channel: the same for all, or by the channel's cost
+PENALTIES = ("uniform", "cost", "params")  # L1 weight per channel: the same for all, or by the channel's cost
 
 
 def prunable_norms(generator_model) -> list:
@@ -79,6 +79,10 @@ def _conv_geometry(conv, size_in: int) -> tuple:
     return kh * kw, size_out
 
 
+# What each cost-weighted penalty counts (`channel_costs`); "uniform" has no entry: the same weight for every channel
+PENALTY_COSTS = {"cost": ChannelCost(), "params": ChannelCost(params=1.0, macs=0.0)}
+
+
 def layer_costs(generator_model) -> list:
     """Per prunable layer, (parameters, MACs per image) that one of its live channels carries: its column of its
     own conv and its slice of the next conv's input, plus its BatchNorm gamma and beta."""
@@ -111,6 +115,12 @@ def channel_costs(generator_model, cost: ChannelCost = ChannelCost()) -> list:
     raw = [cost.params * p / total_params + cost.macs * m / total_macs for p, m in costs]
     mean = sum(n * r for n, r in zip(live, raw)) / sum(live)
     return [r / mean for r in raw]
+
+
+def penalty_weights(generator_model, penalty: str):
+    """Per prunable layer, the L1 weight of each channel under `penalty` (None for "uniform": weight 1)."""
+    cost = PENALTY_COSTS.get(penalty)
+    return None if cost is None else channel_costs(generator_model, cost)
 
 
 @torch.no_grad()
@@ -146,7 +156,7 @@ def eval_distill_loss(G, distill, loss: str = "l1", batch_size: int = 500, devic
 @dataclass(frozen=True)
 class SlimmingConfig:
     """The student's loss: rho (L1 weight on the channel scales), beta (distillation over GAN loss), penalty
-    ("uniform": the same L1 weight for every channel; "cost": weighted by `channel_costs`)."""
+    ("uniform": the same L1 weight for every channel; "cost" or "params": weighted by `penalty_weights`)."""
     rho: float
     beta: float
     distill_loss: str = "l1"
@@ -161,7 +171,7 @@ class SlimmingConfig:
 def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distill_loss: str = "l1",
                   penalty: str = "uniform", recipe=None, precision=FP32) -> dict:
     """One discriminator and one student update on a batch (z, labels, teacher images), then the L1 proximal
-    step on the channel scales (weighted per layer by `channel_costs` when `penalty` is "cost") and the pinning
+    step on the channel scales (weighted per layer by `penalty_weights` unless `penalty` is "uniform") and the pinning
     of dead channels. `optimizers`: "d", "g" (Adam, the student's other weights) and "gamma" (SGD, the scales).
     The forward passes run in `precision` (utils/run/precision.py); losses and updates in float32."""
     z, labels, target = batch
@@ -182,7 +192,7 @@ def slimming_step(G, D, optimizers: dict, batch, beta: float, rho: float, distil
     (beta * distill + adversarial).backward()
     optimizers["g"].step()
     optimizers["gamma"].step()
-    weights = channel_costs(G) if penalty == "cost" else None
+    weights = penalty_weights(G, penalty)
     proximal_step(G, optimizers["gamma"].param_groups[0]["lr"], rho, weights)
     enforce_dead(G, (optimizers["g"], optimizers["gamma"]))
     return {"d_loss": global_mean(discriminator_loss.item()), "g_loss": global_mean(adversarial.item()),
