@@ -40,6 +40,7 @@ from utils.compression.cost import SAME_RUNTIME, TEACHER, TEACHER_RUNTIME, forma
 from utils.compression.deploy import (ARTIFACT_NAME, PROGRAM_NAME, export_program, folded,  # noqa: E402
                                       like_for_like_rows, load_program, runtime_entry, save_artifact)
 from utils.compression.runtime import RUNTIME_NAME, save_runtime_artifact  # noqa: E402
+from utils.compression.slimming import PENALTIES  # noqa: E402
 from utils.evaluation.metrics import QUICK_PROTOCOL  # noqa: E402
 from utils.run.checkpoint import build_generator, latest_run, lineage, load_checkpoint  # noqa: E402
 from utils.run.cli import (UserError, add_common_args, make_parser, nonnegative_float, nonnegative_int,  # noqa: E402
@@ -81,7 +82,7 @@ def add_sweep_args(parser):
     group.add_argument("--distill-dir", default=None, help="its distillation set (None: <out>/distill/latest)")
     group.add_argument("--rhos", type=nonnegative_float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     group.add_argument("--sweep-bits", type=quant_bits, nargs="+", default=[8, 4])
-    group.add_argument("--penalties", choices=PENALTIES, nargs="+", default=list(PENALTIES))
+    group.add_argument("--penalties", choices=PENALTIES, nargs="+", default=list(SWEPT_PENALTIES))
     group.add_argument("--student-steps", type=positive_int, default=300, help="student steps per point")
     group.add_argument("--student-batch-size", type=positive_int, default=64)
     group.add_argument("--num-fd-samples", type=positive_int, default=2000)
@@ -163,7 +164,7 @@ def goals(rows: dict) -> dict:
 
 # ---------------------------------------------------------------- the rho x bits x penalty sweep
 
-PENALTIES = ("uniform", "cost")
+SWEPT_PENALTIES = ("uniform", "cost")  # by default; --penalties params adds the bytes-weighted one
 # the Pareto objectives of the sweep: +1 where larger is better
 OBJECTIVES = {"bytes": -1, "latency_ms": -1, "images_per_s": +1, "fd": -1, "downstream_accuracy": +1}
 # targets of a front point (issue 26), as ratios to the teacher's ONNX model in the same runtime: bytes <= 1/50 and

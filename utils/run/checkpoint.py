@@ -24,7 +24,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 PROJECT_VERSION = "0.1.0"
 WRAPPER_PREFIXES = ("_module.", "module.", "_orig_mod.")
 PATH_FIELDS = ("parent", "teacher", "runs")  # checkpoint entries naming other runs (a path or a list of paths)
-PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir", "teacher", "runs")  # in its args
+# input paths in a checkpoint's args: stored relative to the pipeline root `<out>` when inside it
+PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir", "teacher", "runs", "init_student")
 LINEAGE_STAGES = ("teacher", "distill", "student")
 
 
