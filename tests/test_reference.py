@@ -4,6 +4,7 @@ refuses an artifact that differs from it however little."""
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from conftest import handmade_student
 from utils.compression import runtime
 from utils.compression.compress import compress
 from utils.compression.ort_runner import generate, load_session
-from utils.compression.reference import reference_images, tanh
+from utils.compression.reference import limb_sums, reference_images, tanh
 
 SAMPLES = 96  # fixed inputs: every class, enough activations that a one-step change shows
 
@@ -57,16 +58,24 @@ def test_reference_matches_a_32_pixel_rgb_artifact(tmp_path, bits):
 
 
 def one_step_changes(program: runtime.IntegerProgram) -> dict:
-    """{what: change(program)}: every requantisation shift (its multiplier doubled or halved) and every zero point
-    moved by one step. (One unit of an int32 bias is below the grid at 4 bits, by design: see
-    `runtime.weight_multipliers`; the artifact check's test below moves one at 8 bits.)"""
+    """{what: change(program)}: every requantisation shift (its multiplier doubled or halved), every shift of
+    block0's limbs one bit up or down, and every zero point moved by one step. (One unit of an int32 bias is below
+    the grid at 4 bits, by design: see `runtime.weight_multipliers`; the artifact check's test below moves one at
+    8 bits.)"""
     def setter(layer, field, value):
         def change(p):
             setattr(layer(p), field, value(getattr(layer(p), field)))
         return change
     changes = {"block0 shift up": setter(lambda p: p.latent, "quant_scale", lambda v: v * 2),
                "block0 shift down": setter(lambda p: p.latent, "quant_scale", lambda v: v / 2),
-               "block0 zero point": setter(lambda p: p.latent, "zero", lambda v: v + 1)}
+               "block0 zero point": setter(lambda p: p.latent, "zero", lambda v: v + 1),
+               "block0 limb zero point up": setter(lambda p: p.latent, "limb_zero", lambda v: v + 1),
+               "block0 limb zero point down": setter(lambda p: p.latent, "limb_zero", lambda v: v - 1)}
+    for k, shift in enumerate(program.latent.limb_shifts):
+        for step in (1, -1) if shift else (1,):
+            def moved(shifts, k=k, step=step):
+                return tuple(s + step * (i == k) for i, s in enumerate(shifts))
+            changes[f"block0 limb {k} shift {step:+d}"] = setter(lambda p: p.latent, "limb_shifts", moved)
     for name in program.blocks:
         def layer(p, name=name):
             return p.blocks[name]
@@ -85,7 +94,7 @@ def one_step_changes(program: runtime.IntegerProgram) -> dict:
 def test_a_one_step_change_of_any_shift_or_zero_point_breaks_the_match(shipped):
     program, images, inputs, _ = shipped
     changes = one_step_changes(program)
-    assert len(changes) == 3 + 6 * len(program.blocks) + 3
+    assert program.latent.sums == "limbs" and len(changes) == 5 + 5 + 6 * len(program.blocks) + 3
     still_equal = []
     for what, change in changes.items():
         changed = copy.deepcopy(program)
@@ -115,3 +124,60 @@ def test_the_rational_tanh_is_tanh_to_float32_precision():
     x = torch.linspace(-12, 12, 200_001, dtype=torch.float32)
     assert (tanh(x).double() - torch.tanh(x.double())).abs().max() < 5e-7
     assert tanh(torch.tensor([0.0, 20.0, -20.0])).tolist() == [0.0, 1.0, -1.0]
+
+
+# ---------------------------------------------------------------- block0's limbs (runtime.BLOCK0_SUMS)
+
+def grid_edge_inputs(model):
+    """Latents at the grid's edges: ties between two grid points (round half to even), the clip's bounds and
+    beyond, huge, tiny and negative zero, beside ordinary draws."""
+    z, labels = model.sample_inputs(SAMPLES, generator=torch.Generator().manual_seed(5))
+    unit = 2.0 ** -runtime.FRACTION_BITS
+    edges = [0.5 * unit, 1.5 * unit, -2.5 * unit, 7 + 0.5 * unit, runtime.LIMIT * unit, -runtime.LIMIT * unit,
+             (runtime.LIMIT + 0.5) * unit, 16.0, -20.0, 1e30, -1e30, 1e-30, -0.0]
+    z[:4, :len(edges)] = torch.tensor(edges)
+    z[4:6], z[6:8] = runtime.LIMIT * unit, -runtime.LIMIT * unit  # whole rows at the bounds: the largest sums
+    return z, labels
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_limb_sums_are_the_exact_integer_sums_and_the_artifact_equals_them_at_the_grids_edges(tmp_path, bits):
+    model = compact_model(bits)
+    program = runtime.lower(model)
+    p = program.latent
+    z, labels = grid_edge_inputs(model)
+    x = torch.cat([z, torch.from_numpy(p.embed)[labels]], dim=1)
+    grid = np.clip(np.rint(x.double().numpy() * 2.0 ** p.fraction_bits), -p.limit, p.limit).astype(np.int64)
+    assert np.array_equal(limb_sums(p, x).numpy(), (grid @ p.ints.astype(np.int64)).astype(np.float64))
+    path = str(tmp_path / "g.onnx")
+    runtime.save_runtime_artifact(model, path, program)
+    assert same_bits(reference_images(program, z, labels).numpy(),
+                     generate(load_session(path), z.numpy(), labels.numpy()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_grid_moves_block0_by_less_than_its_bound_and_far_less_than_one_step(bits):
+    model = compact_model(bits)
+    limbs, floats = runtime.lower(model, "limbs").latent, runtime.lower(model, "float64").latent
+    z, labels = model.sample_inputs(SAMPLES, generator=torch.Generator().manual_seed(7))
+    x = torch.cat([z, torch.from_numpy(limbs.embed)[labels]], dim=1)
+    moved = (limb_sums(limbs, x) * 2.0 ** -limbs.fraction_bits - x.double() @ torch.from_numpy(limbs.ints).double())
+    per_step = moved.view(len(z), len(limbs.scale), -1).abs() * torch.from_numpy(limbs.scale).view(1, -1, 1)
+    bound = runtime.grid_bound(limbs)
+    assert 0 < per_step.max() <= bound < 0.01 and runtime.grid_bound(floats) == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_float64_path_stays_exact_and_takes_an_embedding_outside_the_grid(tmp_path, bits):
+    model = compact_model(bits)
+    with torch.no_grad():
+        model.embed.weight[1, 0] = 20.0  # beyond the grid's +-15.87: the limbs would clip it
+    program = runtime.lower(model)
+    assert program.latent.sums == "float64"
+    path = str(tmp_path / "g.onnx")
+    runtime.save_runtime_artifact(model, path, program)
+    z, labels = model.sample_inputs(32, generator=torch.Generator().manual_seed(2))
+    assert same_bits(reference_images(program, z, labels).numpy(),
+                     generate(load_session(path), z.numpy(), labels.numpy()))
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "MatMul" in ops and "MatMulInteger" not in ops

@@ -6,16 +6,19 @@ Every step is one that two IEEE implementations compute alike: integer sums (her
 and partial sum is an integer far below 2^53), conversions and single float operations (each correctly rounded),
 round half to even and saturation. In order, as ONNX Runtime's kernels do them:
 
-    block0     float64 (z ++ embed[label]) @ q, then * scale, + bias (float64), float32, QuantizeLinear
-               (x / quant_scale, round half to even, + zero, saturate to uint8), clip to 2^bits - 1
+    block0     limbs: x = z ++ embed[label] (float32), u = round(clip(x * 2^F)) + offset, limb k = (u >> shift_k)
+               & mask; sum_k 2^shift_k ((limb_k - limb_zero) @ q) (integers); or float64 x @ q; then * scale
+               (per grid unit for the limbs), + bias (float64), float32, QuantizeLinear (x / quant_scale, round
+               half to even, + zero, saturate to uint8), clip to 2^bits - 1
     block1..N  QLinearConv: acc = sum (x - input_zero)(w - weight_zero) + bias (int32), float32(acc) * scale
                (float32), round half to even, + output_zero, saturate to uint8; clip; DepthToSpace; crop
     to_image   ConvInteger: acc = sum (x - input_zero)(w - weight_zero); float32(acc) * scale + bias (float32);
                tanh as runtime.TANH's single float32 operations
 
-The float64 sums of block0 are exact whenever the products' binary exponents span less than 53 bits (every input
-at least 2^-20 in magnitude, or 0, for sums below 2^11); otherwise both sides round a sum whose error is far below
-float32's resolution. Everything else is exact by construction.
+block0's limb sums are exact integers (in float64: every partial sum is an integer below 2^53). Its float64
+sums (the fallback, runtime.BLOCK0_SUMS) are exact whenever the products' binary exponents span less than 53 bits
+(every input at least 2^-20 in magnitude, or 0, for sums below 2^11); otherwise both sides round a sum whose error is
+far below float32's resolution. Everything else is exact by construction.
 """
 import numpy as np
 import torch
@@ -30,10 +33,21 @@ def _saturate(x: torch.Tensor, zero: int, top: int) -> torch.Tensor:
     return (torch.round(x) + zero).clamp(0, 255).clamp(max=top)
 
 
+def limb_sums(p: LatentLayer, x: torch.Tensor) -> torch.Tensor:
+    """sum_i u_i q_i of the float32 input's grid integers u, limb by limb as the graph computes it (float64)."""
+    grid = torch.round((x * 2.0 ** p.fraction_bits).clamp(-p.limit, p.limit)) + p.limb_offset  # float32, exact
+    unsigned, ints = grid.to(torch.int64), torch.from_numpy(p.ints).double()
+    total = torch.zeros(len(x), ints.shape[1], dtype=torch.float64)
+    for shift in p.limb_shifts:
+        limb = (unsigned >> shift) & p.limb_mask
+        total += ((limb - p.limb_zero).double() @ ints) * 2.0 ** shift
+    return total
+
+
 def latent(p: LatentLayer, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    x = torch.cat([z.float(), torch.from_numpy(p.embed)[labels]], dim=1).double()
-    y = (x @ torch.from_numpy(p.ints).double()).view(len(z), len(p.scale), p.side, p.side)
-    y = y * torch.from_numpy(p.scale).view(1, -1, 1, 1)
+    x = torch.cat([z.float(), torch.from_numpy(p.embed)[labels]], dim=1)
+    y = limb_sums(p, x) if p.sums == "limbs" else x.double() @ torch.from_numpy(p.ints).double()
+    y = y.view(len(z), len(p.scale), p.side, p.side) * torch.from_numpy(p.sum_scale).view(1, -1, 1, 1)
     y = (y + torch.from_numpy(p.bias).view(1, -1, 1, 1)).float()
     return _saturate(y / torch.tensor(p.quant_scale, dtype=torch.float32), p.zero, p.top)
 

@@ -26,9 +26,18 @@ arithmetic), in a form whose heavy layers run on ONNX Runtime's integer kernels:
   weights. The folded bias is an int32 on the accumulator's grid (one unit = the multiplier); to make that grid
   finer, each channel's weights are multiplied by K = 127 // max |q| (`weight_multipliers`; >= 18 at 4 bits) when
   the session loads, and its scale divided by K.
-* block0 (the latent vector is a float input) sums in float64: products of float32 inputs and integer weights
-  are exact there, and so are the sums in practice (utils/compression/reference.py says when), whatever order the
-  matmul adds in; scale and bias follow in float64, then float32 and QuantizeLinear. to_image sums integers
+* block0 (the latent vector z ++ embed[label] is a float input) sums integers, exactly (`BLOCK0_SUMS` = "limbs",
+  `_limb_sums`): the input is put on a fixed-point grid, u = round_half_even(clip(x * 2^FRACTION_BITS, +-LIMIT))
+  (float32 operations, all exact), split into three 7-bit limbs of u + offset (uint8, BitShift and BitwiseAnd),
+  each limb times the int8 weights in one MatMulInteger (int32 sums, every limb's zero point LIMB_ZERO), and the
+  limbs' sums combined as sum_k 2^shift_k acc_k in int64: exactly sum_i u_i q_i, whatever order the kernel adds
+  in. Then `* scale * 2^-FRACTION_BITS + bias` in float64, float32, QuantizeLinear. The grid moves an input by at
+  most 2^-(FRACTION_BITS + 1) (and clips |x| above LIMIT / 2^FRACTION_BITS = 15.87, which a normal latent does
+  not reach): `grid_bound` says how far that can move a block0 output, in activation steps (measured: far below
+  one; benchmarks/results/runtime_choice.md). The other way (`BLOCK0_SUMS` = "float64", kept as the fallback
+  and for an embedding outside the grid): products of float32 inputs and integer weights summed in float64, exact
+  in practice (utils/compression/reference.py says when), but float64 MatMul packs its weights on every call
+  (twice the latency at batch 1). Which one a model got is in its metadata and compression.json. to_image sums integers
   (ConvInteger, uint8 weights q + 128), then scales, adds its bias and applies tanh in float32 single operations:
   tanh as the rational function TANH of Clip, Mul, Add and Div nodes, because the runtime's Tanh kernel is an
   approximation of its own that an eager model cannot reproduce bit for bit.
@@ -78,6 +87,13 @@ PIXEL_SHARE = 0.01  # share of the pixels allowed above TOLERANCE (rounding-boun
 MEAN_TOLERANCE = 1e-3  # mean |runtime - compact| per pixel
 FLOAT_LAYERS = ("block0", "to_image")  # not QLinearConv: float64 sums, integer sums + float32 (module docstring)
 WEIGHT_OFFSET = 128  # the integer kernels read the weights as uint8 K * q + 128 (see the module docstring)
+BLOCK0_SUMS = "limbs"  # how block0 sums: "limbs" (exact integers, MatMulInteger) or "float64" (module docstring)
+FRACTION_BITS = 16  # block0's input grid: multiples of 2^-16
+LIMB_SHIFTS = (0, 7, 14)  # three 7-bit limbs (mask 127): u + LIMB_OFFSET holds 21 bits
+LIMB_MASK = 127  # 7-bit limbs: a pair of uint8 x int8 products stays within int16 (2 x 127 x 127 = 32,258)
+LIMB_ZERO = 64  # MatMulInteger's zero point of every limb: sum_k 2^shift_k (limb_k - 64) = u
+LIMB_OFFSET = LIMB_ZERO * sum(2 ** shift for shift in LIMB_SHIFTS)  # 1,056,832: makes every limb unsigned
+LIMIT = 2 ** 21 - 1 - LIMB_OFFSET  # |u| <= 1,040,319, so that 0 <= u + LIMB_OFFSET < 2^21
 # tanh(x) ~ x * P(x^2) / Q(x^2) for x clamped to [-TANH_CLAMP, TANH_CLAMP]: the rational approximation of Eigen's
 # and MLAS's float tanh (coefficients highest power first), written as single float32 operations so that every
 # IEEE implementation computes it bit for bit; within 4e-7 of tanh (tests/test_reference.py)
@@ -154,16 +170,39 @@ def weight_multipliers(ints: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class LatentLayer:
-    """block0: z ++ embed[label] (float32, then float64) times the integer weights, summed in float64; then
-    `sum * scale + bias` (float64, in activation steps), cast to float32, QuantizeLinear(quant_scale, zero)."""
+    """block0: x = z ++ embed[label] (float32) times the integer weights, summed either as the integers of x's
+    fixed-point grid, limb by limb (sums "limbs": see `_limb_sums`), or in float64 (sums "float64"); then
+    `sum * sum_scale + bias` (float64, in activation steps), cast to float32, QuantizeLinear(quant_scale, zero)."""
     embed: np.ndarray  # (classes, embed_dim) float32
     ints: np.ndarray  # (nz + embed_dim, out * side * side) integer weights
-    scale: np.ndarray  # (out,) float64
+    scale: np.ndarray  # (out,) float64, per unit of x
     bias: np.ndarray  # (out,) float64
     side: int
     top: int  # the largest activation, 2^bits - 1
     quant_scale: float = 1.0
     zero: int = 0
+    sums: str = BLOCK0_SUMS
+    fraction_bits: int = FRACTION_BITS  # the grid: u = round(clip(x * 2^fraction_bits, -limit, limit))
+    limit: int = LIMIT
+    limb_offset: int = LIMB_OFFSET  # added to u before the split
+    limb_shifts: tuple = LIMB_SHIFTS  # limb k = ((u + limb_offset) >> shift_k) & limb_mask, weighed 2^shift_k
+    limb_mask: int = LIMB_MASK
+    limb_zero: int = LIMB_ZERO  # MatMulInteger's zero point of the limbs
+
+    @property
+    def sum_scale(self) -> np.ndarray:
+        """What the sums are multiplied by: `scale`, per grid unit (2^-fraction_bits of x) for the limbs."""
+        return self.scale * 2.0 ** -self.fraction_bits if self.sums == "limbs" else self.scale
+
+
+def grid_bound(p: LatentLayer) -> float:
+    """The most the input grid can move a block0 output before requantisation, in activation steps: each input
+    moves by at most half a grid unit, 2^-(fraction_bits + 1), so output c by at most that times sum_i |q_ic| *
+    scale_c (inputs within the clip; 0 for float64 sums)."""
+    if p.sums != "limbs":
+        return 0.0
+    weight_sums = np.abs(p.ints).sum(axis=0).reshape(len(p.scale), -1).max(axis=1)
+    return float((weight_sums * p.scale).max() * 2.0 ** -(p.fraction_bits + 1))
 
 
 @dataclasses.dataclass
@@ -220,11 +259,26 @@ def activation_step(bits: int) -> float:
     return ACT_RANGE / (2 ** bits - 1)
 
 
-def _latent_layer(generator: Generator, top: int, step: float) -> LatentLayer:
+def latent_sums(generator: Generator, sums: str = None) -> str:
+    """`sums` (default BLOCK0_SUMS), but "float64" where an embedding value lies outside the limbs' grid."""
+    sums = sums or BLOCK0_SUMS
+    if sums not in ("limbs", "float64"):
+        raise ValueError(f"block0 sums are 'limbs' or 'float64', not {sums!r}")
+    embed = generator.embed.weight.detach().abs().max().item()
+    return "float64" if sums == "limbs" and not embed * 2 ** FRACTION_BITS <= LIMIT else sums
+
+
+def _latent_layer(generator: Generator, top: int, step: float, sums: str) -> LatentLayer:
     folded = fold_conv(generator.block0.conv, generator.block0.norm)
-    return LatentLayer(embed=generator.embed.weight.detach().cpu().numpy().astype(np.float32),
-                       ints=folded.ints.reshape(folded.ints.shape[0], -1), scale=folded.scale / step,
-                       bias=folded.bias / step, side=folded.ints.shape[-1], top=top)
+    ints = folded.ints.reshape(folded.ints.shape[0], -1)
+    # limbs: every MatMulInteger sum of (limb - LIMB_ZERO) * q is at most inputs x 64 x 127 in magnitude, and the
+    # kernel's own sum of limb * q at most inputs x 127 x 127 (int32 for up to 133,000 inputs); the int64
+    # combination sum_i u_i q_i at most inputs x 2^20 x 127 < 2^53 (exact in float64 after it)
+    if len(ints) * 127 * 127 >= 2 ** 31:
+        raise ValueError(f"block0 has {len(ints)} inputs: its limb sums could overflow int32")
+    return LatentLayer(embed=generator.embed.weight.detach().cpu().numpy().astype(np.float32), ints=ints,
+                       scale=folded.scale / step, bias=folded.bias / step, side=folded.ints.shape[-1], top=top,
+                       sums=latent_sums(generator, sums))
 
 
 def _subpixel_layer(folded: FoldedConv, top: int, step: float, name: str) -> SubpixelLayer:
@@ -237,8 +291,9 @@ def _subpixel_layer(folded: FoldedConv, top: int, step: float, name: str) -> Sub
                          scale=scale.astype(np.float32), top=top)
 
 
-def lower(generator: Generator) -> IntegerProgram:
-    """The integer program of an eval-mode generator of 2-8 bits (see the module docstring)."""
+def lower(generator: Generator, block0_sums: str = None) -> IntegerProgram:
+    """The integer program of an eval-mode generator of 2-8 bits (see the module docstring); block0 sums as
+    `latent_sums(generator, block0_sums)` says."""
     if not 2 <= generator.bits <= 8:
         raise ValueError(f"the integer program is for 2-8-bit generators, not {generator.bits}")
     _check_layout(generator)
@@ -250,7 +305,7 @@ def lower(generator: Generator) -> IntegerProgram:
     folded = fold_conv(generator.to_image)
     image = ImageLayer(ints=folded.ints, scale=(folded.scale * step).astype(np.float32),
                        bias=folded.bias.astype(np.float32), padding=int(generator.to_image.padding[0]))
-    return IntegerProgram(generator.model_args(), _latent_layer(generator, top, step), blocks, image)
+    return IntegerProgram(generator.model_args(), _latent_layer(generator, top, step, block0_sums), blocks, image)
 
 
 # ---------------------------------------------------------------- the ONNX graph
@@ -296,20 +351,58 @@ def _clip_top(g: _Graph, x: str, top: int, name: str) -> str:
 
 
 def _latent(g: _Graph, p: LatentLayer, name: str = "block0") -> str:
-    """The kxk transposed conv of a 1x1 input is a matmul: (N, in) @ (in, out * k * k) -> (N, out, k, k), in
-    float64 so that the products of float32 inputs and integer weights are exact (and so, in practice, the sums)."""
+    """The kxk transposed conv of a 1x1 input is a matmul: (N, in) @ (in, out * k * k) -> (N, out, k, k), summed
+    exactly: the integers of the input's grid limb by limb (`_limb_sums`), or float64 products of float32 inputs
+    and integer weights (exact, and so in practice the sums); then scale and bias in float64."""
     embedded = g.node("Gather", [g.const("embed.weight", p.embed), "labels"], "embedded")
     x = g.node("Concat", ["z", embedded], "latent", axis=1)
-    x = g.node("Cast", [x], "latent.float64", to=TensorProto.DOUBLE)
-    weight = g.node("Cast", [g.int_weight(f"{name}.weight_int", p.ints)], f"{name}.weight", to=TensorProto.DOUBLE)
-    y = g.node("MatMul", [x, weight], f"{name}.matmul")
+    if p.sums == "limbs":
+        y = _limb_sums(g, x, p, name)
+    else:
+        x = g.node("Cast", [x], "latent.float64", to=TensorProto.DOUBLE)
+        weight = g.node("Cast", [g.int_weight(f"{name}.weight_int", p.ints)], f"{name}.weight", to=TensorProto.DOUBLE)
+        y = g.node("MatMul", [x, weight], f"{name}.matmul")
     y = g.node("Reshape", [y, g.const(f"{name}.shape", np.array([-1, len(p.scale), p.side, p.side]))], f"{name}.map")
-    y = g.node("Mul", [y, g.channel_vector(f"{name}.scale", p.scale, np.float64)], f"{name}.scaled")
+    y = g.node("Mul", [y, g.channel_vector(f"{name}.scale", p.sum_scale, np.float64)], f"{name}.scaled")
     y = g.node("Add", [y, g.channel_vector(f"{name}.bias", p.bias, np.float64)], f"{name}.affine")
     y = g.node("Cast", [y], f"{name}.float32", to=TensorProto.FLOAT)
     y = g.node("QuantizeLinear", [y, g.const(f"{name}.quant_scale", np.float32(p.quant_scale)),
                                   g.uint8(f"{name}.zero", p.zero)], f"{name}.quantized")
     return _clip_top(g, y, p.top, name)
+
+
+def _limb_sums(g: _Graph, x: str, p: LatentLayer, name: str) -> str:
+    """float32 (N, in) -> float64 (N, out * k * k): sum_i u_i q_i, u = x's grid integers (module docstring).
+    Exact at every step: x * 2^fraction_bits, the clip to integer bounds, round half to even and + limb_offset are
+    float32 operations on values below 2^21 (exact); the limbs are integers of 7 bits, so MLAS's uint8 x int8
+    kernels without VNNI, which add pairs of products in saturating int16, stay exact; each limb's sums are int32
+    and their combination int64 (bounds: `_latent_layer`), converted to float64 exactly (below 2^53)."""
+    f32 = np.float32
+    x = g.node("Mul", [x, g.const(f"{name}.grid_unit", f32(2.0 ** p.fraction_bits))], f"{name}.grid_scaled")
+    x = g.node("Clip", [x, g.const(f"{name}.grid_lo", f32(-p.limit)), g.const(f"{name}.grid_hi", f32(p.limit))],
+               f"{name}.grid_clipped")
+    x = g.node("Round", [x], f"{name}.grid")
+    x = g.node("Add", [x, g.const(f"{name}.limb_offset", f32(p.limb_offset))], f"{name}.grid_unsigned")
+    x = g.node("Cast", [x], f"{name}.grid_uint32", to=TensorProto.UINT32)
+    shifts = np.array(p.limb_shifts)
+    x = g.node("BitShift", [x, g.const(f"{name}.limb_shifts", shifts.astype(np.uint32).reshape(-1, 1, 1))],
+               f"{name}.limbs_shifted", direction="RIGHT")  # (limbs, N, in)
+    x = g.node("BitwiseAnd", [x, g.const(f"{name}.limb_mask", np.uint32(p.limb_mask))], f"{name}.limbs_masked")
+    x = g.node("Cast", [x], f"{name}.limbs", to=TensorProto.UINT8)
+    weight = g.node("Cast", [g.int_weight(f"{name}.weight_int", p.ints)], f"{name}.weight", to=TensorProto.INT8)
+    acc = g.node("MatMulInteger", [x, weight, g.uint8(f"{name}.limb_zero", p.limb_zero)], f"{name}.limb_sums")
+    # one slice per limb, widened to int64 and shifted by a multiplication with 2^shift: Split, Cast, Mul and Add
+    # run at 4.4 ms at batch 256 where Mul by a (limbs, 1, 1) tensor and ReduceSum took 7.4 ms
+    limbs = [f"{name}.limb_sums{k}" for k in range(len(shifts))]
+    g.nodes.append(helper.make_node("Split", [acc], limbs, name=f"{name}.limb_split", axis=0,
+                                    num_outputs=len(limbs)))
+    total = None
+    for k, (limb, shift) in enumerate(zip(limbs, p.limb_shifts)):
+        term = g.node("Cast", [limb], f"{limb}_int64", to=TensorProto.INT64)
+        if shift:
+            term = g.node("Mul", [term, g.const(f"{name}.limb_weight{k}", np.int64(2 ** shift))], f"{limb}_shifted")
+        total = term if total is None else g.node("Add", [total, term], f"{name}.sums{k}")
+    return g.node("Cast", [total], f"{name}.sums_float64", to=TensorProto.DOUBLE)  # (1, N, out * k * k)
 
 
 def _offset_weight(g: _Graph, ints: np.ndarray, multipliers, name: str) -> str:
@@ -428,10 +521,10 @@ def build_onnx(generator: Generator, program: IntegerProgram = None) -> onnx.Mod
     for name, layer in program.blocks.items():
         x = _subpixel(g, x, layer, name)
     _image(g, x, program.image)
-    return _model(g, generator)
+    return _model(g, generator, {"block0_sums": program.latent.sums})
 
 
-def _model(g: _Graph, generator: Generator) -> onnx.ModelProto:
+def _model(g: _Graph, generator: Generator, extra: dict = None) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", generator.nz]),
               helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"])]
     outputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", generator.image_channels,
@@ -441,7 +534,7 @@ def _model(g: _Graph, generator: Generator) -> onnx.ModelProto:
     model.ir_version = 10
     info = {"format": FORMAT, "nz": generator.nz, "num_classes": generator.num_classes, "bits": generator.bits,
             "channels": ",".join(map(str, generator.channels)),
-            "float_layers": ",".join(float_layers(generator)), "activation_range": ACT_RANGE}
+            "float_layers": ",".join(float_layers(generator)), "activation_range": ACT_RANGE, **(extra or {})}
     helper.set_model_props(model, {key: str(value) for key, value in info.items()})
     onnx.checker.check_model(model)
     return model
@@ -556,8 +649,9 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
         return {"runtime_artifact": None,
                 "runtime_note": f"no runtime artifact for {generator.bits}-bit generators (2-8 or 32 bits only)"}
     path = os.path.join(run_dir, RUNTIME_NAME)
-    size = save_runtime_artifact(generator, path)
-    check = verify_runtime(generator, path, settings)
+    program = lower(generator) if generator.bits < 32 else None
+    size = save_runtime_artifact(generator, path, program)
+    check = verify_runtime(generator, path, settings, program)
     if not check["ok"]:
         os.remove(path)
         raise RuntimeError(_refusal(check, settings))
@@ -572,7 +666,21 @@ def write_runtime_files(generator: Generator, run_dir: str, settings: VerifySett
             "runtime_pixel_share": settings.pixel_share,
             "runtime_mean_tolerance": settings.mean_tolerance,
             "runtime_check_samples": settings.num_samples, "runtime_float_layers": float_layers(generator),
-            "runtime_integer_layers": [] if generator.bits >= 32 else integer_layers(generator)}
+            "runtime_integer_layers": [] if generator.bits >= 32 else integer_layers(generator),
+            **block0_report(program)}
+
+
+def block0_report(program: IntegerProgram = None) -> dict:
+    """What compression.json says about block0's sums: limbs or float64, and the limbs' grid and `grid_bound`."""
+    if program is None:
+        return {}
+    p = program.latent
+    report = {"runtime_block0_sums": p.sums}
+    if p.sums == "limbs":
+        report.update(runtime_block0_grid=2.0 ** -p.fraction_bits,
+                      runtime_block0_grid_range=p.limit / 2 ** p.fraction_bits,
+                      runtime_block0_grid_bound_steps=grid_bound(p))
+    return report
 
 
 def ort_version() -> str:
