@@ -46,6 +46,7 @@ QDIST = DIST + "::test_dp_poisson_batches_of_the_ranks_together_are_one_sample_a
 FR = "tests/test_fake_reuse.py"
 V = "tests/test_dp_step_variants.py"
 MR = "tests/test_make_resume.py"
+RD = "tests/test_reproduce_dp.py"
 DEMO = "tests/test_demo.py"
 DEMO_PAGE = DEMO + "::test_page_runs_the_generator_offline_and_matches_the_python_runtime"
 GEN = "tests/test_generate.py"
@@ -282,6 +283,46 @@ BREAKS = [
           '        print(f"== stage {args.pipeline_stage} {script}: {what}", flush=True)', "        pass",
           (L + "::test_once_continues_an_interrupted_run_to_the_uninterrupted_result",),
           "make reproduce does not say which stage of six runs, nor how long each took"),
+    # ------------------------------------------------------------ make reproduce-dp: route 2 (issue 27, item 4)
+    Break("dp-route-stage-without-once", "Makefile", "train_student.py --out $(OUT_DP) --once ",
+          "train_student.py --out $(OUT_DP) ",
+          (RD + "::test_six_stages_in_order_each_once_with_k_of_6_and_no_fine_tuning",),
+          "make reproduce-dp run again trains route 2's student from step 0 instead of continuing or skipping it"),
+    Break("dp-route-stage-numbers-wrong", "Makefile", "--pipeline-stage 5/6 $(DP_EVAL)",
+          "--pipeline-stage 5/7 $(DP_EVAL)",
+          (RD + "::test_six_stages_in_order_each_once_with_k_of_6_and_no_fine_tuning",),
+          "make reproduce-dp announces a stage as one of seven (or another number) when it has six"),
+    Break("dp-route-fine-tunes", "Makefile", "\t$(PY) evaluate.py --out $(OUT_DP)",
+          "\t$(PY) fine_tune.py --out $(OUT_DP) --once\n\t$(PY) evaluate.py --out $(OUT_DP)",
+          (RD + "::test_six_stages_in_order_each_once_with_k_of_6_and_no_fine_tuning",),
+          "route 2 spends privacy a second time in a DP fine-tuning stage that the route does not have"),
+    Break("dp-teacher-split-overridable", "Makefile", "$(DP_TEACHER) --dp --split private",
+          "--dp --split private $(DP_TEACHER)",
+          (RD + "::test_the_teacher_is_dp_on_the_private_split_whatever_dp_teacher_says",
+           RD + "::test_the_teachers_command_trains_on_the_private_split_and_reads_nothing_public"),
+          "a DP_TEACHER with --split public (issue 25's replacement, a user's override) trains route 2 on public data"),
+    Break("dp-teacher-not-dp", "Makefile", "$(DP_TEACHER) --dp --split private", "$(DP_TEACHER) --split private",
+          (RD + "::test_the_teachers_command_trains_on_the_private_split_and_reads_nothing_public",),
+          "route 2's teacher reads the private split without DP: its epsilon is infinite"),
+    Break("dp-eval-reads-every-latest", "Makefile",
+          "$(DP_EVAL) \\\n\t\t--runs $(OUT_DP)/teacher/latest $(OUT_DP)/compact/latest", "$(DP_EVAL)",
+          (RD + "::test_evaluation_and_release_read_this_routes_runs_even_in_route_1s_out",),
+          "in a route-1 OUT, route 2's evaluation scores route 1's private generator against route 2's teacher"),
+    Break("dp-release-reads-private-latest", "Makefile", " --run $(OUT_DP)/compact/latest", "",
+          (RD + "::test_evaluation_and_release_read_this_routes_runs_even_in_route_1s_out",),
+          "in a route-1 OUT, route 2 releases route 1's private generator (or, in its own OUT, fails at the end)"),
+    Break("dp-out-shared-with-route-1", "Makefile", "OUT_DP ?= $(OUT)/route2", "OUT_DP ?= $(OUT)",
+          (RD + "::test_route_2_has_an_out_of_its_own_apart_from_route_1s",),
+          "route 2 writes into route 1's stage directories and moves their `latest` links"),
+    Break("dp-size-not-a-variable", "Makefile", "--pipeline-stage 2/6 $(DP_DISTILL)",
+          "--pipeline-stage 2/6 --num-samples 20000", (RD + "::test_the_dp_variables_set_the_sizes",),
+          "a DP_* variable (issue 25's settings, a test's tiny sizes) does not reach its stage"),
+    Break("dp-settings-not-route-2s", "Makefile", "--adaptive-d-steps --d-steps-per-g-step 5 ",
+          "--adaptive-d-steps --d-steps-per-g-step 50 ", (RD + "::test_the_dp_variables_set_the_sizes",),
+          "the target runs other settings than the route-2 ones docs/RESULTS.md measured (62.1 %, 72 min)"),
+    Break("dp-eval-not-published", "Makefile", "DP_EVAL ?=\n", "DP_EVAL ?= --quick\n",
+          (RD + "::test_the_dp_variables_set_the_sizes",),
+          "route 2's evaluation runs the quick variant, whose numbers are not comparable with published ones"),
     # ------------------------------------------------------------ what is reported
     Break("stage-epsilon-reported-as-total", "utils/privacy/dp.py",
           "is_private(ledger) and history(ledger) == own_history",
