@@ -29,6 +29,12 @@ from utils.run.precision import add_precision_arg, announce, resolve_precision
 from utils.run.trainer import Trainer
 
 STAGE = "teacher"
+# The non-private teacher's discriminator when --d-channels is not given, by image side: the recipe measured at 8,000
+# steps (benchmarks/results/recipe.md, "The teacher's recipe at 8,000 steps"; docs/DESIGN.md): Bie et al.'s widths
+# 128/256/512 (one more strided conv) scored 84.4 % under the published protocol against 80.3 % for 64/128. Sides
+# not measured, and every DP discriminator (its noise grows with its parameters; not measured), keep the model's
+# default (models.shapes.DEFAULT_DISCRIMINATOR_CHANNELS).
+NON_PRIVATE_D_CHANNELS = {28: (128, 256, 512)}
 
 
 def parse_args(argv=None):
@@ -48,8 +54,8 @@ def parse_args(argv=None):
                             "512 256 128 64 (4, 8, 16, 32), 64 px: 512 256 128 64 32 (4, 8, 16, 32, 64)")
     group.add_argument("--d-channels", type=positive_int, nargs="+", default=None,
                        help="discriminator widths, one per halving of the image, or one more for an extra strided "
-                            "3x3 conv (28 px: 128 256 512 is Bie et al.'s DCGAN discriminator); default for 28 px: "
-                            "64 128, 32 px: 64 128 256, 64 px: 32 64 128 256")
+                            "3x3 conv; default for 28 px: 128 256 512 (Bie et al.'s DCGAN discriminator; with --dp: "
+                            "64 128), 32 px: 64 128 256, 64 px: 32 64 128 256")
     group.add_argument("--minibatch-std", type=nonnegative_int, default=0, metavar="G",
                        help="StyleGAN's minibatch standard deviation feature over groups of G samples before D's "
                             "logit (0: off); non-private training only: it mixes samples, which DP-SGD cannot train")
@@ -81,12 +87,21 @@ def build_models(args, checkpoint, split):
         if "generator_live" in checkpoint:
             G.load_state_dict(checkpoint["generator_live"])
         return G, build_discriminator(checkpoint)
+    minibatch_std = getattr(args, "minibatch_std", 0)
     try:
         return (Generator(nz=args.nz, channels=args.g_channels, bits=32, **model_shape(split)),
-                Discriminator(channels=args.d_channels, minibatch_std=getattr(args, "minibatch_std", 0),
+                Discriminator(channels=discriminator_widths(args, split), minibatch_std=minibatch_std,
                               **model_shape(split)))
     except ValueError as exc:
         raise UserError(f"--g-channels/--d-channels: {exc}") from exc
+
+
+def discriminator_widths(args, split):
+    """--d-channels, else the non-private teacher's measured default for this image side (NON_PRIVATE_D_CHANNELS),
+    else None: the model's default."""
+    if args.d_channels or args.dp:
+        return args.d_channels
+    return NON_PRIVATE_D_CHANNELS.get(model_shape(split)["image_size"])
 
 
 def load_data(args, checkpoint):

@@ -123,11 +123,14 @@ class OddLayers(nn.Module):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
-@pytest.mark.parametrize("network", ["discriminator", "odd-layers"])
+@pytest.mark.parametrize("network", ["discriminator", "wider", "odd-layers"])
 @pytest.mark.parametrize("mode", PAIR_GRADIENT_MODES)
 def test_pair_gradients_match_autograd_pair_by_pair(mode, network, channels_last):
+    """"wider": the layout of the non-private teacher's default discriminator (one more strided 3x3 conv), which the
+    student and DP fine-tuning inherit."""
     torch.manual_seed(0)
-    D = Discriminator(channels=(8, 8)) if network == "discriminator" else OddLayers()
+    D = {"discriminator": lambda: Discriminator(channels=(8, 8)), "wider": lambda: Discriminator(channels=(8, 8, 8)),
+         "odd-layers": OddLayers}[network]()
     if channels_last:
         D = D.to(memory_format=torch.channels_last)
     real, fake = torch.randn(5, 1, 28, 28), torch.randn(5, 1, 28, 28)

@@ -119,3 +119,16 @@ def test_recipe_flags_reach_the_networks_and_optimisers(tiny_data_root, tmp_path
     assert checkpoint["step"] == 3
     assert {k: checkpoint["model_args"]["discriminator"][k] for k in ("channels", "minibatch_std")} == \
         {"channels": [8, 8, 8], "minibatch_std": 4}
+
+
+def test_default_discriminator_is_the_measured_recipe_without_dp_and_the_models_with_dp(tiny_data_root):
+    """Without --d-channels a non-private 28-pixel teacher gets the recipe's discriminator (128/256/512, issue 23's
+    measurement); a DP teacher keeps the model's default (64/128: not measured under DP); --d-channels wins."""
+    def d_widths(*extra):
+        args = train_teacher.parse_args(["--data-root", tiny_data_root, "--public-size", str(TINY_PUBLIC), *extra])
+        split = load_split(args.dataset, args.split, args.data_root, args.public_size)
+        return train_teacher.build_models(args, None, split)[1].channels
+
+    assert d_widths() == (128, 256, 512)
+    assert d_widths("--dp", "--split", "private") == (64, 128)
+    assert d_widths("--d-channels", "8", "8") == (8, 8)
