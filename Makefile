@@ -27,16 +27,20 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Quick preset: all five stages and the evaluation on real Fashion-MNIST (public pre-training route, epsilon 10).
-# The non-private stages run in bf16 where the CPU has it natively (--precision auto): a teacher step costs 2.4x less.
-# The teacher's default discriminator is the measured recipe's (128/256/512), about 1.9x the cost of a step of the
-# earlier 64/128, so the teacher runs 2500 steps of batch 64 (3000 before) and the student 600 steps of batch 32
-# (docs/RESULTS.md, "The quick pipeline"; on a CPU without native bf16 they run in fp32 and take about twice as long).
+# The non-private stages run in bf16 where the CPU has it natively (--precision auto): a teacher step costs 2.4x less,
+# so the teacher runs 3000 steps of batch 64 and the student 600 steps of batch 32 (docs/RESULTS.md, "The quick
+# pipeline"; on a CPU without native bf16 they run in fp32 and take about twice as long).
+# The teacher keeps the 64/128 discriminator, not the recipe's default 128/256/512: the DP stage inherits the
+# teacher's discriminator, and under DP-SGD the wider one costs the private generator its quality (measured idle with
+# 2500 teacher steps: FD 18.43 against 11.46, and at rho 0.25, the rho its bytes target needs, 71.0 % quick;
+# benchmarks/results/recipe.md, "make pipeline with the wider discriminator").
 # The evaluation skips the student: it computes what the compact model computes (compress_student.py checks it).
 # The seventh stage releases 1,000 images of the private generator with their card (generate.py).
 # Every stage runs with --once: run again (same OUT), a stage whose run finished with the same settings is skipped,
 # an interrupted one continues where it stopped, the rest start (README, "Resuming and errors").
 pipeline: setup
-	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/7 --batch-size 64 --max-steps 2500 --desc quick
+	$(PY) train_teacher.py --out $(OUT) --once --pipeline-stage 1/7 --batch-size 64 --max-steps 3000 --d-channels 64 128 \
+		--desc quick
 	$(PY) create_dataset.py --out $(OUT) --once --pipeline-stage 2/7 --num-samples 10000 --desc quick
 	$(PY) train_student.py --out $(OUT) --once --pipeline-stage 3/7 --batch-size 32 --max-steps 600 --rho 0.15 --desc quick
 	$(PY) compress_student.py --out $(OUT) --once --pipeline-stage 4/7 --desc quick

@@ -135,3 +135,16 @@ def test_the_dp_variables_set_the_sizes(tmp_path):
     assert tiny["compress_student.py"].check_samples == 8
     assert tiny["evaluate.py"].quick and evaluate.downstream_protocol(tiny["evaluate.py"]) != PROTOCOL
     assert tiny["generate.py"].num_samples == 10
+
+
+def test_make_pipelines_dp_stage_inherits_the_narrow_discriminator(tiny_data_root):
+    """`make pipeline`'s teacher trains the 64/128 discriminator that its DP stage inherits, not the non-private
+    default 128/256/512: under DP-SGD the wider one cost the private generator its quality (Makefile comment,
+    benchmarks/results/recipe.md). Built from the teacher command's own parsed arguments on 28-pixel data."""
+    import train_teacher
+    from utils.data.datasets import load_split
+
+    args = dict(parsed(make_commands("pipeline", OUT="/tmp/unused")))["train_teacher.py"]
+    assert not args.dp
+    split = load_split(args.dataset, args.split, tiny_data_root, 200)
+    assert train_teacher.build_models(args, None, split)[1].channels == (64, 128)
