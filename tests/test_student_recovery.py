@@ -4,6 +4,7 @@ phase `--init-student RUN` (the student continues from a pruned student: its dea
 bits, BatchNorm mode and discriminator are kept, conflicting flags and another teacher's student are refused)."""
 import argparse
 import copy
+import json
 import os
 
 import pytest
@@ -123,6 +124,8 @@ def test_compression_of_the_recovered_student_has_the_pruned_widths(recovered):
 def test_recovery_records_where_it_came_from_and_inherits_the_ledger(recovered):
     init, done, link = recovered
     assert done["args"]["init_student"] == init["run_dir"] != str(link)  # the run itself, not the link naming it
+    with open(os.path.join(done["run_dir"], "args.json")) as file:  # as written, before the checkpoint's path rules
+        assert json.load(file)["init_student"] == init["run_dir"] != str(link)
     assert done["parent"] == init["parent"] and done["teacher"] == init["teacher"]
     assert done["privacy"] == init["privacy"]
     assert os.path.basename(done["run_dir"]).endswith("-recovery")
