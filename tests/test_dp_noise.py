@@ -121,3 +121,17 @@ def test_the_ledgers_sigma_is_the_sigma_used(tiny_data_root):
     recorded = mechanism["noise_multiplier"]
     assert recorded == 0.6
     assert noise.std().item() == pytest.approx(recorded * CLIP / BATCH, rel=0.1)
+
+
+def test_the_progress_bars_epsilon_moves_before_the_first_epoch_ends(tiny_data_root, monkeypatch):
+    """A DP stage shorter than an epoch (make pipeline's 0.25 epochs) has no epoch boundary before its last step:
+    the bar's epsilon is the accountant's for the steps taken so far, not the 0 recorded at the start."""
+    trainer, _, _, _ = build_trainer(tiny_data_root, 1.0)
+    monkeypatch.setattr(trainer, "EPS_REFRESH_SECONDS", 0.0)
+    trainer.begin(0)
+    assert float(trainer.postfix()["eps"]) == 0.0
+    for step, batch in enumerate(trainer.batches(0, 3), start=1):
+        trainer.optimize_parameters(batch, step)
+    shown = float(trainer.postfix()["eps"])
+    assert trainer.pd.steps == 3 and shown > 0.0
+    assert shown == pytest.approx(trainer.epsilon()["epsilon"], abs=5e-4)

@@ -54,6 +54,8 @@ def test_rho_zero_changes_nothing():
 def test_dead_channels_stay_exactly_zero():
     G, D = tiny_models()
     optimizers = tiny_optimizers(G, D)
+    for step in range(2):  # every channel gets momentum and Adam moments, as one has when it dies in training
+        slimming_step(G, D, optimizers, random_batch(G, seed=100 + step), beta=20.0, rho=0.0)
     with torch.no_grad():
         G.block0.norm.weight[[1, 4]] = 0.0
         G.block1.norm.weight[2] = 0.0

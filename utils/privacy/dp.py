@@ -40,6 +40,7 @@ parameters.
 import contextlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, fields, replace
 
@@ -415,6 +416,7 @@ class DPStep(TrainingStep):
     the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find. With
     `config.reuse_fakes` the D steps of a generator step take their fakes from one `FakePool`, dropped after every
     generator step and saved in the checkpoint."""
+    EPS_REFRESH_SECONDS = 2.0  # the progress bar's epsilon: recomputed at most this often (the accountant's cost)
 
     def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
                  train: TrainConfig, run, broken_clipping_norm: float = None, recipe=None):
@@ -432,7 +434,7 @@ class DPStep(TrainingStep):
         self.rng = torch.Generator().manual_seed(train.seed)
         # --reuse-fakes: one pool of fakes per generator step; None: fresh fakes every D step (the default)
         self.pool = FakePool(fake_pool_size(train.batch_size, plan.sample_rate)) if config.reuse_fakes else None
-        self.losses, self.eps = {}, {}
+        self.losses, self.eps, self.eps_steps, self.eps_refreshed = {}, {}, None, -math.inf
         self.recipe = recipe  # weight average and adaptive D steps (utils/gan/recipe.py); None: every d-th step
 
     def sampling_generator(self):
@@ -460,6 +462,7 @@ class DPStep(TrainingStep):
     def epsilon(self) -> dict:
         self.record()
         self.eps = epsilon_fields(self.ledger, self.plan, self.pd.steps, self.config.delta, self.config.accountant)
+        self.eps_steps, self.eps_refreshed = self.pd.steps, time.monotonic()
         return self.eps
 
     def begin(self, step: int) -> dict:
@@ -497,6 +500,11 @@ class DPStep(TrainingStep):
         return self.epsilon() if boundary else {}
 
     def postfix(self) -> dict:
+        """Epsilon so far for the progress bar, refreshed every EPS_REFRESH_SECONDS (display only: the metrics
+        record it at epoch ends, and a stage shorter than an epoch would otherwise show 0 until its last step)."""
+        if (self.pd.steps != self.eps_steps
+                and time.monotonic() - self.eps_refreshed >= self.EPS_REFRESH_SECONDS):
+            self.epsilon()
         total = "inf" if self.eps.get("epsilon") is None else f"{self.eps['epsilon']:.3f}"
         return {"eps": total, "eps_stage": f"{self.eps.get('epsilon_stage', 0.0):.3f}"}
 
