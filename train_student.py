@@ -6,11 +6,13 @@ outputs: its privacy ledger is the distillation set's, unchanged (docs/DESIGN.md
 release, the channel scales (BatchNorm gammas of the prunable blocks) have their own SGD optimiser and are
 soft-thresholded by lr * rho after every step (`--penalty cost`: lr * rho times the channel's share of the
 parameters and MACs, mean 1; `--penalty params`: of the parameters only); a channel whose scale reaches 0 is dead for
-good. All other student weights and the discriminator use Adam.
+good. All other student weights and the discriminator use Adam. The discriminator starts as the teacher's, or with
+`--d-channels` as a fresh one of those widths: the compact run carries it and the DP stage trains it, so a wide
+teacher's discriminator need not be the one DP-SGD trains (docs/DESIGN.md, "GAN Slimming and compression").
 
 Recovery phase (`--init-student RUN`, typically with `--rho 0`): the student starts from another student run of the
 same teacher as it ended (weights, channel scales, BatchNorm statistics and mode, dead channels, which stay dead),
-with its widths, bits and discriminator; optimiser state starts afresh.
+with its widths, bits and discriminator (with `--d-channels`, a fresh one instead); optimiser state starts afresh.
 """
 import argparse
 import os
@@ -63,8 +65,13 @@ def parse_args(argv=None):
                        help="student widths = teacher's * this (default: 1, or the --init-student run's)")
     group.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
                        help="student initialisation; auto = teacher when the widths match, else scratch")
-    group.add_argument("--d-init", choices=("teacher", "scratch"), default="teacher",
-                       help="discriminator start (an --init-student run's own discriminator comes first)")
+    group.add_argument("--d-init", choices=("teacher", "scratch"), default=None,
+                       help="discriminator start: the teacher's, or a fresh one of its shape (default: teacher; "
+                            "scratch with --d-channels; an --init-student run's own discriminator comes first)")
+    group.add_argument("--d-channels", type=positive_int, nargs="+", default=None, metavar="C",
+                       help="a fresh (seeded) discriminator of these widths, without a minibatch std layer, instead "
+                            "of the teacher's: the one compress_student.py carries and fine_tune.py trains under "
+                            "DP-SGD (e.g. 64 128 under a 128/256/512 teacher); also replaces an --init-student run's")
     group.add_argument("--norm-stats", choices=("auto", "frozen", "batch"), default="auto",
                        help="BatchNorm in training: frozen = the teacher's running statistics (a fixed affine map, "
                             "so L1 on gamma prunes instead of rescaling); batch = batch statistics; "
@@ -113,6 +120,8 @@ def load_inputs(args, resuming: bool = False):
                         f"classes) does not match the distillation set {args.distill_dir}")
     if len(distill) < args.batch_size:
         raise UserError(f"the distillation set has {len(distill)} samples, fewer than --batch-size {args.batch_size}")
+    if not resuming and getattr(args, "d_channels", None):
+        fresh_discriminator(args.d_channels, teacher_checkpoint)  # widths that do not fit are refused here
     if init is None:
         args.quant_bits = QUANT_BITS if args.quant_bits is None else args.quant_bits
         args.width_mult = 1.0 if args.width_mult is None else args.width_mult
@@ -200,18 +209,43 @@ def norm_stats_frozen(args, teacher_checkpoint) -> bool:
     return args.norm_stats == "frozen"
 
 
+# ---------------------------------------------------------------- the discriminator
+
+def resolve_d_init(args):
+    """--d-init's default: the teacher's discriminator, or with --d-channels a fresh one (`scratch`), which an
+    explicit `--d-init teacher` contradicts."""
+    if args.d_channels and args.d_init == "teacher":
+        raise UserError(f"--d-init teacher contradicts --d-channels {' '.join(map(str, args.d_channels))} (a fresh "
+                        f"discriminator of those widths): give one of them")
+    if args.d_init is None:
+        args.d_init = "scratch" if args.d_channels else "teacher"
+
+
+def fresh_discriminator(widths, teacher_checkpoint):
+    """A new (seeded by the caller) discriminator of `widths` for the teacher's images, sizes and classes, never
+    with a minibatch std layer even when the teacher's has one: the compact run carries it into fine_tune.py, whose
+    DP-SGD cannot train a layer that mixes samples (docs/DESIGN.md, "Privacy")."""
+    shape = {**teacher_checkpoint["model_args"]["discriminator"], "channels": list(widths), "minibatch_std": 0}
+    try:
+        return Discriminator(**shape)
+    except ValueError as exc:
+        raise UserError(f"--d-channels: {exc}") from exc
+
+
 def build_models(args, checkpoint, teacher_checkpoint, init=None):
     """Student and discriminator: fresh (seeded) or from the teacher, or the --init-student run's (`init`: its
     generator as it ended, `alive` masks included, and its discriminator where it has one), or the ones of the run
-    being resumed."""
+    being resumed. --d-channels: a fresh discriminator of those widths in place of the teacher's or init's."""
     if checkpoint is not None:
         return build_generator(checkpoint), build_discriminator(checkpoint)
     student = build_student(args, build_generator(teacher_checkpoint)) if init is None else build_generator(init)
+    if getattr(args, "d_channels", None):
+        return student, fresh_discriminator(args.d_channels, teacher_checkpoint)
     if init is not None and "discriminator" in init:
         return student, build_discriminator(init)
-    if args.d_init == "teacher":
-        return student, build_discriminator(teacher_checkpoint)
-    return student, Discriminator(**teacher_checkpoint["model_args"]["discriminator"])
+    if args.d_init == "scratch":
+        return student, Discriminator(**teacher_checkpoint["model_args"]["discriminator"])
+    return student, build_discriminator(teacher_checkpoint)
 
 
 def make_optimizers(args, G, D) -> dict:
@@ -254,6 +288,8 @@ def make_step(args, run: Run, distill, teacher_checkpoint, init, device, precisi
 
 
 def main(args):
+    if not args.resume:  # a resumed run keeps its own (saved) discriminator settings
+        resolve_d_init(args)
     inputs = None if args.resume else load_inputs(args)  # resolved before args.json is written
     if maybe_dry_run(args):
         return None
@@ -269,6 +305,7 @@ def train_stage(args, inputs, device):
     distill, teacher_checkpoint, init = inputs or load_inputs(args, resuming=checkpoint is not None)
     penalty = getattr(args, "penalty", "uniform")
     desc = f"b{args.quant_bits}-rho{args.rho:g}{'' if penalty == 'uniform' else '-' + penalty}"
+    desc += f"-d{'-'.join(map(str, args.d_channels))}" if getattr(args, "d_channels", None) else ""
     run = Run.open(args, STAGE, desc + ("-recovery" if getattr(args, "init_student", None) else ""), checkpoint)
     set_seed(args.seed)
     step = make_step(args, run, distill, teacher_checkpoint, init, device, precision)

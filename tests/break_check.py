@@ -59,6 +59,10 @@ SR_PENALTY = (SR + "::test_params_penalty_weights_channels_by_their_parameters_o
               SR + "::test_the_step_thresholds_each_layer_by_its_penalty_weight")
 SR_KEEPS = SR + "::test_recovery_keeps_exactly_the_dead_channels_while_the_live_weights_train"
 SR_STARTS = SR + "::test_recovery_starts_from_the_init_students_generator_and_discriminator"
+SD = "tests/test_student_discriminator.py"
+SD_CARRIED = SD + "::test_the_students_narrow_discriminator_is_the_one_the_dp_stage_trains"
+SD_REFUSED = SD + "::test_a_contradiction_or_widths_that_do_not_fit_are_refused_in_one_line"
+SD_SEEDED = SD + "::test_the_fresh_discriminator_is_seeded_and_without_the_flag_is_the_teachers"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -669,6 +673,44 @@ BREAKS = [
           "load_inputs(args, resuming=checkpoint is not None)", "load_inputs(args)",
           (SR + "::test_a_resumed_recovery_run_needs_no_init_student_and_equals_the_uninterrupted_one",),
           "a resumed recovery run reads its --init-student again (and fails once that run is gone)"),
+    # ------------------------------------------------------------ the student's own discriminator: --d-channels
+    Break("student-d-channels-ignored", "train_student.py",
+          '    if getattr(args, "d_channels", None):\n        return student, fresh', "    if False:\n        return "
+          "student, fresh", (SD_CARRIED,),
+          "--d-channels is ignored: the student, the compact model and the DP stage keep the teacher's discriminator"),
+    Break("student-fresh-d-keeps-minibatch-std", "train_student.py", '"channels": list(widths), "minibatch_std": 0}',
+          '"channels": list(widths)}', (SD_CARRIED,),
+          "the student's fresh discriminator copies the teacher's minibatch std layer, which DP-SGD cannot train"),
+    Break("student-d-init-teacher-with-d-channels-accepted", "train_student.py",
+          '    if args.d_channels and args.d_init == "teacher":', "    if False:", (SD_REFUSED,),
+          "an explicit --d-init teacher beside --d-channels is silently overridden instead of refused"),
+    Break("student-d-channels-checked-late", "train_student.py",
+          "        fresh_discriminator(args.d_channels, teacher_checkpoint)  # widths", "        pass  # widths",
+          (SD_REFUSED,), "--d-channels that do not fit the images are refused only after the run directory exists"),
+    Break("recovery-d-channels-ignored", "train_student.py", '    if getattr(args, "d_channels", None):\n',
+          '    if init is None and getattr(args, "d_channels", None):\n',
+          (SD + "::test_an_init_student_with_d_channels_gets_a_fresh_discriminator",),
+          "--init-student with --d-channels keeps the init student's discriminator, not one of those widths"),
+    Break("student-resume-discriminator-afresh", "train_student.py",
+          "        return build_generator(checkpoint), build_discriminator(checkpoint)",
+          "        return build_generator(checkpoint), fresh_discriminator(checkpoint['model_args']['discriminator']"
+          "['channels'], teacher_checkpoint)",
+          (SD + "::test_resume_keeps_the_widths_and_equals_the_uninterrupted_run",),
+          "a resumed student rebuilds its discriminator of the same widths afresh, losing what it had learnt"),
+    Break("student-fresh-d-unseeded", "train_student.py", "        return Discriminator(**shape)",
+          "        torch.seed()\n        return Discriminator(**shape)", (SD_SEEDED,),
+          "the fresh discriminator's weights do not follow --seed"),
+    Break("student-default-d-not-the-teachers", "train_student.py",
+          'args.d_init = "scratch" if args.d_channels else "teacher"', 'args.d_init = "scratch"', (SD_SEEDED,),
+          "without --d-channels the student no longer starts from the teacher's discriminator"),
+    Break("compact-drops-the-students-discriminator", "compress_student.py",
+          '    if "discriminator" in student_checkpoint and "discriminator" in student_checkpoint["model_args"]:',
+          "    if False:", (SD_CARRIED,),
+          "the compact checkpoint leaves out the student's discriminator: the DP stage trains a default-width one"),
+    Break("fine-tune-fresh-discriminator", "fine_tune.py",
+          '    if "discriminator" in source:\n        D = build_discriminator(source)',
+          "    if False:\n        D = build_discriminator(source)", (SD_CARRIED,),
+          "fine_tune.py trains a fresh discriminator of the compact run's widths instead of the student's trained one"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc", "node_modules")
