@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import check_inclusion_counts, check_poisson_batch_sizes
+from forked import use_the_shared_server
 from models import Discriminator, Generator
 from models.generator import PrunableBatchNorm2d
 from utils.data.datasets import EpochBatches, ImageSplit
@@ -223,9 +224,9 @@ def worker(rank: int, port: int, out_dir: str):
 def launch(function, *args):
     """`function(rank, *args)` in WORLD processes forked from a fresh server process that imported torch, its
     compiler stack and Opacus once (a plain fork of pytest is unsafe once autograd's threads run; a spawn imports
-    everything again in each process: seconds each on a loaded machine)."""
-    mp.set_forkserver_preload(["torch", "torch._dynamo", "opacus", "models", "utils.run.distributed",
-                               "utils.gan.steps"])
+    everything again in each process: seconds each on a loaded machine). The server is the suite's one
+    (tests/forked.py), whichever test starts it."""
+    use_the_shared_server()
     mp.start_processes(function, args=args, nprocs=WORLD, start_method="forkserver", join=True)
 
 

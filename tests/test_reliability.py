@@ -3,8 +3,6 @@ SIGKILL + --resume equals an uninterrupted run; NaN stops the run and keeps the 
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,9 +12,10 @@ import compress_student
 import create_dataset
 import evaluate
 import fine_tune
+import forked
 import train_student
 import train_teacher
-from conftest import ROOT, teacher_argv
+from conftest import teacher_argv
 from utils.run.checkpoint import load_checkpoint, read_metrics
 from utils.run.cli import run_script
 
@@ -180,17 +179,20 @@ def wait_for_step(run_root, minimum, process, timeout=120):
     raise AssertionError("the training process never reached the step to kill it at")
 
 
+def killed_teacher_run(argv, out, step, log_path):
+    """`python train_teacher.py argv` (forked: tests/forked.py) killed by SIGKILL once it has checkpointed `step`."""
+    process = forked.run_stages([("train_teacher", argv)], log_path)
+    try:
+        wait_for_step(out, step, process)
+        os.kill(process.pid, signal.SIGKILL)  # at an arbitrary point, possibly mid-write
+    finally:
+        process.wait(timeout=120)
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path):
     argv = teacher_argv(tiny_data_root, str(tmp_path / "killed"), "--max-steps", "60", "--checkpoint-every", "1",
                         "--log-every", "1", "--epochs", "10")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train_teacher.py", *argv], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(str(tmp_path / "killed"), 10, process)
-        process.send_signal(signal.SIGKILL)  # at an arbitrary point, possibly mid-write
-    finally:
-        process.wait()
+    killed_teacher_run(argv, str(tmp_path / "killed"), 10, str(tmp_path / "killed.log"))
     killed_at = load_checkpoint(os.path.join(str(tmp_path / "killed"), "teacher", "latest"))["step"]
     assert 10 <= killed_at < 60
     resumed = train_teacher.main(train_teacher.parse_args(["--out", str(tmp_path / "killed"), "--resume"]))
@@ -315,14 +317,7 @@ def test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_ro
     """Weights, ledger, accountant history, generator states and the reported epsilon all equal."""
     killed_out, straight_out = str(tmp_path / "killed"), str(tmp_path / "straight")
     argv = ["--epochs", "3", "--max-steps", "36", "--checkpoint-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train_teacher.py", *dp_teacher_argv(tiny_data_root, killed_out, *argv)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(killed_out, 5, process)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    killed_teacher_run(dp_teacher_argv(tiny_data_root, killed_out, *argv), killed_out, 5, str(tmp_path / "killed.log"))
     killed_at = load_checkpoint(os.path.join(killed_out, "teacher", "latest"))["step"]
     assert 5 <= killed_at < 36
     resumed = train_teacher.main(train_teacher.parse_args(["--out", killed_out, "--resume"]))
