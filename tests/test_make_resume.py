@@ -4,8 +4,11 @@ run directories and files; weights, optimiser and random states, ledger and metr
 changes nothing.
 
 The sizes are the Makefile's FULL_* variables, replaced on make's command line by tiny ones. `-o setup`: the venv
-and the data are the suite's own (`make test` has just set them up), so make installs nothing here. The
-uninterrupted chain runs the same six commands (`make -n`) in this process, which saves six interpreter starts.
+and the data are the suite's own (`make test` has just set them up), so make installs nothing here. The run that
+is killed is make's six commands (`make -n`) run one after the other in a process forked from the suite's server
+(tests/forked.py), SIGKILLed during the student stage: make writes nothing itself, so killing it with its stage
+leaves what this leaves, without three interpreter starts. The run again is `make reproduce` itself. The
+uninterrupted chain, and the run once more, run the six commands in this process.
 """
 import importlib
 import json
@@ -20,6 +23,7 @@ import time
 import pytest
 import torch
 
+import forked
 from conftest import FP32, ROOT, TINY_D, TINY_G, tiny_data_args
 from test_reliability import snapshot
 from utils.run.checkpoint import load_checkpoint, read_metrics
@@ -28,7 +32,8 @@ from utils.run.cli import run_script
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="runs make (make test has it)")
 
 STAGES = ("teacher", "distill", "student", "compact", "private", "eval")
-STUDENT_STEPS = 120  # 12 steps per epoch of the 200-sample set: the kill lands long before the end
+STUDENT_STEPS = 60  # 12 steps per epoch of the 200-sample set: the kill (at step 10, or a few after) lands long
+# before the end, and the continued run crosses epochs
 KILL_AT = 10
 COMPARED = ("step", "generator", "generator_live", "discriminator", "optimizers", "rng", "privacy", "dp")
 EVAL_FIELDS = ("label", "step", "fd", "precision", "recall", "downstream_accuracy", "mia_auc", "epsilon")
@@ -57,17 +62,21 @@ def make_argv(out: str, data_root: str) -> list:
     return ["make", "-s", "-o", "setup", "reproduce", f"OUT={out}", f"PY={sys.executable}", *sizes]
 
 
-def run_commands_in_process(out: str, data_root: str):
-    """The chain's commands as make would run them (`make -n`), each run in this process as its script's
-    __main__ would run it."""
+def chain_commands(out: str, data_root: str) -> list:
+    """The chain's commands as make would run them (`make -n`): [(script module name, argv), ...]."""
     listing = subprocess.run([*make_argv(out, data_root), "-n"], cwd=ROOT, capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in listing.stdout.splitlines() if line.strip()]
     assert [os.path.basename(command[1]) for command in commands] == [
         "train_teacher.py", "create_dataset.py", "train_student.py", "compress_student.py", "fine_tune.py",
         "evaluate.py"]
-    for command in commands:
-        script = importlib.import_module(os.path.basename(command[1])[:-3])
-        assert run_script(script.main, script.parse_args, command[2:]) == 0, command
+    return [(os.path.basename(command[1])[:-3], command[2:]) for command in commands]
+
+
+def run_commands_in_process(out: str, data_root: str):
+    """The chain's commands, each run in this process as its script's __main__ would run it."""
+    for name, argv in chain_commands(out, data_root):
+        script = importlib.import_module(name)
+        assert run_script(script.main, script.parse_args, argv) == 0, (name, argv)
 
 
 def student_step(out: str):
@@ -78,20 +87,18 @@ def student_step(out: str):
         return None
 
 
-def kill_during_the_student_stage(out: str, data_root: str, log) -> int:
-    """Start the chain with make, SIGKILL make and its stage process once the student has a few steps behind it;
-    the student step it was killed at."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(make_argv(out, data_root), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+def kill_during_the_student_stage(out: str, data_root: str, log_path: str) -> int:
+    """Start the chain's commands one after the other in a forked process, SIGKILL it once the student has a few
+    steps behind it; the student step it was killed at."""
+    process = forked.run_stages(chain_commands(out, data_root), log_path)
     try:
         deadline = time.time() + 300
         while (student_step(out) or 0) < KILL_AT and process.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # make and the stage it runs, at an arbitrary point
+            os.kill(process.pid, signal.SIGKILL)  # the stage it runs, at an arbitrary point
     finally:
-        process.wait()
+        process.wait(timeout=60)
     return student_step(out)
 
 
@@ -101,10 +108,9 @@ def chains(tiny_data_root, tmp_path_factory):
     kill, the step killed at)."""
     root = tmp_path_factory.mktemp("make-resume")
     continued, straight = str(root / "continued"), str(root / "straight")
-    with open(root / "make.log", "w") as log:
-        killed_at = kill_during_the_student_stage(continued, tiny_data_root, log)
+    killed_at = kill_during_the_student_stage(continued, tiny_data_root, str(root / "killed.log"))
     student_run = os.path.realpath(os.path.join(continued, "student", "latest"))
-    assert killed_at is not None and KILL_AT <= killed_at < STUDENT_STEPS, open(root / "make.log").read()
+    assert killed_at is not None and KILL_AT <= killed_at < STUDENT_STEPS, open(root / "killed.log").read()
     assert not os.path.exists(os.path.join(student_run, "finished.json"))
     lines_at_kill = open(os.path.join(student_run, "metrics.jsonl")).readlines()
     second = subprocess.run(make_argv(continued, tiny_data_root), cwd=ROOT, capture_output=True, text=True,
