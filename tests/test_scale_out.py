@@ -1,16 +1,20 @@
 """`torchrun --nproc_per_node=2` on the stage scripts (gloo, tiny models): the same run as one process, rank 0
-alone writes, and a killed 2-process DP run ends (no hang) and resumes to the uninterrupted result and ledger."""
+alone writes, and a killed 2-process DP run ends (no hang) and resumes to the uninterrupted result and ledger.
+
+torchrun's launcher runs forked from the suite's server (tests/forked.py): its command line is `main(argv)` of
+torch.distributed.run; the workers it starts are fresh interpreters running train_teacher.py, as under torchrun.
+"""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
+import forked
 import train_teacher
-from conftest import ROOT, teacher_argv
+from conftest import teacher_argv
 from utils.privacy.ledger import epsilon
 from utils.run.checkpoint import load_checkpoint, read_metrics
 from utils.run.precision import bf16_support
@@ -20,16 +24,13 @@ HANG_GUARD_S = 300  # a launch that takes longer than this is hanging, not slow
 DP_FLAGS = ["--dp", "--split", "private", "--d-steps-per-g-step", "2", "--log-every", "1"]
 
 
-def torchrun(*argv, nproc: int = 2) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train_teacher.py", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def torchrun(log_path, *argv, nproc: int = 2) -> forked.Forked:
+    """`torchrun --standalone --nproc_per_node=<nproc> train_teacher.py argv`, its output in `log_path`."""
+    return forked.torchrun(["--standalone", f"--nproc_per_node={nproc}", "train_teacher.py", *argv], str(log_path))
 
 
-def finished(process: subprocess.Popen) -> tuple:
-    output, _ = process.communicate(timeout=HANG_GUARD_S)
-    return process.returncode, output
+def finished(process: forked.Forked) -> tuple:
+    return process.wait(timeout=HANG_GUARD_S), process.output()
 
 
 def run_dirs(out: str) -> list:
@@ -46,7 +47,7 @@ def assert_same_models(a: dict, b: dict, atol=1e-5):
 
 def test_two_process_teacher_equals_one_process(tiny_data_root, tmp_path):
     argv = teacher_argv(tiny_data_root, str(tmp_path / "two"), "--max-steps", "4", "--log-every", "1")
-    code, output = finished(torchrun(*argv))
+    code, output = finished(torchrun(tmp_path / "two.log", *argv))
     assert code == 0, output
     one = train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, str(tmp_path / "one"),
                                                                    "--max-steps", "4", "--log-every", "1")))
@@ -68,7 +69,7 @@ def test_two_process_bf16_teacher_equals_one_process(tiny_data_root, tmp_path):
     if not bf16_support(torch.device("cpu"))[0]:
         pytest.skip("this CPU has no native bf16: --precision bf16 is refused")
     argv = teacher_argv(tiny_data_root, str(tmp_path / "two"), "--max-steps", "4", "--precision", "bf16")
-    code, output = finished(torchrun(*argv))
+    code, output = finished(torchrun(tmp_path / "two.log", *argv))
     assert code == 0, output
     one = train_teacher.main(train_teacher.parse_args(teacher_argv(tiny_data_root, str(tmp_path / "one"),
                                                                    "--max-steps", "4", "--precision", "bf16")))
@@ -77,7 +78,7 @@ def test_two_process_bf16_teacher_equals_one_process(tiny_data_root, tmp_path):
     assert_same_models(a, b, atol=BF16_ATOL)
 
 
-def kill_one_worker_at(out: str, step: int, launcher: subprocess.Popen):
+def kill_one_worker_at(out: str, step: int, launcher: forked.Forked):
     """SIGKILL one of torchrun's workers once rank 0 has checkpointed `step`."""
     latest = os.path.join(out, "teacher", "latest")
     deadline = time.time() + HANG_GUARD_S
@@ -97,13 +98,13 @@ def kill_one_worker_at(out: str, step: int, launcher: subprocess.Popen):
 def test_killed_two_process_dp_run_resumes_to_the_uninterrupted_one(tiny_data_root, tmp_path):
     out = str(tmp_path / "killed")
     argv = teacher_argv(tiny_data_root, out, "--max-steps", "16", "--checkpoint-every", "1", *DP_FLAGS)
-    launcher = torchrun(*argv)
+    launcher = torchrun(tmp_path / "killed.log", *argv)
     kill_one_worker_at(out, 3, launcher)
     code, output = finished(launcher)  # torchrun stops the other worker: no hang
     assert code != 0, output
     killed_at = load_checkpoint(os.path.join(out, "teacher", "latest"))["step"]
     assert 3 <= killed_at < 16
-    code, output = finished(torchrun("--out", out, "--resume", "--device", "cpu"))
+    code, output = finished(torchrun(tmp_path / "resumed.log", "--out", out, "--resume", "--device", "cpu"))
     assert code == 0, output
     straight = train_teacher.main(train_teacher.parse_args(
         teacher_argv(tiny_data_root, str(tmp_path / "straight"), "--max-steps", "16", *DP_FLAGS)))
