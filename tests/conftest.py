@@ -75,6 +75,18 @@ def tiny_data_args(data_root):
     return ["--data-root", data_root, "--public-size", str(TINY_PUBLIC)]
 
 
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Skip drawing the matplotlib figures (loss curves, cost bars, side-by-side grids: 0.1-0.2 s each, closed
+    unsaved) where a test is about numbers, not figures; samples.png grids are still written. Every figure is still
+    drawn by its stage's own tests (test_teacher, test_student, test_compress, test_fine_tune, test_evaluate,
+    test_make_resume)."""
+    import matplotlib.pyplot as plt
+
+    from utils.evaluation import plots
+    monkeypatch.setattr(plots, "_save", lambda fig, path: plt.close(fig))
+
+
 # The suite runs in float32 on every machine (a CPU with native bf16 would otherwise pick it: --precision auto);
 # tests/test_precision.py runs bf16 where it tests it.
 FP32 = ("--precision", "fp32")

@@ -151,7 +151,7 @@ def test_main_end_to_end(handmade_pipeline, capsys):
     assert "generator.onnx (ONNX Runtime, what ships) against the teacher's float ONNX model" in printed
 
 
-def test_teacher_found_through_distill_parent(handmade_pipeline):
+def test_teacher_found_through_distill_parent(handmade_pipeline, no_figures):
     out, teacher_run, distill_run, _ = handmade_pipeline
     student = handmade_student(dead=([1], [], []))
     student_run = write_handmade_run(out, "student", student, parent=distill_run)  # no `teacher` field
@@ -259,7 +259,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_compresses_a_trained_tiny_student(tiny_student_run, tmp_path):
+def test_compresses_a_trained_tiny_student(tiny_student_run, tmp_path, no_figures):
     """The real stage-3 output (a 4-step student whose large rho killed channels) goes through stage 4."""
     _, student_run = tiny_student_run
     out = str(tmp_path / "out")

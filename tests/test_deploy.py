@@ -258,7 +258,7 @@ def test_benchmark_synthetic_widths(tmp_path, capsys):
     assert "goal <=" in capsys.readouterr().out
 
 
-def test_benchmark_on_a_compact_run(handmade_pipeline, tmp_path):
+def test_benchmark_on_a_compact_run(handmade_pipeline, tmp_path, no_figures):
     import compress_student
     out = handmade_pipeline[0]
     compress_student.main(compress_student.parse_args(

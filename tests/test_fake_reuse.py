@@ -155,7 +155,7 @@ def test_pool_grows_by_whole_chunks_and_is_kept_until_refreshed():
     assert dp.fake_pool_size(128, 128 / 50000) == 196 and dp.fake_pool_size(32, 0.08) == 65
 
 
-def test_reuse_fakes_resume_equals_uninterrupted(tiny_data_root, tmp_path, monkeypatch):
+def test_reuse_fakes_resume_equals_uninterrupted(tiny_data_root, tmp_path, monkeypatch, no_figures):
     """Stopped at step 4 (mid generator step: the pool is in the checkpoint), resumed to 12: the uninterrupted run,
     bit for bit; the accounting is the one of fresh fakes."""
     monkeypatch.setattr(fine_tune, "write_device_artifacts", lambda run_dir, G: {})
@@ -209,7 +209,7 @@ def seven_dp_steps(data_root, out) -> dict:
     return found
 
 
-def test_off_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch):
+def test_off_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch, no_figures):
     skip_unless_recorded_on()
     monkeypatch.setattr(fine_tune, "write_device_artifacts", lambda run_dir, G: {})
     assert seven_dp_steps(tiny_data_root, tmp_path / "out") == BEFORE_REUSE

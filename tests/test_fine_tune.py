@@ -153,7 +153,7 @@ def test_checkpoint_unwrapped_and_generator_keeps_compact_shape(public_route_run
     assert set(checkpoint["optimizers"]) == {"g", "d"}
 
 
-def test_resume_keeps_epsilon_and_equals_uninterrupted(tiny_data_root, tmp_path, no_artifacts):
+def test_resume_keeps_epsilon_and_equals_uninterrupted(tiny_data_root, tmp_path, no_artifacts, no_figures):
     out = tmp_path / "out"
     write_compact(out, public_ledger(tiny_data_root))
     full = load_checkpoint(run_fine_tune(tiny_data_root, out, "--noise-multiplier", "1.0"), "private")
@@ -289,7 +289,7 @@ def test_generator_step_takes_no_accountant_step(tiny_data_root):
 
 
 def test_weight_average_and_adaptive_d_steps_under_dp_resume_exactly_and_cost_no_privacy(tiny_data_root, tmp_path,
-                                                                                          no_artifacts):
+                                                                                          no_artifacts, no_figures):
     out = tmp_path / "out"
     write_compact(out, public_ledger(tiny_data_root))
     recipe = ["--noise-multiplier", "1.0", "--ema-decay", "0.9", "--adaptive-d-steps", "--d-steps-per-g-step", "2"]

@@ -48,7 +48,7 @@ def test_lineage_of_a_compact_run_follows_its_parents(handmade_pipeline):
 
 
 def test_editable_constant_replaces_the_default_and_the_flag_wins(handmade_pipeline, tmp_path, monkeypatch,
-                                                                 capsys):
+                                                                 capsys, no_figures):
     _, teacher_run, _, student_run = handmade_pipeline
     with pytest.raises(SystemExit):
         compress_student.parse_args(["--help"])
@@ -158,7 +158,8 @@ def test_once_continues_an_interrupted_run_to_the_uninterrupted_result(tiny_data
         assert all(torch.equal(a[name][key], b[name][key]) for key in a[name]), name
 
 
-def test_once_runs_a_stage_again_when_the_run_it_reads_is_no_longer_the_latest(handmade_pipeline, capsys):
+def test_once_runs_a_stage_again_when_the_run_it_reads_is_no_longer_the_latest(handmade_pipeline, capsys,
+                                                                                 no_figures):
     out, teacher_run, distill_run, student_run = handmade_pipeline
     assert run_once(compress_student, quick_argv(out)) == 0
     first = latest_of(out, "compact")

@@ -74,7 +74,7 @@ def native_bf16(monkeypatch, supported: bool):
     monkeypatch.setattr(precision, "bf16_support", lambda device: (supported, reason))
 
 
-def test_fp32_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch):
+def test_fp32_is_bit_identical_to_the_code_before_the_option(tiny_data_root, tmp_path, monkeypatch, no_figures):
     skip_unless_recorded_on()
     found = tiny_pipeline(tiny_data_root, str(tmp_path), "--precision", "fp32")
     found["real_protocol_logits"] = protocol_logits(tiny_data_root, resolve_precision("fp32", "cpu"), monkeypatch)
@@ -163,7 +163,7 @@ def test_dp_paths_stay_float32(tiny_data_root, tmp_path, monkeypatch, capsys):
     assert "teacher: precision fp32 (auto: the DP paths stay float32)" in capsys.readouterr().out
 
 
-def test_snapshots_are_kept_at_the_chosen_steps_and_survive_a_resume(tiny_data_root, tmp_path, capsys):
+def test_snapshots_are_kept_at_the_chosen_steps_and_survive_a_resume(tiny_data_root, tmp_path, capsys, no_figures):
     def teacher(out, *extra):
         return train_teacher.main(train_teacher.parse_args(teacher_argv(
             tiny_data_root, str(tmp_path / out), "--snapshot-steps", "2", "5", "--checkpoint-every", "3", *extra)))

@@ -189,7 +189,7 @@ def killed_teacher_run(argv, out, step, log_path):
         process.wait(timeout=120)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path, no_figures):
     argv = teacher_argv(tiny_data_root, str(tmp_path / "killed"), "--max-steps", "60", "--checkpoint-every", "1",
                         "--log-every", "1", "--epochs", "10")
     killed_teacher_run(argv, str(tmp_path / "killed"), 10, str(tmp_path / "killed.log"))
@@ -313,7 +313,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_latest(tiny_data_root, 
 
 # ---------------------------------------------------------------- the DP teacher, killed and resumed
 
-def test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path):
+def test_dp_teacher_sigkill_then_resume_equals_an_uninterrupted_run(tiny_data_root, tmp_path, no_figures):
     """Weights, ledger, accountant history, generator states and the reported epsilon all equal."""
     killed_out, straight_out = str(tmp_path / "killed"), str(tmp_path / "straight")
     argv = ["--epochs", "3", "--max-steps", "36", "--checkpoint-every", "1"]

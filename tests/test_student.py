@@ -131,7 +131,7 @@ def test_rho_prunes_channels_and_checkpoint_is_complete(tiny_teacher_run, tiny_d
 
 
 @pytest.mark.parametrize("recipe", [[], ["--loss", "hinge", "--augment", "translation,cutout"]])
-def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path, recipe):
+def test_resume_reproduces_an_uninterrupted_run(tiny_distill_run, tmp_path, recipe, no_figures):
     whole = run_student(tmp_path / "whole", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "5", *recipe)
     part = run_student(tmp_path / "part", tiny_distill_run[1], "--rho", "2.5", "--max-steps", "2", *recipe)
     assert load_checkpoint(part, "student")["step"] == 2

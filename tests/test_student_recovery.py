@@ -132,7 +132,7 @@ def test_recovery_records_where_it_came_from_and_inherits_the_ledger(recovered):
 
 
 def test_a_resumed_recovery_run_needs_no_init_student_and_equals_the_uninterrupted_one(recovered, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, no_figures):
     init, whole, _ = recovered
     part = train_student.main(train_student.parse_args(
         recovery_argv(tmp_path / "out", init["run_dir"], "--rho", "0", "--max-steps", "2")))
