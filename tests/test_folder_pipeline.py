@@ -40,7 +40,8 @@ def folder_pipeline(tmp_path_factory):
          "--throughput-batch", "4"]))
     runs["private"] = fine_tune.main(fine_tune.parse_args(
         [*common, *data, "--batch-size", "16", "--epochs", "1", "--max-steps", "2", "--target-epsilon", "10",
-         "--delta", "1e-3", "--accountant", "rdp"]))
+         "--delta", "1e-3", "--accountant", "rdp", "--latency-repeats", "1", "--throughput-repeats", "1",
+         "--throughput-batch", "4"]))
     runs["eval"] = evaluate.main(evaluate.parse_args(
         [*common, *data, "--num-fd-samples", "40", "--num-downstream-samples", "60", "--classifier-epochs", "1",
          "--audit-samples", "30", "--audit-members", "10", "--latency-repeats", "1", "--throughput-repeats", "1",
