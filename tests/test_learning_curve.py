@@ -53,7 +53,7 @@ def test_teacher_curve_measures_each_snapshot_once(tiny_data_root, tmp_path, mon
     assert {"quick", "published"} <= set(saved["rows"]["2"]) and "published" not in saved["rows"]["4"]
 
 
-def test_student_curve_has_the_distillation_loss(tiny_distill_run, tiny_data_root, tmp_path):
+def test_student_curve_has_the_distillation_loss(tiny_distill_run, tiny_data_root, tmp_path, no_figures):
     _, distill = tiny_distill_run
     run_dir = train_student.main(train_student.parse_args(student_argv(
         str(tmp_path / "run"), distill, "--snapshot-steps", "2", "--precision", "fp32")))

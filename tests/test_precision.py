@@ -194,7 +194,7 @@ def test_snapshots_are_kept_at_the_chosen_steps_and_survive_a_resume(tiny_data_r
     assert len({row["fd"] for row in rows}) == 3
 
 
-def test_student_keeps_snapshots(tiny_distill_run, tmp_path):
+def test_student_keeps_snapshots(tiny_distill_run, tmp_path, no_figures):
     out, distill = tiny_distill_run
     run_dir = train_student.main(train_student.parse_args(student_argv(
         str(tmp_path), distill, "--snapshot-steps", "3", "--precision", "fp32")))
