@@ -7,7 +7,8 @@ release, the channel scales (BatchNorm gammas of the prunable blocks) have their
 soft-thresholded by lr * rho after every step (`--penalty cost`: lr * rho times the channel's share of the
 parameters and MACs, mean 1; `--penalty params`: of the parameters only); a channel whose scale reaches 0 is dead for
 good. All other student weights and the discriminator use Adam. The discriminator starts as the teacher's, or with
-`--d-channels` as a fresh one of those widths: the compact run carries it and the DP stage trains it, so a wide
+`--d-channels` as a fresh one of those widths, or with `--d-init teacher-dp` as the narrow one the teacher trained
+beside its own (`train_teacher.py --dp-d-channels`): the compact run carries it and the DP stage trains it, so a wide
 teacher's discriminator need not be the one DP-SGD trains (docs/DESIGN.md, "GAN Slimming and compression").
 
 Recovery phase (`--init-student RUN`, typically with `--rho 0`): the student starts from another student run of the
@@ -27,8 +28,8 @@ from utils.data.distill import load_distill_set
 from utils.evaluation.plots import plot_curves, plot_losses, side_by_side_samples
 from utils.gan.recipe import Recipe, RecipeConfig, add_recipe_args
 from utils.privacy.ledger import inherit, warn_if_not_private
-from utils.run.checkpoint import (build_discriminator, build_generator, input_run, lineage, load_checkpoint,
-                                  read_metrics)
+from utils.run.checkpoint import (DP_DISCRIMINATOR, build_discriminator, build_generator, input_run, lineage,
+                                  load_checkpoint, read_metrics)
 from utils.run.cli import (UserError, add_common_args, add_input_arg, add_resume_arg, add_snapshot_arg, make_parser,
                            nonnegative_float, positive_float, positive_int, quant_bits, run_script, set_seed)
 from utils.run.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
@@ -65,9 +66,11 @@ def parse_args(argv=None):
                        help="student widths = teacher's * this (default: 1, or the --init-student run's)")
     group.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
                        help="student initialisation; auto = teacher when the widths match, else scratch")
-    group.add_argument("--d-init", choices=("teacher", "scratch"), default=None,
-                       help="discriminator start: the teacher's, or a fresh one of its shape (default: teacher; "
-                            "scratch with --d-channels; an --init-student run's own discriminator comes first)")
+    group.add_argument("--d-init", choices=("teacher", "teacher-dp", "scratch"), default=None,
+                       help="discriminator start: the teacher's, the narrow one the teacher trained beside it "
+                            "(teacher-dp: train_teacher.py --dp-d-channels; it also replaces an --init-student "
+                            "run's), or a fresh one of the teacher's shape (default: teacher; scratch with "
+                            "--d-channels; an --init-student run's own discriminator comes first)")
     group.add_argument("--d-channels", type=positive_int, nargs="+", default=None, metavar="C",
                        help="a fresh (seeded) discriminator of these widths, without a minibatch std layer, instead "
                             "of the teacher's: the one compress_student.py carries and fine_tune.py trains under "
@@ -122,6 +125,9 @@ def load_inputs(args, resuming: bool = False):
         raise UserError(f"the distillation set has {len(distill)} samples, fewer than --batch-size {args.batch_size}")
     if not resuming and getattr(args, "d_channels", None):
         fresh_discriminator(args.d_channels, teacher_checkpoint)  # widths that do not fit are refused here
+    if not resuming and args.d_init == "teacher-dp" and DP_DISCRIMINATOR not in teacher_checkpoint:
+        raise UserError(f"--d-init teacher-dp: teacher {args.teacher_dir} has no narrow discriminator (train it with "
+                        f"train_teacher.py --dp-d-channels)")
     if init is None:
         args.quant_bits = QUANT_BITS if args.quant_bits is None else args.quant_bits
         args.width_mult = 1.0 if args.width_mult is None else args.width_mult
@@ -213,10 +219,10 @@ def norm_stats_frozen(args, teacher_checkpoint) -> bool:
 
 def resolve_d_init(args):
     """--d-init's default: the teacher's discriminator, or with --d-channels a fresh one (`scratch`), which an
-    explicit `--d-init teacher` contradicts."""
-    if args.d_channels and args.d_init == "teacher":
-        raise UserError(f"--d-init teacher contradicts --d-channels {' '.join(map(str, args.d_channels))} (a fresh "
-                        f"discriminator of those widths): give one of them")
+    explicit `--d-init teacher` or `teacher-dp` contradicts."""
+    if args.d_channels and args.d_init in ("teacher", "teacher-dp"):
+        raise UserError(f"--d-init {args.d_init} contradicts --d-channels {' '.join(map(str, args.d_channels))} (a "
+                        f"fresh discriminator of those widths): give one of them")
     if args.d_init is None:
         args.d_init = "scratch" if args.d_channels else "teacher"
 
@@ -235,12 +241,15 @@ def fresh_discriminator(widths, teacher_checkpoint):
 def build_models(args, checkpoint, teacher_checkpoint, init=None):
     """Student and discriminator: fresh (seeded) or from the teacher, or the --init-student run's (`init`: its
     generator as it ended, `alive` masks included, and its discriminator where it has one), or the ones of the run
-    being resumed. --d-channels: a fresh discriminator of those widths in place of the teacher's or init's."""
+    being resumed. --d-channels: a fresh discriminator of those widths in place of the teacher's or init's;
+    --d-init teacher-dp: the teacher's narrow one (DP_DISCRIMINATOR), in place of either too."""
     if checkpoint is not None:
         return build_generator(checkpoint), build_discriminator(checkpoint)
     student = build_student(args, build_generator(teacher_checkpoint)) if init is None else build_generator(init)
     if getattr(args, "d_channels", None):
         return student, fresh_discriminator(args.d_channels, teacher_checkpoint)
+    if args.d_init == "teacher-dp":
+        return student, build_discriminator(teacher_checkpoint, DP_DISCRIMINATOR)
     if init is not None and "discriminator" in init:
         return student, build_discriminator(init)
     if args.d_init == "scratch":

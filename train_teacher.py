@@ -7,6 +7,9 @@ With --dp (and --split private) the teacher is trained on the private split unde
 it. --subset N trains on a seeded draw of N images of the split only (--seed; recorded in the checkpoint's data entry
 and the ledger): `--split private --subset 500` for many epochs is the membership audit's positive control, a
 model that must leak (evaluate.py takes its members from exactly those images).
+--dp-d-channels C ... (non-private only) trains a second, narrow discriminator beside D on the same batches, saved
+for the DP stage (`train_student.py --d-init teacher-dp`); it changes nothing else (docs/DESIGN.md, "The training
+loop").
 """
 import os
 
@@ -20,7 +23,7 @@ from utils.gan.recipe import TEACHER_EMA_DECAY, Recipe, RecipeConfig, add_recipe
 from utils.gan.steps import NonPrivateStep
 from utils.privacy.dp import DPConfig, DPStep, add_dp_args, plan_for
 from utils.privacy.ledger import new_ledger, record_data_read, warn_if_not_private
-from utils.run.checkpoint import build_discriminator, build_generator, data_fields
+from utils.run.checkpoint import DP_DISCRIMINATOR, build_discriminator, build_generator, data_fields
 from utils.run.cli import (UserError, add_common_args, add_resume_arg, add_snapshot_arg, make_parser, nonnegative_int,
                            positive_float, positive_int, run_script, set_seed)
 from utils.run.distributed import ShardedBatches, check_divisible, data_parallel, distributed, is_writer
@@ -35,6 +38,9 @@ STAGE = "teacher"
 # not measured, and every DP discriminator (its noise grows with its parameters; not measured), keep the model's
 # default (models.shapes.DEFAULT_DISCRIMINATOR_CHANNELS).
 NON_PRIVATE_D_CHANNELS = {28: (128, 256, 512)}
+# --dp-d-channels: the narrow discriminator's initial weights come from this offset of --seed, drawn on a stream of
+# their own, so that G, D and every later draw are those of the run without it
+DP_DISCRIMINATOR_SEED_OFFSET = 7919
 
 
 def parse_args(argv=None):
@@ -59,6 +65,11 @@ def parse_args(argv=None):
     group.add_argument("--minibatch-std", type=nonnegative_int, default=0, metavar="G",
                        help="StyleGAN's minibatch standard deviation feature over groups of G samples before D's "
                             "logit (0: off); non-private training only: it mixes samples, which DP-SGD cannot train")
+    group.add_argument("--dp-d-channels", type=positive_int, nargs="+", default=None, metavar="C",
+                       help="also train a narrow discriminator of these widths (seeded, no minibatch std layer) "
+                            "beside D on the same real batches and fakes, with its own Adam: it never feeds the "
+                            "generator's loss and changes nothing else; the DP stage's start via train_student.py "
+                            "--d-init teacher-dp (e.g. 64 128 under the 128/256/512 default; non-private only)")
     group.add_argument("--nz", type=positive_int, default=100, help="latent dimension")
     group.add_argument("--subset", type=positive_int, default=None, metavar="N",
                        help="train on a seeded draw (--seed) of N images of the split only, recorded in the "
@@ -96,6 +107,23 @@ def build_models(args, checkpoint, split):
         raise UserError(f"--g-channels/--d-channels: {exc}") from exc
 
 
+def build_dp_discriminator(args, checkpoint, split):
+    """The narrow discriminator of --dp-d-channels (None without it): the resumed run's, or a fresh one seeded
+    from --seed + DP_DISCRIMINATOR_SEED_OFFSET inside a forked random state (the global state after it is the one
+    before), never with a minibatch std layer (the DP stage's DP-SGD will train it)."""
+    if checkpoint is not None:
+        return build_discriminator(checkpoint, DP_DISCRIMINATOR) if DP_DISCRIMINATOR in checkpoint else None
+    widths = getattr(args, "dp_d_channels", None)  # getattr: runs saved before the option resume without it
+    if not widths:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + DP_DISCRIMINATOR_SEED_OFFSET)
+        try:
+            return Discriminator(channels=widths, minibatch_std=0, **model_shape(split))
+        except ValueError as exc:
+            raise UserError(f"--dp-d-channels: {exc}") from exc
+
+
 def discriminator_widths(args, split):
     """--d-channels, else the non-private teacher's measured default for this image side (NON_PRIVATE_D_CHANNELS),
     else None: the model's default."""
@@ -116,6 +144,7 @@ def load_data(args, checkpoint):
         check_data_fits(split, built_for)
     else:
         build_models(args, None, split)
+        build_dp_discriminator(args, None, split)
     return split
 
 
@@ -123,10 +152,16 @@ def make_step(args, run: Run, split, ledger: dict, plan, device, precision):
     """The non-private step (its forward passes in `precision`), or with --dp the DP step (float32; the ledger
     records the mechanism, not a data read)."""
     G, D = (model.to(device) for model in build_models(args, run.checkpoint, split))
+    narrow = None if args.dp else build_dp_discriminator(args, run.checkpoint, split)
     betas = (args.beta1, getattr(args, "beta2", 0.999))  # getattr: runs saved before --beta2 and --lr-d resume
+    lr_d = getattr(args, "lr_d", None) or args.lr
     optimizers = {"g": torch.optim.Adam(G.parameters(), args.lr, betas=betas),
-                  "d": torch.optim.Adam(D.parameters(), getattr(args, "lr_d", None) or args.lr, betas=betas)}
-    data_parallel([G, D], [optimizers["g"]] if args.dp else list(optimizers.values()))
+                  "d": torch.optim.Adam(D.parameters(), lr_d, betas=betas)}
+    if narrow is not None:
+        narrow = narrow.to(device)
+        optimizers["dp_d"] = torch.optim.Adam(narrow.parameters(), lr_d, betas=betas)  # D's settings
+    data_parallel([G, D] + ([narrow] if narrow is not None else []),
+                  [optimizers["g"]] if args.dp else list(optimizers.values()))
     train = TrainConfig.from_args(args)
     config = DPConfig.from_args(args)
     if args.dp:
@@ -139,7 +174,7 @@ def make_step(args, run: Run, split, ledger: dict, plan, device, precision):
     batches = ShardedBatches(EpochBatches(split, args.batch_size, args.seed))  # this rank's part of each batch
     recipe = Recipe(RecipeConfig.from_args(args, ema_decay=TEACHER_EMA_DECAY), G, args.seed)
     return NonPrivateStep(G, D, optimizers, batches, args.epochs, ledger, args.seed, device, recipe,
-                          precision.for_use("teacher"))
+                          precision.for_use("teacher"), narrow)
 
 
 def main(args):
@@ -151,6 +186,9 @@ def main(args):
     if args.dp and args.minibatch_std:
         raise UserError("--minibatch-std applies to non-private training only: the layer mixes samples, so DP-SGD "
                         "cannot train a discriminator that has it")
+    if args.dp and args.dp_d_channels:
+        raise UserError("--dp-d-channels applies to the non-private teacher only: with --dp the teacher's own "
+                        "discriminator is the DP-trained one")
     if maybe_dry_run(args):
         return None
     with distributed(args.device) as device:  # under torchrun: this process's part of the group

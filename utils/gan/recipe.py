@@ -103,8 +103,14 @@ class Recipe:
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, self.config.augment, self.rng)
 
+    def d_views(self, real, fake) -> tuple:
+        """The images a discriminator step shows D: real and fake augmented, real drawn first. A discriminator
+        trained beside D (train_teacher.py --dp-d-channels) sees these same views: no draw of its own."""
+        return self.augment(real), self.augment(fake)
+
     def d_loss(self, D, real, real_labels, fake, fake_labels) -> torch.Tensor:
-        return self.loss.d(D(self.augment(real), real_labels), D(self.augment(fake), fake_labels))
+        real, fake = self.d_views(real, fake)
+        return self.loss.d(D(real, real_labels), D(fake, fake_labels))
 
     def g_loss(self, D, fake, labels) -> torch.Tensor:
         return self.loss.g(D(self.augment(fake), labels))

@@ -8,6 +8,7 @@ at random, never on a real batch's labels: under DP the labels are private too (
 import torch
 import torch.nn.functional as F
 
+from utils.run.checkpoint import DP_DISCRIMINATOR
 from utils.run.distributed import global_mean, local_part, world_size
 from utils.run.lifecycle import batches_from
 from utils.run.precision import FP32
@@ -37,21 +38,40 @@ def local_random_inputs(generator_model, n_global: int, rng: torch.Generator, de
     return local_part(z).to(device), local_part(labels).to(device)
 
 
-def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng, recipe=None) -> float:
+class SideDiscriminator:
+    """A discriminator trained beside the step's own, on the very images of each of its steps (the same real batch,
+    the same fakes, the same augmented views) with the same loss and precision, by its own optimiser
+    (train_teacher.py --dp-d-channels: a narrow one for the DP stage; docs/DESIGN.md, "The training loop"). It
+    never enters the generator's loss and draws no random numbers, so the generator, D and the weight average are
+    those of a run without it, bit for bit. `forward` is what the step calls (the precision's wrap)."""
+
+    def __init__(self, network, optimizer, forward=None):
+        self.network, self.optimizer = network, optimizer
+        self.forward = network if forward is None else forward
+        self.loss = None  # of its last update (the global batch's)
+
+
+def discriminator_update(D, optimizer, loss_of, real, real_labels, fake, fake_labels) -> float:
+    """One optimiser step of D on `loss_of(D(real), D(fake))`; the loss of the global batch."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_of(D(real, real_labels), D(fake, fake_labels))
+    loss.backward()
+    optimizer.step()
+    return global_mean(loss.item())
+
+
+def nonprivate_discriminator_step(G, D, d_optimizer, real, real_labels, rng, recipe=None, side=None) -> float:
     """One ordinary (non-private) discriminator update on this process's part of a global batch (equal parts
     under torchrun) and as many fresh fakes, with a `utils.gan.recipe.Recipe`'s loss and augmentation when given;
-    the loss of the global batch."""
+    the loss of the global batch. A `SideDiscriminator` is updated after D on the same views of the same images."""
     z, fake_labels = local_random_inputs(G, len(real) * world_size(), rng, real.device)
     with torch.no_grad():
-        fake = G(z, fake_labels)
-    d_optimizer.zero_grad(set_to_none=True)
-    if recipe is None:
-        loss = d_loss(D(real, real_labels), D(fake, fake_labels))
-    else:
-        loss = recipe.d_loss(D, real, real_labels, fake, fake_labels)
-    loss.backward()
-    d_optimizer.step()
-    return global_mean(loss.item())
+        fake = G(z, fake_labels)  # generated once: D and the side discriminator see the same (detached) fakes
+    loss_of, (real, fake) = (d_loss, (real, fake)) if recipe is None else (recipe.loss.d, recipe.d_views(real, fake))
+    loss = discriminator_update(D, d_optimizer, loss_of, real, real_labels, fake, fake_labels)
+    if side is not None:
+        side.loss = discriminator_update(side.forward, side.optimizer, loss_of, real, real_labels, fake, fake_labels)
+    return loss
 
 
 def nonprivate_generator_step(G, D, g_optimizer, batch_size, rng, device, recipe=None) -> float:
@@ -70,14 +90,20 @@ class NonPrivateStep(TrainingStep):
     """The teacher's step: one discriminator update per batch of `batches` (EpochBatches) and a generator update
     when the recipe says it is due (every batch by default). With a weight average, the checkpoint's "generator"
     is the average (what every later stage samples) and "generator_live" the trained weights. The networks' forward
-    passes run in `precision` (utils/run/precision.py: fp32 calls them as they are); the updates stay float32."""
+    passes run in `precision` (utils/run/precision.py: fp32 calls them as they are); the updates stay float32.
+    `dp_discriminator` (train_teacher.py --dp-d-channels), with its optimiser `optimizers["dp_d"]`, trains beside D
+    as a `SideDiscriminator` and is saved under DP_DISCRIMINATOR."""
     name = "teacher"
 
     def __init__(self, G, D, optimizers: dict, batches, epochs: int, ledger: dict, seed: int, device,
-                 recipe=None, precision=FP32):
+                 recipe=None, precision=FP32, dp_discriminator=None):
         precision.prepare(G, D)
         self.generator, self.discriminator, self.optimizers = G, D, optimizers
         self.forward_g, self.forward_d = precision.wrap(G), precision.wrap(D)
+        self.side = None
+        if dp_discriminator is not None:
+            precision.prepare(dp_discriminator)
+            self.side = SideDiscriminator(dp_discriminator, optimizers["dp_d"], precision.wrap(dp_discriminator))
         self.epoch_batches, self.ledger, self.device, self.recipe = batches, ledger, device, recipe
         self.rng = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(batches)
@@ -91,7 +117,9 @@ class NonPrivateStep(TrainingStep):
         real, labels = (t.to(self.device) for t in batch)
         G, D, recipe = self.forward_g, self.forward_d, self.recipe
         self.losses["d_loss"] = nonprivate_discriminator_step(G, D, self.optimizers["d"], real, labels, self.rng,
-                                                              recipe)
+                                                              recipe, self.side)
+        if self.side is not None:
+            self.losses["dp_d_loss"] = self.side.loss
         if recipe is None or recipe.g_step_due():
             accuracy = None if recipe is None else recipe.before_g_step(G, D, len(real), self.device)
             self.losses["g_loss"] = nonprivate_generator_step(G, D, self.optimizers["g"], len(real) * world_size(),
@@ -105,7 +133,8 @@ class NonPrivateStep(TrainingStep):
 
     def models(self) -> dict:
         live = {"generator_live": self.generator} if self.sampling_generator() is not self.generator else {}
-        return {"generator": self.sampling_generator(), **live, "discriminator": self.discriminator}
+        side = {DP_DISCRIMINATOR: self.side.network} if self.side is not None else {}
+        return {"generator": self.sampling_generator(), **live, "discriminator": self.discriminator, **side}
 
     def rng_states(self) -> dict:
         return {"train": self.rng.get_state()}

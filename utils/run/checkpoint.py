@@ -27,6 +27,9 @@ PATH_FIELDS = ("parent", "teacher", "runs")  # checkpoint entries naming other r
 # input paths in a checkpoint's args: stored relative to the pipeline root `<out>` when inside it
 PATH_ARGS = ("out", "teacher_dir", "distill_dir", "student_dir", "generator_dir", "teacher", "runs", "init_student")
 LINEAGE_STAGES = ("teacher", "distill", "student")
+# A teacher's narrow discriminator trained beside its own (train_teacher.py --dp-d-channels), the one
+# `train_student.py --d-init teacher-dp` starts from: its checkpoint entry (and model_args key)
+DP_DISCRIMINATOR = "dp_discriminator"
 
 
 def versions() -> dict:
@@ -255,10 +258,11 @@ def build_generator(checkpoint: dict):
     return generator
 
 
-def build_discriminator(checkpoint: dict):
+def build_discriminator(checkpoint: dict, key: str = "discriminator"):
+    """Rebuild the discriminator a checkpoint holds under `key` (a teacher's narrow one: DP_DISCRIMINATOR)."""
     from models import Discriminator
-    discriminator = Discriminator(**checkpoint["model_args"]["discriminator"])
-    discriminator.load_state_dict(checkpoint["discriminator"])
+    discriminator = Discriminator(**checkpoint["model_args"][key])
+    discriminator.load_state_dict(checkpoint[key])
     return discriminator
 
 
