@@ -63,6 +63,14 @@ SD = "tests/test_student_discriminator.py"
 SD_CARRIED = SD + "::test_the_students_narrow_discriminator_is_the_one_the_dp_stage_trains"
 SD_REFUSED = SD + "::test_a_contradiction_or_widths_that_do_not_fit_are_refused_in_one_line"
 SD_SEEDED = SD + "::test_the_fresh_discriminator_is_seeded_and_without_the_flag_is_the_teachers"
+AUX = "tests/test_aux_discriminator.py"
+AUX_SAME = AUX + "::test_the_flag_adds_the_narrow_discriminator_and_changes_nothing_else"
+AUX_STEP = AUX + "::test_one_step_is_its_own_adam_step_on_ds_views_of_the_same_images_with_ds_loss"
+AUX_IDENTICAL = AUX + "::test_g_d_and_the_average_are_bit_identical_with_and_without_it"
+AUX_RESUME = AUX + "::test_snapshot_keeps_it_and_resume_equals_the_uninterrupted_run"
+AUX_SEEDED = AUX + "::test_a_fresh_one_follows_the_seed_and_draws_nothing_from_the_global_generator"
+AUX_CHAIN = AUX + "::test_the_student_the_compact_run_and_the_dp_stage_take_it"
+AUX_REFUSED = AUX + "::test_refusals_in_one_line_before_anything_is_written"
 
 BREAKS = [
     # ------------------------------------------------------------ DP-SGD really happens
@@ -682,7 +690,7 @@ BREAKS = [
           '"channels": list(widths)}', (SD_CARRIED,),
           "the student's fresh discriminator copies the teacher's minibatch std layer, which DP-SGD cannot train"),
     Break("student-d-init-teacher-with-d-channels-accepted", "train_student.py",
-          '    if args.d_channels and args.d_init == "teacher":', "    if False:", (SD_REFUSED,),
+          '    if args.d_channels and args.d_init in ("teacher", "teacher-dp"):', "    if False:", (SD_REFUSED,),
           "an explicit --d-init teacher beside --d-channels is silently overridden instead of refused"),
     Break("student-d-channels-checked-late", "train_student.py",
           "        fresh_discriminator(args.d_channels, teacher_checkpoint)  # widths", "        pass  # widths",
@@ -711,6 +719,59 @@ BREAKS = [
           '    if "discriminator" in source:\n        D = build_discriminator(source)',
           "    if False:\n        D = build_discriminator(source)", (SD_CARRIED,),
           "fine_tune.py trains a fresh discriminator of the compact run's widths instead of the student's trained one"),
+    # ------------------------------------------------------------ the teacher's narrow discriminator: --dp-d-channels
+    Break("dp-d-own-fakes", "utils/gan/steps.py",
+          "side.optimizer, loss_of, real, real_labels, fake, fake_labels)",
+          "side.optimizer, loss_of, real, real_labels, G(*local_random_inputs(G, len(real), rng, real.device), "
+          ").detach(), fake_labels)", (AUX_SAME, AUX_STEP),
+          "the narrow discriminator gets fakes of its own: extra draws change the teacher, and it sees other images"),
+    Break("dp-d-own-augmentation", "utils/gan/steps.py",
+          "side.optimizer, loss_of, real, real_labels, fake, fake_labels)",
+          "side.optimizer, loss_of, recipe.augment(real), real_labels, recipe.augment(fake), fake_labels)",
+          (AUX_SAME, AUX_STEP),
+          "the narrow discriminator draws augmentations of its own: the teacher's recipe stream moves, views differ"),
+    Break("dp-d-other-loss", "utils/gan/steps.py", "side.optimizer, loss_of, real,", "side.optimizer, d_loss, real,",
+          (AUX_STEP,), "the narrow discriminator trains on the non-saturating loss whatever D's (--loss hinge)"),
+    Break("dp-d-feeds-the-generator", "utils/gan/steps.py",
+          'self.losses["g_loss"] = nonprivate_generator_step(G, D,',
+          'self.losses["g_loss"] = nonprivate_generator_step(G, self.side.forward if self.side else D,',
+          (AUX_IDENTICAL,), "the generator trains against the narrow discriminator instead of D"),
+    Break("dp-d-outside-precision", "utils/gan/steps.py",
+          "optimizers[\"dp_d\"], precision.wrap(dp_discriminator))", "optimizers[\"dp_d\"])",
+          (AUX_IDENTICAL,), "under bf16 the narrow discriminator runs in float32, not in D's precision"),
+    Break("dp-d-not-channels-last", "utils/gan/steps.py", "            precision.prepare(dp_discriminator)\n", "",
+          (AUX_IDENTICAL,), "under bf16 + channels-last the narrow discriminator keeps the default memory format"),
+    Break("dp-d-not-saved", "utils/gan/steps.py",
+          "side = {DP_DISCRIMINATOR: self.side.network} if self.side is not None else {}", "side = {}",
+          (AUX_SAME,), "the checkpoint (and every snapshot) leaves the narrow discriminator out"),
+    Break("dp-d-lr-not-ds", "train_teacher.py", "torch.optim.Adam(narrow.parameters(), lr_d, betas=betas)",
+          "torch.optim.Adam(narrow.parameters(), args.lr, betas=(0.5, 0.999))", (AUX_SAME,),
+          "the narrow discriminator's Adam ignores --lr-d and --beta2"),
+    Break("dp-d-keeps-minibatch-std", "train_teacher.py", "Discriminator(channels=widths, minibatch_std=0,",
+          "Discriminator(channels=widths, minibatch_std=args.minibatch_std,", (AUX_SAME, AUX_SEEDED),
+          "the narrow discriminator copies D's minibatch std layer, which the DP stage's DP-SGD cannot train"),
+    Break("dp-d-unseeded", "train_teacher.py", "        torch.manual_seed(args.seed + DP_DISCRIMINATOR_SEED_OFFSET)\n",
+          "", (AUX_SEEDED,), "the narrow discriminator's initial weights do not follow --seed"),
+    Break("dp-d-draws-from-the-global-generator", "train_teacher.py", "    with torch.random.fork_rng(devices=[]):",
+          "    if True:", (AUX_SEEDED,),
+          "building the narrow discriminator reseeds the global generator: every later global draw changes"),
+    Break("dp-d-afresh-on-resume", "train_teacher.py",
+          "        return build_discriminator(checkpoint, DP_DISCRIMINATOR) if DP_DISCRIMINATOR in checkpoint else None",
+          "        checkpoint = None", (AUX_RESUME,),
+          "a resumed teacher starts its narrow discriminator afresh, losing what it had learnt"),
+    Break("dp-d-with-dp-accepted", "train_teacher.py", "    if args.dp and args.dp_d_channels:", "    if False:",
+          (AUX_REFUSED,), "--dp-d-channels beside --dp is silently ignored instead of refused"),
+    Break("dp-d-widths-checked-late", "train_teacher.py", "        build_dp_discriminator(args, None, split)\n", "",
+          (AUX_REFUSED,), "--dp-d-channels that do not fit the images are refused only after the run directory exists"),
+    Break("student-teacher-dp-ignored", "train_student.py", '    if args.d_init == "teacher-dp":\n        return',
+          '    if False:\n        return', (AUX_CHAIN,),
+          "--d-init teacher-dp is ignored: the student, the compact run and the DP stage get the teacher's wide one"),
+    Break("student-teacher-dp-without-one-accepted", "train_student.py",
+          'if not resuming and args.d_init == "teacher-dp" and DP_DISCRIMINATOR not in', 'if False and', (AUX_REFUSED,),
+          "--d-init teacher-dp from a teacher without a narrow discriminator fails late, with a traceback"),
+    Break("student-teacher-dp-with-d-channels-accepted", "train_student.py",
+          'args.d_init in ("teacher", "teacher-dp"):', 'args.d_init in ("teacher",):', (AUX_REFUSED,),
+          "--d-init teacher-dp beside --d-channels is silently overridden instead of refused"),
 ]
 
 IGNORED = shutil.ignore_patterns(".venv", "checkpoints", ".git", "__pycache__", ".pytest_cache", "*.pyc", "node_modules")
