@@ -12,7 +12,8 @@ from conftest import handmade_student
 from utils.compression import runtime
 from utils.compression.compress import compress
 from utils.compression.ort_runner import generate, load_session
-from utils.compression.reference import limb_sums, reference_images, tanh
+from utils.compression.reference import IMAGE_TOLERANCE, _layer_verdict, layer_check, limb_sums, reference_images, \
+    tanh
 
 SAMPLES = 96  # fixed inputs: every class, enough activations that a one-step change shows
 
@@ -106,7 +107,9 @@ def test_a_one_step_change_of_any_shift_or_zero_point_breaks_the_match(shipped):
 
 def test_verify_refuses_a_one_step_change_that_the_mean_lets_pass(tmp_path):
     """An artifact whose graph has one int32 bias one unit off: a handful of activations one step away, far inside
-    the tolerances against the compact model, but not its integer reference: refused."""
+    the image tolerances against the compact model, but not its integer reference: refused. Checked against the
+    changed program itself (graph and reference agree bit for bit), the layer check refuses it: one unit moves the
+    layer's pre-activations by twice the half unit its bias rounding may."""
     model = compact_model(8)
     program = runtime.lower(model)
     program.blocks["block2"].bias = program.blocks["block2"].bias + 1
@@ -117,7 +120,51 @@ def test_verify_refuses_a_one_step_change_that_the_mean_lets_pass(tmp_path):
     assert verdict["mean_abs_diff"] <= settings.mean_tolerance  # the second guard alone would pass it
     assert verdict["pixels_over_tolerance"] <= settings.pixel_share * verdict["num_pixels"]
     assert verdict["exact"] is False and verdict["reference_mismatches"] > 0 and not verdict["ok"]
-    assert runtime.verify_runtime(model, path, settings, program)["ok"]  # its own program: equal bit for bit
+    own = runtime.verify_runtime(model, path, settings, program)
+    assert own["exact"] and not own["ok"]
+    assert {name for name, v in own["layer_check"]["layers"].items() if v["violations"]} == {"block2"}
+
+
+def test_layer_check_passes_the_shipped_program(shipped):
+    program, _, inputs, model = shipped
+    verdict = layer_check(program, model, *inputs)
+    assert verdict["ok"] and verdict["image_max_abs_diff"] <= IMAGE_TOLERANCE
+    assert set(verdict["layers"]) == {"block0", *program.blocks}
+    assert all(v["violations"] == 0 and v["max_distance"] <= v["max_bound"] for v in verdict["layers"].values())
+
+
+def test_layer_check_refuses_every_one_step_change(shipped):
+    """What the exact comparison catches between graph and reference, the layer check catches in the program
+    itself (where graph and reference would share the change)."""
+    program, _, inputs, model = shipped
+    passed = []
+    for what, change in one_step_changes(program).items():
+        changed = copy.deepcopy(program)
+        change(changed)
+        if layer_check(changed, model, *inputs)["ok"]:
+            passed.append(what)
+    assert passed == []
+
+
+def test_layer_verdict_allows_a_flip_only_at_a_rounding_boundary():
+    """An activation may be the rounded pre-activation's neighbour only where the pre-activation lies within the
+    layer's bound of a half step; anywhere else one step off is a violation, and so is two steps anywhere."""
+    bound = torch.full((1, 2, 1, 1), 0.01)
+    pre = torch.tensor([[[[2.495, 7.2]], [[0.3, 14.6]]]])  # (1, 2, 1, 2) in steps
+    rounded = torch.tensor([[[[2.0, 7.0]], [[0.0, 15.0]]]])
+    assert _layer_verdict(rounded, pre, bound, top=15) == {
+        "violations": 0, "flips": 0, "activations": 4, "max_distance": pytest.approx(0.495),
+        "max_bound": pytest.approx(0.51)}
+    flipped = rounded.clone()
+    flipped[0, 0, 0, 0] = 3.0  # 2.495 is 0.005 from the half step: a rounding-boundary flip
+    verdict = _layer_verdict(flipped, pre, bound, top=15)
+    assert verdict["violations"] == 0 and verdict["flips"] == 1
+    far = rounded.clone()
+    far[0, 0, 0, 1] = 8.0  # 7.2 is 0.3 from the half step
+    assert _layer_verdict(far, pre, bound, top=15)["violations"] == 1
+    assert _layer_verdict(rounded, pre + 0.02, bound, top=15)["violations"] == 1  # 2.515 rounds to 3, not 2
+    clipped = torch.tensor([[[[2.0, 7.0]], [[0.0, 15.0]]]])
+    assert _layer_verdict(clipped, torch.tensor([[[[2.4, 7.0]], [[-3.0, 40.0]]]]), bound, 15)["violations"] == 0
 
 
 def test_the_rational_tanh_is_tanh_to_float32_precision():

@@ -96,3 +96,67 @@ def reference_images(program: IntegerProgram, z: torch.Tensor, labels: torch.Ten
     for layer in program.blocks.values():
         x = subpixel(layer, x)
     return image(program.image, x)
+
+
+# ---------------------------------------------------------------- the program against the model, layer by layer
+
+FLOAT_SLACK = 1e-4  # activation steps: float32 error of the model's own conv sums, far above its measured 1e-6
+IMAGE_TOLERANCE = 1e-4  # |program - model| of a pixel of to_image + tanh on the same input (measured: 4e-7)
+
+
+def _rounding_bounds(program: IntegerProgram) -> dict:
+    """How far, in activation steps, each layer's pre-activation may lie from the model's on the same input, per
+    output channel: block0 moves its inputs onto the limbs' grid (`grid_bound`); a sub-pixel layer rounds its folded
+    bias to its accumulator's grid (half a unit, `scale` steps per unit); both plus FLOAT_SLACK."""
+    from utils.compression.runtime import grid_bound
+    bounds = {"block0": np.full(len(program.latent.scale), grid_bound(program.latent))}
+    for name, layer in program.blocks.items():
+        bounds[name] = 0.5 * layer.scale[:len(layer.scale) // 4].astype(np.float64)  # the 4 phases share a scale
+    return {name: torch.from_numpy(bound + FLOAT_SLACK).view(1, -1, 1, 1) for name, bound in bounds.items()}
+
+
+def _layer_verdict(program_out: torch.Tensor, pre: torch.Tensor, bound: torch.Tensor, top: int) -> dict:
+    """Every integer activation must lie within half a step plus `bound` of the model's pre-activation `pre` (in
+    steps, clamped to [0, top]): the rounded value, or its neighbour where `pre` is within `bound` of a half step."""
+    pre = pre.double().clamp(0, top)
+    distance = (program_out.double() - pre).abs()
+    return {"violations": int((distance > 0.5 + bound).sum()),
+            "flips": int((program_out.double() != torch.round(pre)).sum()), "activations": program_out.numel(),
+            "max_distance": float(distance.max()), "max_bound": float(0.5 + bound.max())}
+
+
+@torch.no_grad()
+def layer_check(program: IntegerProgram, generator, z: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The program against the eval-mode compact `generator` (on the CPU), each layer on the program's own input, so that a
+    rounding flip in one layer does not spread into the next: per integer layer, `_layer_verdict` (violations must
+    be 0); for to_image and tanh, the largest pixel difference (at most IMAGE_TOLERANCE). A wrong scale, bias, zero
+    point or channel order of the program moves activations by more than its rounding allows; a flip at a rounding
+    boundary does not (docs/DESIGN.md, "What ships")."""
+    from utils.compression.runtime import activation_step
+    step, bounds, layers = activation_step(program.bits), _rounding_bounds(program), {}
+    z, labels = z.cpu(), labels.cpu()
+    x = latent(program.latent, z, labels)
+    block0 = generator.block0
+    pre = block0.norm(block0.conv(torch.cat([z, generator.embed(labels)], 1)[:, :, None, None])) / step
+    layers["block0"] = _layer_verdict(x, pre, bounds["block0"], program.latent.top)
+    for name, layer in program.blocks.items():
+        block = getattr(generator, name)
+        pre = block.norm(block.conv(x * step)) / step
+        x = subpixel(layer, x)
+        layers[name] = _layer_verdict(x, pre, bounds[name], layer.top)
+    image_diff = float((image(program.image, x) - torch.tanh(generator.to_image(x * step))).abs().max())
+    ok = all(v["violations"] == 0 for v in layers.values()) and image_diff <= IMAGE_TOLERANCE
+    return {"ok": ok, "layers": layers, "image_max_abs_diff": image_diff, "image_tolerance": IMAGE_TOLERANCE}
+
+
+def merge_layer_checks(checks: list) -> dict:
+    """One `layer_check` verdict from those of several batches."""
+    layers = {}
+    for name in checks[0]["layers"]:
+        parts = [check["layers"][name] for check in checks]
+        layers[name] = {key: sum(part[key] for part in parts) for key in ("violations", "flips", "activations")}
+        layers[name].update(max_distance=max(part["max_distance"] for part in parts),
+                            max_bound=max(part["max_bound"] for part in parts))
+    image_diff = max(check["image_max_abs_diff"] for check in checks)
+    return {"ok": all(check["ok"] for check in checks), "layers": layers, "image_max_abs_diff": image_diff,
+            "image_tolerance": IMAGE_TOLERANCE}
