@@ -194,6 +194,14 @@ def student_argv(args, point: SweepPoint) -> list:
             "--max-steps", str(args.student_steps)]
 
 
+def same_setting(saved, wanted) -> bool:
+    """A run's saved setting is the wanted one; paths compare as the runs they name (the stage saves the run a
+    `latest` link pointed at, while the sweep may be given the link)."""
+    if isinstance(saved, str) and isinstance(wanted, str) and os.path.exists(saved) and os.path.exists(wanted):
+        return os.path.realpath(saved) == os.path.realpath(wanted)
+    return saved == wanted
+
+
 def finished_run(root: str, stage: str, point: SweepPoint, expected: dict, done_file: str):
     """With --reuse: the newest run of this point under root/stage that finished (`done_file` written) with the
     `expected` settings; None when there is none. A finished run with other settings is refused, not mixed in."""
@@ -205,7 +213,8 @@ def finished_run(root: str, stage: str, point: SweepPoint, expected: dict, done_
             continue  # interrupted: trained again
         with open(os.path.join(run_dir, "args.json")) as handle:
             settings = json.load(handle)
-        wrong = {key: settings.get(key) for key, value in expected.items() if settings.get(key) != value}
+        wrong = {key: settings.get(key) for key, value in expected.items()
+                 if not same_setting(settings.get(key), value)}
         if wrong:
             raise UserError(f"--reuse: {run_dir} has other settings ({wrong}, expected {expected}); "
                             "use another --sweep-out")

@@ -320,6 +320,10 @@ def check_reuse(bench, argv, sweep_root):
     compact = bench.train_point(args, point, sweep_root)
     assert os.path.basename(compact) in before["compact"] and compact.endswith("-" + point.name)
     assert before == {stage: sorted(os.listdir(os.path.join(sweep_root, stage))) for stage in ("student", "compact")}
+    link = os.path.join(os.path.dirname(sweep_root), "distill-latest")  # as make pipeline's runs are named
+    os.symlink(os.path.realpath(args.distill_dir), link)
+    args.distill_dir = link
+    assert bench.train_point(args, point, sweep_root) == compact
     args.student_steps = 4
     with pytest.raises(UserError, match="other settings"):
         bench.train_point(args, point, sweep_root)
