@@ -128,10 +128,10 @@ def _layer_verdict(program_out: torch.Tensor, pre: torch.Tensor, bound: torch.Te
 @torch.no_grad()
 def layer_check(program: IntegerProgram, generator, z: torch.Tensor, labels: torch.Tensor) -> dict:
     """The program against the eval-mode compact `generator` (on the CPU), each layer on the program's own input, so
-    that a rounding flip in one layer does not spread into the next: per integer layer, `_layer_verdict` (violations must
-    be 0); for to_image and tanh, the largest pixel difference (at most IMAGE_TOLERANCE). A wrong scale, bias, zero
-    point or channel order of the program moves activations by more than its rounding allows; a flip at a rounding
-    boundary does not (docs/DESIGN.md, "What ships")."""
+    that a rounding flip in one layer does not spread into the next: per integer layer, `_layer_verdict`
+    (violations must be 0); for to_image and tanh, the largest pixel difference (at most IMAGE_TOLERANCE). A wrong
+    scale, bias, zero point or channel order of the program moves activations by more than its rounding allows; a
+    flip at a rounding boundary does not (docs/DESIGN.md, "What ships")."""
     from utils.compression.runtime import activation_step
     step, bounds, layers = activation_step(program.bits), _rounding_bounds(program), {}
     z, labels = z.cpu(), labels.cpu()
