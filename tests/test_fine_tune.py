@@ -294,7 +294,11 @@ def test_weight_average_and_adaptive_d_steps_under_dp_resume_exactly_and_cost_no
     write_compact(out, public_ledger(tiny_data_root))
     recipe = ["--noise-multiplier", "1.0", "--ema-decay", "0.9", "--adaptive-d-steps", "--d-steps-per-g-step", "2"]
     plain = load_checkpoint(run_fine_tune(tiny_data_root, out, "--noise-multiplier", "1.0"), "private")
-    full = load_checkpoint(run_fine_tune(tiny_data_root, out, *recipe), "private")
+    full_dir = run_fine_tune(tiny_data_root, out, *recipe)
+    full = load_checkpoint(full_dir, "private")
+    records = [json.loads(line) for line in open(os.path.join(full_dir, "metrics.jsonl"))]
+    assert {r["d_steps"] for r in records if "d_steps" in r} == {2}  # the schedule's rung, logged
+    assert 0 <= [r["fake_accuracy"] for r in records if "fake_accuracy" in r][-1] <= 1
     partial_dir = run_fine_tune(tiny_data_root, out, *recipe, "--max-steps", "5")
     resumed = load_checkpoint(fine_tune.main(fine_tune.parse_args(["--out", str(out), "--resume", partial_dir,
                                                                    "--max-steps", str(full["step"])])), "private")

@@ -99,6 +99,12 @@ def test_weight_average_is_what_is_saved_for_sampling_and_is_restored_on_resume(
         for name in a[key]:
             assert torch.allclose(a[key][name].float(), b[key][name].float(), atol=1e-6), (key, name)
     assert torch.equal(a["recipe"]["rng"], b["recipe"]["rng"]) and a["recipe"]["schedule"] == b["recipe"]["schedule"]
+    logged = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [(r["d_steps"], r["fake_accuracy"]) for r in logged if "d_steps" in r][-1] == (
+        a["recipe"]["schedule"]["d_steps"], a["recipe"]["schedule"]["average"])  # the rung and its trigger, logged
+    plain_log = [json.loads(line) for line in open(os.path.join(run_teacher(  # a constant schedule logs no rung
+        tiny_data_root, str(tmp_path / "d"), "--max-steps", "2"), "metrics.jsonl"))]
+    assert plain_log and not any("d_steps" in r for r in plain_log)
     for G in (sampled[0], build_generator(a)):  # the sample grid and every later stage use the average
         for name, value in G.state_dict().items():
             assert torch.equal(value.cpu(), a["generator"][name]), name

@@ -132,6 +132,13 @@ class Recipe:
             self.average.update(G)
         self.schedule.after_g_step(accuracy)
 
+    def log_fields(self) -> dict:
+        """With the adaptive schedule, the metrics record's D steps per G step and D's running accuracy on fakes
+        (what moves the rung), so that a reader sees whether and when it climbed; nothing otherwise."""
+        if not self.config.adaptive_d_steps:
+            return {}
+        return {"d_steps": self.schedule.d_steps, "fake_accuracy": self.schedule.average}
+
     def sampling_generator(self, G):
         """What samples, checkpoints and later stages use: the weight average when there is one."""
         return self.average.model if self.average is not None else G

@@ -131,6 +131,9 @@ class NonPrivateStep(TrainingStep):
     def sampling_generator(self):
         return self.generator if self.recipe is None else self.recipe.sampling_generator(self.generator)
 
+    def log_fields(self) -> dict:
+        return {} if self.recipe is None else self.recipe.log_fields()
+
     def models(self) -> dict:
         live = {"generator_live": self.generator} if self.sampling_generator() is not self.generator else {}
         side = {DP_DISCRIMINATOR: self.side.network} if self.side is not None else {}

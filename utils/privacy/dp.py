@@ -440,6 +440,9 @@ class DPStep(TrainingStep):
     def sampling_generator(self):
         return self.generator if self.recipe is None else self.recipe.sampling_generator(self.generator)
 
+    def log_fields(self) -> dict:
+        return {} if self.recipe is None else self.recipe.log_fields()
+
     def models(self) -> dict:
         live = {"generator_live": self.generator} if self.sampling_generator() is not self.generator else {}
         return {"generator": self.sampling_generator(), **live, "discriminator": self.pd.plain}
