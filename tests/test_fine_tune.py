@@ -126,6 +126,9 @@ def test_outputs_metrics_and_model_card(public_route_run):
     text = open(os.path.join(run_dir, "MODEL_CARD.md")).read()
     assert "**Differential privacy**" in text and "torchcsprng" in text and "| teacher | public | 200 |" in text
     assert "on-device artifact: generator.onnx" in text and "float debugging export" in text
+    check = card["artifacts"]["runtime_layer_check"]
+    assert check["ok"] and set(check["layers"]) == {"block0", "block1", "block2"}
+    assert "checked layer by layer against the compact model: 0 activations off" in text
 
 
 def test_cost_of_what_ships_against_the_teacher(public_route_run):

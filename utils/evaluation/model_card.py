@@ -103,6 +103,17 @@ def _table(rows: list, columns: list) -> list:
     return lines
 
 
+def _layer_check_text(check: dict = None) -> str:
+    """The artifact check's second guard (utils/compression/reference.py, `layer_check`) in a clause."""
+    if not check:
+        return ""
+    layers = check["layers"].values()
+    flips, total = sum(v["flips"] for v in layers), sum(v["activations"] for v in layers)
+    violations = sum(v["violations"] for v in layers)
+    return (f"; its integer program checked layer by layer against the compact model: {violations} activations off "
+            f"by more than rounding allows, {flips} of {total} at a rounding boundary on the other side")
+
+
 def _artifact_lines(a: dict) -> list:
     """What ships (generator.onnx), the other files, and the cost table measured at the end of the stage: ratios to
     the teacher in the same runtime (the headline), and to the eager teacher (labelled)."""
@@ -111,7 +122,8 @@ def _artifact_lines(a: dict) -> list:
              None: "no integer reference (float model)"}[a.get("runtime_exact")]
     lines = [f"- on-device artifact: {a.get('runtime_artifact') or 'not written'} ({a.get('runtime_bytes', '-')} "
              f"bytes, {a.get('runtime', 'ONNX Runtime')}); run it without torch with {a.get('runtime_runner', '-')};"
-             f" layers outside QLinearConv: {', '.join(a.get('runtime_float_layers', [])) or '-'}; {exact}; abs "
+             f" layers outside QLinearConv: {', '.join(a.get('runtime_float_layers', [])) or '-'}; {exact}"
+             f"{_layer_check_text(a.get('runtime_layer_check'))}; abs "
              f"difference to the compact model's float arithmetic: max {_fmt(a.get('runtime_max_abs_diff'))}, mean "
              f"{_fmt(a.get('runtime_mean_abs_diff'))}"
              + (f"; {a['runtime_note']}" if a.get("runtime_note") else ""),
