@@ -323,8 +323,10 @@ def sweep_markdown(rows: list, teacher_row: dict, costs: dict) -> str:
 
 
 def plot_sweep(rows: list, teacher_row: dict, path: str):
-    """Bytes ratio (log) against FD and against downstream accuracy; colour = bits, marker = penalty, black edge
+    """Bytes ratio (log) against FD (log) and against downstream accuracy; colour = bits, marker = penalty, black edge
     = on the Pareto front, label = throughput ratio."""
+    from matplotlib.ticker import NullFormatter
+
     from utils.evaluation.plots import plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colours = {bits: f"C{i}" for i, bits in enumerate(sorted({row["bits"] for row in rows}))}
@@ -338,6 +340,9 @@ def plot_sweep(rows: list, teacher_row: dict, path: str):
             ax.annotate(f"{row[SAME_RUNTIME]['images_per_s']:.1f}x", (x, row[key]), fontsize=7)
         ax.axhline(teacher_row[key], color="grey", linestyle="--", label="teacher")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a log axis overlap
+        if key == "fd":
+            ax.set_yscale("log")  # a collapsed point's FD (hundreds) would flatten the rest
         ax.set_xlabel("generator.onnx bytes / teacher's ONNX model bytes")
         ax.set_ylabel(label)
     handles, labels = axes[0].get_legend_handles_labels()
