@@ -175,3 +175,17 @@ def test_a_second_run_of_a_finished_chain_changes_nothing(chains, tiny_data_root
     assert snapshot(continued) == before
     output = capsys.readouterr().out
     assert all(f"{stage}: skipped:" in output for stage in STAGES), output
+
+
+def test_the_teacher_runs_the_recipes_length_and_its_epochs_hold_every_step():
+    """`make reproduce`'s teacher is the recipe chosen at length (benchmarks/results/recipe.md, "Batch 128 on the
+    wider discriminator"): 8,000 steps of batch 128 on the non-private default discriminator. Its --epochs must hold
+    all of those steps: an epoch limit below them would end the run early, shorter than the recipe, without a word."""
+    import train_teacher
+    from test_reproduce_dp import make_commands
+    command = make_commands("reproduce")[0]
+    assert os.path.basename(command[0]) == "train_teacher.py"
+    args = train_teacher.parse_args(command[1:])
+    assert (args.max_steps, args.batch_size, args.split, args.dp) == (8000, 128, "public", False)
+    assert args.d_channels is None and train_teacher.NON_PRIVATE_D_CHANNELS[28] == (128, 256, 512)
+    assert args.epochs * (args.public_size // args.batch_size) >= args.max_steps  # full batches only (drop_last)
