@@ -83,7 +83,8 @@ reproduce: setup
 # before (batch 128, 9 epochs, 5 D steps per G step, adaptive). `--dp --split private` follow $(DP_TEACHER), so no
 # value of it trains on the public split (the last --split wins). Its own OUT_DP: in route 1's OUT, route 1's
 # private/latest would be released and evaluated beside route 2's teacher, and route 1's `latest` links would move to
-# route 2's runs; the evaluation and the release name route 2's runs explicitly. Every stage runs with --once, like `reproduce` (tests/test_reproduce_dp.py).
+# route 2's runs; the evaluation and the release name route 2's runs explicitly. Every stage runs with --once, like
+# `reproduce` (tests/test_reproduce_dp.py).
 OUT_DP ?= $(OUT)/route2
 DP_TEACHER ?= --batch-size 512 --epochs 44 --target-epsilon 10 --d-steps-per-g-step 2 --reuse-fakes \
 	--ema-decay 0.995 --g-channels 128 64 32
