@@ -189,3 +189,18 @@ def test_the_teacher_runs_the_recipes_length_and_its_epochs_hold_every_step():
     assert (args.max_steps, args.batch_size, args.split, args.dp) == (8000, 128, "public", False)
     assert args.d_channels is None and train_teacher.NON_PRIVATE_D_CHANNELS[28] == (128, 256, 512)
     assert args.epochs * (args.public_size // args.batch_size) >= args.max_steps  # full batches only (drop_last)
+
+
+def test_the_student_runs_its_curves_length_and_its_epochs_hold_every_step():
+    """`make reproduce`'s student runs the length its learning curve says is enough (benchmarks/results/
+    student_curve.md: flat from 500 to 8,000 steps of batch 64), 4,000 steps of batch 64 at the default rho, not the
+    seed's 20 epochs of the 200k set (31,250 steps of batch 128, about 11 hours). Its --epochs must hold those steps
+    on the distillation set the stage before writes, or the run would end early without a word."""
+    import create_dataset
+    import train_student
+    from test_reproduce_dp import make_commands
+    commands = make_commands("reproduce")
+    assert [os.path.basename(command[0]) for command in commands[1:3]] == ["create_dataset.py", "train_student.py"]
+    distill, student = create_dataset.parse_args(commands[1][1:]), train_student.parse_args(commands[2][1:])
+    assert (student.max_steps, student.batch_size, student.rho) == (4000, 64, 0.01)
+    assert student.epochs * (distill.num_samples // student.batch_size) >= student.max_steps  # drop_last batches
