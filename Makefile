@@ -85,12 +85,12 @@ reproduce: setup
 # teacher's epsilon), so no fine_tune.py stage. The sizes are the best route-2 settings measured at real length
 # (benchmarks/results/recipe.md, "Route 2 at real length"): expected batch 512 (sigma calibrated to it), a constant 2 D
 # steps per G step, the fakes of a G step reused by its D steps, 44 epochs (4,268 DP steps, about 100 min at 1
-# thread): 70.5 % (teacher) and 71.3 % (compact) under the published protocol, against 62.1 % for the settings
-# before (batch 128, 9 epochs, 5 D steps per G step, adaptive). `--dp --split private` follow $(DP_TEACHER), so no
-# value of it trains on the public split (the last --split wins). Its own OUT_DP: in route 1's OUT, route 1's
-# private/latest would be released and evaluated beside route 2's teacher, and route 1's `latest` links would move to
-# route 2's runs; the evaluation and the release name route 2's runs explicitly. Every stage runs with --once, like
-# `reproduce` (tests/test_reproduce_dp.py).
+# thread): 70.5/73.8 % (teacher) and 71.3/72.3 % (compact) at seeds 0/1 under the published protocol, against 62.1 %
+# for the settings before (batch 128, 9 epochs, 5 D steps per G step, adaptive). `--dp --split private` follow
+# $(DP_TEACHER), so no value of it trains on the public split (the last --split wins). Its own OUT_DP: in route 1's
+# OUT, route 1's private/latest would be released and evaluated beside route 2's teacher, and route 1's `latest` links
+# would move to route 2's runs; the evaluation and the release name route 2's runs explicitly. Every stage runs with
+# --once, like `reproduce` (tests/test_reproduce_dp.py).
 OUT_DP ?= $(OUT)/route2
 DP_TEACHER ?= --batch-size 512 --epochs 44 --target-epsilon 10 --d-steps-per-g-step 2 --reuse-fakes \
 	--ema-decay 0.995 --g-channels 128 64 32
