@@ -29,7 +29,9 @@ real (also private) data: they are the data holder's measurements, not covered b
 
 Writes <out>/eval/<NNNNN>-<desc>/: results.json, results.md (one table), comparison.png (sample grids on the same
 z and labels), tradeoff.png (artifact bytes against downstream accuracy and FD), and last a small checkpoint.pt
-(stage "eval", the runs evaluated): `<out>/eval/latest` moves only to a complete evaluation.
+(stage "eval", the runs evaluated): `<out>/eval/latest` moves only to a complete evaluation. Until then
+progress.json holds the rows of the generators measured so far: with --once, an evaluation killed part-way
+continues with the next generator.
 
 One process, not torchrun: generation, the reference and downstream classifiers run on --device (auto: a GPU if
 there is one, else MPS, else the CPU's threads); latency and throughput are always measured on the CPU.
@@ -60,8 +62,9 @@ from utils.run.checkpoint import build_generator, checkpoint_fields, latest_run,
 from utils.run.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
                            run_script, set_seed)
 from utils.run.distributed import single_process_device
-from utils.run.files import write_json, write_text
-from utils.run.lifecycle import Run, maybe_dry_run, snapshot_file
+from utils.run.files import read_json, write_json, write_text
+from utils.run.lifecycle import Run, maybe_dry_run, progress_to_continue, snapshot_file
+from utils.run.once import PROGRESS_NAME
 from utils.run.precision import add_precision_arg, announce, resolve_precision
 
 STAGE = "eval"
@@ -373,6 +376,38 @@ def evaluate_run(checkpoint: dict, context: dict, args, device) -> dict:
     return row
 
 
+def run_key(record: dict) -> tuple:
+    """What a row measured: the run, its step, and the snapshot (None for the run's own checkpoint)."""
+    return record["run_dir"], record.get("step"), record.get("snapshot")
+
+
+def evaluate_runs(runs, context: dict, args, device, run: Run, measured: list) -> list:
+    """A row per run. Rows in `measured` (those an interrupted evaluation had finished, `open_evaluation`) are
+    kept for the runs they measured; after each generator, PROGRESS_NAME holds the rows so far, so that an
+    evaluation killed part-way continues with the next generator (a published-protocol row takes minutes)."""
+    kept = {run_key(row): row for row in measured}
+    rows = []
+    for checkpoint in runs:
+        row = kept.get(run_key(checkpoint))
+        if row is None:
+            row = evaluate_run(checkpoint, context, args, device)
+        else:
+            print(f"{STAGE}: {checkpoint['label']}: measured before the interruption, kept", flush=True)
+            row = {**row, "label": checkpoint["label"]}
+        rows.append(row)
+        write_json(run.path(PROGRESS_NAME), {"rows": rows})
+    return rows
+
+
+def open_evaluation(args, desc: str) -> tuple:
+    """(the evaluation's Run, the rows it has measured already): with --once, an evaluation of these settings
+    killed part-way continues in its own directory with its finished rows (`evaluate_runs`); else a new run."""
+    unfinished = progress_to_continue(args, STAGE)
+    if unfinished is None:
+        return Run.open(args, STAGE, desc), []
+    return Run.reopen(args, STAGE, unfinished), read_json(os.path.join(unfinished, PROGRESS_NAME))["rows"]
+
+
 def baseline_teacher(rows, runs, args):
     """The teacher run of the cost ratios: --teacher (or TEACHER_DIR), else an evaluated teacher, else the
     evaluated runs' own teacher (`lineage`), else <out>/teacher/latest; None when there is none."""
@@ -631,10 +666,10 @@ def main(args):
     if args.synthetic:
         return score_synthetic(args, device, precision)
     runs, data = load_inputs(args)
-    run = Run.open(args, STAGE, f"{args.dataset}{'-quick' if args.quick else ''}")
+    run, measured = open_evaluation(args, f"{args.dataset}{'-quick' if args.quick else ''}")
     announce(precision, STAGE)
     context = prepare_reference(args, data, device, precision)
-    rows = [evaluate_run(checkpoint, context, args, device) for checkpoint in runs]
+    rows = evaluate_runs(runs, context, args, device, run, measured)
     baseline, baseline_run = teacher_cost(rows, runs, args)
     add_ratios({row["label"]: row for row in rows}, baseline=baseline)
     runtime_costs(rows, runs, baseline_run, args)
@@ -642,7 +677,9 @@ def main(args):
     run.save({**checkpoint_fields(STAGE, args), "runs": [checkpoint["run_dir"] for checkpoint in runs],
               "snapshots": [checkpoint.get("snapshot") for checkpoint in runs]})
     print(table)
-    return run.finish(f"{len(rows)} generators")
+    run_dir = run.finish(f"{len(rows)} generators")
+    os.remove(run.path(PROGRESS_NAME))  # results.json holds the rows now
+    return run_dir
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ pipeline directory moves whole, `lineage`, `latest` only at complete runs, edita
 progress in log files; --once (issue 27): a finished run of the same settings and inputs is skipped, any other is
 not, and an unfinished one with nothing to resume is started again in its place."""
 import io
+import json
 import os
 import shutil
 import sys
@@ -16,12 +17,13 @@ import evaluate
 import train_teacher
 from conftest import distill_argv, handmade_student, teacher_argv, write_handmade_run
 from test_compress import quick_argv
-from test_evaluate import eval_argv
+from test_evaluate import eval_argv, make_fake_compact_run
 from test_reliability import snapshot
 from utils.gan.steps import NonPrivateStep
 from utils.run.checkpoint import CHECKPOINT_NAME, lineage, load_checkpoint, mark_latest
 from utils.run.cli import LOG_INTERVAL_S, progress_bar, run_script
 from utils.run.lifecycle import Run
+from utils.run.once import PROGRESS_NAME
 from utils.run.trainer import Trainer
 
 
@@ -194,3 +196,54 @@ def test_once_starts_again_in_place_of_a_run_that_left_nothing_to_resume(tiny_da
     monkeypatch.undo()
     assert run_once(create_dataset, distill_argv(out)) == 0
     assert sorted(os.listdir(os.path.join(out, "distill"))) == ["00000-n200", "latest"]  # no hidden leftover
+
+
+ROW_FIELDS = ("label", "step", "fd", "precision", "recall", "downstream_accuracy", "mia_auc", "epsilon", "parameters",
+              "bytes")
+
+
+def test_once_continues_a_killed_evaluation_with_its_next_generator(tiny_data_root, tiny_teacher_run, tmp_path,
+                                                                     monkeypatch, capsys, no_figures):
+    compact = make_fake_compact_run(tiny_teacher_run[1], str(tmp_path / "runs"))
+    out, straight = str(tmp_path / "continued"), str(tmp_path / "straight")
+    argv = lambda root: eval_argv(tiny_data_root, root, "--runs", tiny_teacher_run[1], compact)  # noqa: E731
+    measure, measured = evaluate.evaluate_run, []
+
+    def killed_at_the_second(checkpoint, *args):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(checkpoint["label"])
+        return measure(checkpoint, *args)
+
+    monkeypatch.setattr(evaluate, "evaluate_run", killed_at_the_second)
+    assert run_once(evaluate, argv(out)) == 130
+    assert not os.path.lexists(os.path.join(out, "eval", "latest"))  # `latest` only at a complete evaluation
+    (killed,) = runs_of(out, "eval")
+    progress = json.load(open(os.path.join(out, "eval", killed, PROGRESS_NAME)))
+    assert [row["label"] for row in progress["rows"]] == ["teacher"]
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda checkpoint, *args: measured.append(checkpoint["label"])
+                        or measure(checkpoint, *args))
+    capsys.readouterr()
+    assert run_once(evaluate, argv(out)) == 0
+    output = capsys.readouterr().out
+    assert f"eval: continuing {os.path.join(out, 'eval', killed)}" in output and "teacher: measured before" in output
+    assert measured == ["teacher", "compact"]  # the teacher was not measured again
+    assert runs_of(out, "eval") == [killed] and latest_of(out, "eval") == os.path.realpath(os.path.join(out, "eval",
+                                                                                                          killed))
+    assert not os.path.exists(os.path.join(out, "eval", killed, PROGRESS_NAME))
+    assert os.path.exists(os.path.join(out, "eval", killed, "finished.json"))
+    assert run_once(evaluate, argv(straight)) == 0
+    rows = [json.load(open(os.path.join(root, "eval", "latest", "results.json")))["rows"] for root in (out, straight)]
+    assert [[row[key] for key in ROW_FIELDS] for row in rows[0]] == [[row[key] for key in ROW_FIELDS] for row in rows[1]]
+    assert "| teacher |" in open(os.path.join(out, "eval", "latest", "results.md")).read()  # the kept row renders
+
+
+def test_a_continued_evaluation_measures_a_run_again_that_moved_on(tmp_path, monkeypatch):
+    runs = [{"run_dir": "/runs/teacher", "step": 8, "label": "teacher"},
+            {"run_dir": "/runs/compact", "step": 3, "label": "compact"}]
+    before = [{"run_dir": "/runs/teacher", "step": 6, "label": "teacher", "fd": 1.0},  # trained on since
+              {"run_dir": "/runs/compact", "step": 3, "label": "compact#1", "fd": 2.0}]
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda checkpoint, *args: {**checkpoint, "fd": 9.0})
+    rows = evaluate.evaluate_runs(runs, {}, None, "cpu", Run(str(tmp_path), "eval"), before)
+    assert [(row["label"], row["step"], row["fd"]) for row in rows] == [("teacher", 8, 9.0), ("compact", 3, 2.0)]
+    assert json.load(open(tmp_path / PROGRESS_NAME))["rows"] == rows

@@ -12,7 +12,8 @@ distillation set) is built in a hidden directory and `publish`ed under its numbe
 run says so, with its settings and the runs it read, in `finished.json`.
 
 With --once (make pipeline, make reproduce) steps 1 and 3 first look at the stage's earlier runs (utils/run/once.py):
-a run finished with the same settings ends the stage, an interrupted one is resumed, and an unfinished one with
+a run finished with the same settings ends the stage, an interrupted one is resumed (an evaluation, which has no
+training checkpoint, continues from its progress: `progress_to_continue`, `Run.reopen`), and an unfinished one with
 nothing to resume is started again in its place.
 """
 import argparse
@@ -29,8 +30,8 @@ from utils.run.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_
 from utils.run.cli import print_config
 from utils.run.distributed import NoMetrics, from_writer, is_writer
 from utils.run.files import write_json
-from utils.run.once import (FINISHED_NAME, clear_the_way, previous_runs, remove_partial_writes, run_reads,
-                            run_settings, skip_if_finished)
+from utils.run.once import (FINISHED_NAME, PROGRESS_NAME, clear_the_way, previous_runs, remove_partial_writes,
+                            run_reads, run_settings, skip_if_finished)
 
 # flags taken from the command line on --resume (unless left unset, None: the run keeps its own); everything else
 # comes from the run's saved args. The precision is how this process computes, not what the run is.
@@ -80,6 +81,20 @@ def resume_args(args: argparse.Namespace, stage: str):
     return argparse.Namespace(**saved), checkpoint
 
 
+def progress_to_continue(args, stage: str):
+    """With --once, for a stage that records its progress instead of a training checkpoint (evaluate.py): the
+    directory of an interrupted run of these settings that holds its progress (PROGRESS_NAME), to continue with
+    `Run.reopen`; None where there is none (or without --once); `NothingToDo` for a finished run."""
+    if not getattr(args, "once", False):
+        return None
+    previous = previous_runs(args, stage, resumable=True)
+    skip_if_finished(previous, stage)
+    if previous.interrupted and os.path.isfile(os.path.join(previous.interrupted, PROGRESS_NAME)):
+        print(f"{stage}: continuing {previous.interrupted}, interrupted with these settings (--once)", flush=True)
+        return previous.interrupted
+    return None
+
+
 def maybe_dry_run(args) -> bool:
     if args.dry_run:
         print_config(args)
@@ -108,6 +123,17 @@ class Run:
         if checkpoint is None and getattr(args, "once", False):
             clear_the_way(args, stage)
         run = cls._open(args, stage, desc, checkpoint, staged)
+        run.settings = run_settings(vars(args), args.out)
+        from_writer(run.run_dir)
+        return run
+
+    @classmethod
+    def reopen(cls, args, stage: str, run_dir: str) -> "Run":
+        """The directory of an interrupted run that kept its progress (`progress_to_continue`), continued as it
+        is: its files stay, the leftovers of writes cut short go."""
+        for directory in (run_dir, os.path.dirname(run_dir)):
+            remove_partial_writes(directory)
+        run = cls(run_dir, stage)
         run.settings = run_settings(vars(args), args.out)
         from_writer(run.run_dir)
         return run

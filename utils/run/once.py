@@ -7,6 +7,7 @@ this invocation reads (`still_read`):
 
     finished                                  -> nothing to do (`NothingToDo`); `latest` points at it again
     interrupted, with a checkpoint            -> resumed (training stages: `lifecycle.resume_args`)
+    interrupted, with its progress            -> continued in its directory (evaluate.py: `lifecycle.Run.reopen`)
     unfinished --once run, nothing to resume  -> removed, and the new run takes its place (`clear_the_way`)
 
 Runs with other settings or inputs are left as they are. A run's settings are its command line, not the code or
@@ -26,6 +27,9 @@ from utils.run.distributed import is_writer
 from utils.run.files import read_json
 
 FINISHED_NAME = "finished.json"
+# what an unfinished run of a stage without a training checkpoint has done so far (evaluate.py: the rows of the
+# generators it has measured): --once continues such a run instead of starting it again
+PROGRESS_NAME = "progress.json"
 # what a run's settings leave out: where and how this process runs, and the flags that only steer it
 NOT_SETTINGS = ("resume", "once", "pipeline_stage", "dry_run", "device", "out")
 
@@ -73,7 +77,7 @@ def still_read(reads: list, settings: dict, root: str) -> bool:
 class Previous:
     """A stage's earlier runs with the settings of this invocation, newest first (`previous_runs`)."""
     finished: str = None  # one that finished: nothing to do
-    interrupted: str = None  # one with a checkpoint but not finished: resume it (training stages)
+    interrupted: str = None  # one with a checkpoint or its progress but not finished: continue it
     stale: list = field(default_factory=list)  # unfinished --once runs with nothing to resume: remove, start again
 
 
@@ -82,7 +86,7 @@ class RunRecord(NamedTuple):
     settings: dict
     reads: list
     finished: bool
-    has_checkpoint: bool
+    resumable: bool  # it has a checkpoint, or its progress (PROGRESS_NAME)
     once: bool  # started with --once
 
 
@@ -103,7 +107,8 @@ def run_record(run_dir: str, root: str):
         args, reads = read_json(os.path.join(run_dir, "args.json")), []
         if not isinstance(args, dict):
             return None
-    return RunRecord(run_settings(args, root), reads, False, has_checkpoint, bool(args.get("once")))
+    resumable = has_checkpoint or os.path.isfile(os.path.join(run_dir, PROGRESS_NAME))
+    return RunRecord(run_settings(args, root), reads, False, resumable, bool(args.get("once")))
 
 
 def stage_runs(stage_dir: str) -> list:
@@ -119,7 +124,7 @@ def stage_runs(stage_dir: str) -> list:
 
 def previous_runs(args, stage: str, resumable: bool) -> Previous:
     """This stage's runs under --out with the settings of `args` that still read what `args` reads (`still_read`).
-    `resumable`: whether an unfinished run with a checkpoint is resumed (training stages) or started again."""
+    `resumable`: whether an unfinished run with a checkpoint or its progress is continued or started again."""
     root = args.out
     settings = run_settings(vars(args), root)
     previous = Previous()
@@ -129,7 +134,7 @@ def previous_runs(args, stage: str, resumable: bool) -> Previous:
             continue
         if record.finished:
             previous.finished = previous.finished or run_dir
-        elif resumable and record.has_checkpoint:
+        elif resumable and record.resumable:
             previous.interrupted = previous.interrupted or run_dir
         elif record.once:
             previous.stale.append(run_dir)
