@@ -59,8 +59,8 @@ from utils.gan.sampling import generated_pool
 from utils.privacy.ledger import (ACCOUNTANTS, check_delta, check_same_partition, describe, epsilon, history,
                                   warn_if_not_private)
 from utils.run.checkpoint import build_generator, checkpoint_fields, latest_run, lineage, load_checkpoint
-from utils.run.cli import (UserError, add_common_args, add_input_arg, make_parser, positive_float, positive_int,
-                           run_script, set_seed)
+from utils.run.cli import (UserError, add_common_args, add_input_arg, format_duration, make_parser, positive_float,
+                           positive_int, run_script, set_seed)
 from utils.run.distributed import single_process_device
 from utils.run.files import read_json, write_json, write_text
 from utils.run.lifecycle import Run, maybe_dry_run, progress_to_continue, snapshot_file
@@ -386,13 +386,17 @@ def evaluate_runs(runs, context: dict, args, device, run: Run, measured: list) -
     kept for the runs they measured; after each generator, PROGRESS_NAME holds the rows so far, so that an
     evaluation killed part-way continues with the next generator (a published-protocol row takes minutes)."""
     kept = {run_key(row): row for row in measured}
-    rows = []
-    for checkpoint in runs:
+    rows, start, new = [], time.time(), 0
+    for number, checkpoint in enumerate(runs, 1):
         row = kept.get(run_key(checkpoint))
         if row is None:
-            row = evaluate_run(checkpoint, context, args, device)
+            row, new = evaluate_run(checkpoint, context, args, device), new + 1
+            left = (time.time() - start) / new * sum(run_key(c) not in kept for c in runs[number:])
+            print(f"{STAGE}: {number}/{len(runs)} {checkpoint['label']} measured, "
+                  f"{format_duration(time.time() - start)} so far, about {format_duration(left)} left", flush=True)
         else:
-            print(f"{STAGE}: {checkpoint['label']}: measured before the interruption, kept", flush=True)
+            print(f"{STAGE}: {number}/{len(runs)} {checkpoint['label']}: measured before the interruption, kept",
+                  flush=True)
             row = {**row, "label": checkpoint["label"]}
         rows.append(row)
         write_json(run.path(PROGRESS_NAME), {"rows": rows})

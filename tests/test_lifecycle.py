@@ -226,7 +226,9 @@ def test_once_continues_a_killed_evaluation_with_its_next_generator(tiny_data_ro
     capsys.readouterr()
     assert run_once(evaluate, argv(out)) == 0
     output = capsys.readouterr().out
-    assert f"eval: continuing {os.path.join(out, 'eval', killed)}" in output and "teacher: measured before" in output
+    assert f"eval: continuing {os.path.join(out, 'eval', killed)}" in output
+    assert "eval: 1/2 teacher: measured before" in output
+    assert "eval: 2/2 compact measured, " in output
     assert measured == ["teacher", "compact"]  # the teacher was not measured again
     assert runs_of(out, "eval") == [killed] and latest_of(out, "eval") == os.path.realpath(os.path.join(out, "eval",
                                                                                                           killed))
@@ -234,16 +236,27 @@ def test_once_continues_a_killed_evaluation_with_its_next_generator(tiny_data_ro
     assert os.path.exists(os.path.join(out, "eval", killed, "finished.json"))
     assert run_once(evaluate, argv(straight)) == 0
     rows = [json.load(open(os.path.join(root, "eval", "latest", "results.json")))["rows"] for root in (out, straight)]
-    assert [[row[key] for key in ROW_FIELDS] for row in rows[0]] == [[row[key] for key in ROW_FIELDS] for row in rows[1]]
+    same = [[[row[key] for key in ROW_FIELDS] for row in rows_of_out] for rows_of_out in rows]
+    assert same[0] == same[1]
     assert "| teacher |" in open(os.path.join(out, "eval", "latest", "results.md")).read()  # the kept row renders
 
 
-def test_a_continued_evaluation_measures_a_run_again_that_moved_on(tmp_path, monkeypatch):
+def test_a_continued_evaluation_measures_a_run_again_that_moved_on(tmp_path, monkeypatch, capsys):
     runs = [{"run_dir": "/runs/teacher", "step": 8, "label": "teacher"},
-            {"run_dir": "/runs/compact", "step": 3, "label": "compact"}]
+            {"run_dir": "/runs/compact", "step": 3, "label": "compact"},
+            {"run_dir": "/runs/private", "step": 5, "label": "private"}]
     before = [{"run_dir": "/runs/teacher", "step": 6, "label": "teacher", "fd": 1.0},  # trained on since
               {"run_dir": "/runs/compact", "step": 3, "label": "compact#1", "fd": 2.0}]
     monkeypatch.setattr(evaluate, "evaluate_run", lambda checkpoint, *args: {**checkpoint, "fd": 9.0})
+    clock = iter(range(0, 6000, 60))  # a minute per reading of the clock
+    monkeypatch.setattr(evaluate.time, "time", lambda: next(clock))
     rows = evaluate.evaluate_runs(runs, {}, None, "cpu", Run(str(tmp_path), "eval"), before)
-    assert [(row["label"], row["step"], row["fd"]) for row in rows] == [("teacher", 8, 9.0), ("compact", 3, 2.0)]
+    monkeypatch.undo()
+    assert [(row["label"], row["step"], row["fd"]) for row in rows] == [("teacher", 8, 9.0), ("compact", 3, 2.0),
+                                                                        ("private", 5, 9.0)]
     assert json.load(open(tmp_path / PROGRESS_NAME))["rows"] == rows
+    output = capsys.readouterr().out
+    # the time left counts the runs still to measure (private), not the kept one (compact)
+    assert "eval: 1/3 teacher measured, 2 min 00 s so far, about 1 min 00 s left" in output
+    assert "eval: 2/3 compact: measured before the interruption, kept" in output
+    assert "eval: 3/3 private measured" in output and output.count("measured,") == 2
