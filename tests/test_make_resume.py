@@ -204,3 +204,18 @@ def test_the_student_runs_its_curves_length_and_its_epochs_hold_every_step():
     distill, student = create_dataset.parse_args(commands[1][1:]), train_student.parse_args(commands[2][1:])
     assert (student.max_steps, student.batch_size, student.rho) == (4000, 64, 0.01)
     assert student.epochs * (distill.num_samples // student.batch_size) >= student.max_steps  # drop_last batches
+
+
+def test_the_dp_stage_is_route_1s_chosen_preset_at_epsilon_10():
+    """`make reproduce`'s DP stage is route 1's, chosen from a converged compact model (benchmarks/results/
+    recipe.md, "Route 1's DP stage from the converged compact model": 0.25 epochs of expected batch 64 at lr-g 1e-5,
+    as good as its public-only start), at epsilon 10; not the seed's 20 epochs of batch 128 (7,800 DP steps, over the
+    6-hour budget alone on 2 cores), which stay one override away."""
+    import fine_tune
+    from test_reproduce_dp import make_commands
+    command = make_commands("reproduce")[4]
+    assert os.path.basename(command[0]) == "fine_tune.py"
+    args = fine_tune.parse_args(command[1:])
+    assert (args.batch_size, args.epochs, args.lr_g, args.target_epsilon) == (64, 0.25, 1e-5, 10)
+    seeds = fine_tune.parse_args(make_commands("reproduce", FULL_PRIVATE="--epochs 20 --target-epsilon 10")[4][1:])
+    assert (seeds.batch_size, seeds.epochs, seeds.lr_g) == (128, 20, 1e-4)  # the seed's stage, one override away
