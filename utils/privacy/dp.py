@@ -416,7 +416,8 @@ class DPStep(TrainingStep):
     the ledger records `config.max_grad_norm`: a simulated implementation bug for the audit to find. With
     `config.reuse_fakes` the D steps of a generator step take their fakes from one `FakePool`, dropped after every
     generator step and saved in the checkpoint."""
-    EPS_REFRESH_SECONDS = 2.0  # the progress bar's epsilon: recomputed at most this often (the accountant's cost)
+    EPS_REFRESH_SECONDS = 2.0  # the progress bar's epsilon: recomputed at most this often, and only once...
+    EPS_SHARE = 0.05  # ...the time since the last one is 1/EPS_SHARE times what it cost (PRV: up to 1.5 s an epsilon)
 
     def __init__(self, G, D, optimizers: dict, split, ledger: dict, plan: DPPlan, config: DPConfig,
                  train: TrainConfig, run, broken_clipping_norm: float = None, recipe=None):
@@ -434,7 +435,7 @@ class DPStep(TrainingStep):
         self.rng = torch.Generator().manual_seed(train.seed)
         # --reuse-fakes: one pool of fakes per generator step; None: fresh fakes every D step (the default)
         self.pool = FakePool(fake_pool_size(train.batch_size, plan.sample_rate)) if config.reuse_fakes else None
-        self.losses, self.eps, self.eps_steps, self.eps_refreshed = {}, {}, None, -math.inf
+        self.losses, self.eps, self.eps_steps, self.eps_refreshed, self.eps_cost = {}, {}, None, -math.inf, 0.0
         self.recipe = recipe  # weight average and adaptive D steps (utils/gan/recipe.py); None: every d-th step
 
     def sampling_generator(self):
@@ -463,9 +464,11 @@ class DPStep(TrainingStep):
                          c.max_grad_norm, c.accountant, run=self.run_name)
 
     def epsilon(self) -> dict:
+        start = time.monotonic()
         self.record()
         self.eps = epsilon_fields(self.ledger, self.plan, self.pd.steps, self.config.delta, self.config.accountant)
         self.eps_steps, self.eps_refreshed = self.pd.steps, time.monotonic()
+        self.eps_cost = self.eps_refreshed - start
         return self.eps
 
     def begin(self, step: int) -> dict:
@@ -503,10 +506,12 @@ class DPStep(TrainingStep):
         return self.epsilon() if boundary else {}
 
     def postfix(self) -> dict:
-        """Epsilon so far for the progress bar, refreshed every EPS_REFRESH_SECONDS (display only: the metrics
-        record it at epoch ends, and a stage shorter than an epoch would otherwise show 0 until its last step)."""
-        if (self.pd.steps != self.eps_steps
-                and time.monotonic() - self.eps_refreshed >= self.EPS_REFRESH_SECONDS):
+        """Epsilon so far for the progress bar (display only: the metrics record it at epoch ends, and a stage
+        shorter than an epoch would otherwise show 0 until its last step), refreshed every EPS_REFRESH_SECONDS but
+        so that the accountant takes at most about EPS_SHARE of the time: refreshed every 2 s, PRV's 0.1-1.5 s an
+        epsilon took about half of a 7,800-step stage's wall time (docs/RESULTS.md, "make reproduce, measured")."""
+        wait = max(self.EPS_REFRESH_SECONDS, self.eps_cost / self.EPS_SHARE)
+        if self.pd.steps != self.eps_steps and time.monotonic() - self.eps_refreshed >= wait:
             self.epsilon()
         total = "inf" if self.eps.get("epsilon") is None else f"{self.eps['epsilon']:.3f}"
         return {"eps": total, "eps_stage": f"{self.eps.get('epsilon_stage', 0.0):.3f}"}
