@@ -69,8 +69,8 @@ pipeline: setup
 # The DP stage is route 1's, chosen from a converged compact model (recipe.md, "Route 1's DP stage from the converged
 # compact model"): 0.25 epochs of expected batch 64 at a tenth of the generator's rate (82.8 and 83.2 % published at
 # epsilon 10, its public-only start 82.9 and 83.1 %), not the seed's 20 epochs of batch 128: on the recipe teacher's
-# 128/256/512 discriminator a DP step of batch 128 took 3.07 s at 2 threads (a 1-thread job beside it), about 6.6 hours
-# for its 7,800 steps, over the 6-hour budget alone (docs/RESULTS.md, "make reproduce, measured"). The seed's DP
+# 128/256/512 discriminator their 7,800 DP steps take hours (3.07 s a step at 2 threads beside a 1-thread job, about
+# 1.4 s of it the progress bar's epsilon, since fixed; docs/RESULTS.md, "make reproduce, measured"). The seed's DP
 # stage stays one override away: FULL_PRIVATE="--epochs 20 --target-epsilon 10".
 FULL_TEACHER ?= --max-steps 8000 --epochs 103 --batch-size 128
 FULL_DISTILL ?= --num-samples 200000
