@@ -36,7 +36,7 @@ from utils.run.checkpoint import build_generator, checkpoint_fields, input_run, 
 from utils.run.cli import (UserError, add_common_args, add_input_arg, add_speed_args, make_parser, positive_int,
                            resolve_device, run_script, set_seed, set_threads, speed_settings)
 from utils.run.files import write_json
-from utils.run.lifecycle import Run, maybe_dry_run
+from utils.run.lifecycle import Run, maybe_dry_run, skip_if_done
 
 STAGE = "compact"
 # The student this stage compresses, editable here: None means <out>/student/latest; --student-dir overrides it.
@@ -149,6 +149,7 @@ def main(args):
     if maybe_dry_run(args):
         return None
     resolve_device(args.device)  # validated; compression, checks and timings run on the CPU
+    skip_if_done(args, STAGE)
     set_seed(args.seed)
     student_checkpoint = load_student(args)
     warn_if_not_private(student_checkpoint["privacy"])

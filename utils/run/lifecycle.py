@@ -81,6 +81,13 @@ def resume_args(args: argparse.Namespace, stage: str):
     return argparse.Namespace(**saved), checkpoint
 
 
+def skip_if_done(args, stage: str):
+    """With --once: `NothingToDo` at once where a run of these settings finished, before any input is loaded (a stage
+    that computes before its first write, compress_student.py, took 24 s to learn that it had nothing to do)."""
+    if getattr(args, "once", False):
+        skip_if_finished(previous_runs(args, stage, resumable=False), stage)
+
+
 def progress_to_continue(args, stage: str):
     """With --once, for a stage that records its progress instead of a training checkpoint (evaluate.py): the
     directory of an interrupted run of these settings that holds its progress (PROGRESS_NAME), to continue with
