@@ -52,7 +52,7 @@ pipeline: setup
 	@echo "results: $(OUT)/eval/latest/results.md, model card: $(OUT)/private/latest/MODEL_CARD.md,"
 	@echo "released set: $(OUT)/release/latest/ (its card: DATASET_CARD.md)"
 
-# The original research settings (hours on 2 CPU cores; see docs/RESULTS.md, "Time of the full settings"). The sizes
+# The research settings (about 2 h 15 min on 2 idle cores; docs/RESULTS.md, "make reproduce, measured"). The sizes
 # of each stage are set here, once; the recipe and --precision auto are the scripts' defaults. Like `pipeline`, every
 # stage runs with --once, so `make reproduce` run again continues where it stopped. (tests/test_make_resume.py
 # replaces these variables with tiny sizes on the command line: `make reproduce FULL_TEACHER="..."`.)
@@ -68,10 +68,10 @@ pipeline: setup
 # --rho 0.01" (README, "make reproduce").
 # The DP stage is route 1's, chosen from a converged compact model (recipe.md, "Route 1's DP stage from the converged
 # compact model"): 0.25 epochs of expected batch 64 at a tenth of the generator's rate (82.8 and 83.2 % published at
-# epsilon 10, its public-only start 82.9 and 83.1 %), not the seed's 20 epochs of batch 128: on the recipe teacher's
-# 128/256/512 discriminator their 7,800 DP steps take hours (3.07 s a step at 2 threads beside a 1-thread job, about
-# 1.4 s of it the progress bar's epsilon, since fixed; docs/RESULTS.md, "make reproduce, measured"). The seed's DP
-# stage stays one override away: FULL_PRIVATE="--epochs 20 --target-epsilon 10".
+# epsilon 10, its public-only start 82.9 and 83.1 %; at the default generator rate the same 195 steps cost 2 points),
+# not the seed's 20 epochs of batch 128 (7,800 DP steps at the default rate, about 1 h 49 min at 2 threads; its
+# accuracy not measured yet: docs/RESULTS.md, "make reproduce, measured"). In make reproduce this stage gave 84.7 %
+# from an 86.0 % start. The seed's DP stage stays one override away: FULL_PRIVATE="--epochs 20 --target-epsilon 10".
 FULL_TEACHER ?= --max-steps 8000 --epochs 103 --batch-size 128
 FULL_DISTILL ?= --num-samples 200000
 FULL_STUDENT ?= --max-steps 4000 --epochs 2 --batch-size 64 --rho 0.01
