@@ -63,7 +63,7 @@ from utils.run.cli import (UserError, add_common_args, add_input_arg, format_dur
                            positive_int, run_script, set_seed)
 from utils.run.distributed import single_process_device
 from utils.run.files import read_json, write_json, write_text
-from utils.run.lifecycle import Run, maybe_dry_run, progress_to_continue, snapshot_file
+from utils.run.lifecycle import Run, interrupted_run, maybe_dry_run, snapshot_file
 from utils.run.once import PROGRESS_NAME
 from utils.run.precision import add_precision_arg, announce, resolve_precision
 
@@ -406,7 +406,7 @@ def evaluate_runs(runs, context: dict, args, device, run: Run, measured: list) -
 def open_evaluation(args, desc: str) -> tuple:
     """(the evaluation's Run, the rows it has measured already): with --once, an evaluation of these settings
     killed part-way continues in its own directory with its finished rows (`evaluate_runs`); else a new run."""
-    unfinished = progress_to_continue(args, STAGE)
+    unfinished = interrupted_run(args, STAGE, PROGRESS_NAME)
     if unfinished is None:
         return Run.open(args, STAGE, desc), []
     return Run.reopen(args, STAGE, unfinished), read_json(os.path.join(unfinished, PROGRESS_NAME))["rows"]

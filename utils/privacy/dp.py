@@ -509,7 +509,8 @@ class DPStep(TrainingStep):
         """Epsilon so far for the progress bar (display only: the metrics record it at epoch ends, and a stage
         shorter than an epoch would otherwise show 0 until its last step), refreshed every EPS_REFRESH_SECONDS but
         so that the accountant takes at most about EPS_SHARE of the time: refreshed every 2 s, PRV's 0.1-1.5 s an
-        epsilon took about half of a 7,800-step stage's wall time (docs/RESULTS.md, "make reproduce, measured")."""
+        epsilon took about 1.4 s of each 3.07 s step of the seed's 20-epoch DP stage (docs/RESULTS.md, "make
+        reproduce, measured")."""
         wait = max(self.EPS_REFRESH_SECONDS, self.eps_cost / self.EPS_SHARE)
         if self.pd.steps != self.eps_steps and time.monotonic() - self.eps_refreshed >= wait:
             self.epsilon()

@@ -13,7 +13,7 @@ run says so, with its settings and the runs it read, in `finished.json`.
 
 With --once (make pipeline, make reproduce) steps 1 and 3 first look at the stage's earlier runs (utils/run/once.py):
 a run finished with the same settings ends the stage, an interrupted one is resumed (an evaluation, which has no
-training checkpoint, continues from its progress: `progress_to_continue`, `Run.reopen`), and an unfinished one with
+training checkpoint, continues from its progress: `interrupted_run`, `Run.reopen`), and an unfinished one with
 nothing to resume is started again in its place.
 """
 import argparse
@@ -25,13 +25,13 @@ from dataclasses import dataclass, fields
 
 from tqdm import tqdm
 
-from utils.run.checkpoint import (MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir, pipeline_root,
-                                  save_checkpoint)
+from utils.run.checkpoint import (CHECKPOINT_NAME, MetricsLog, latest_run, load_checkpoint, mark_latest, new_run_dir,
+                                  pipeline_root, save_checkpoint)
 from utils.run.cli import print_config
 from utils.run.distributed import NoMetrics, from_writer, is_writer
 from utils.run.files import write_json
-from utils.run.once import (FINISHED_NAME, PROGRESS_NAME, clear_the_way, previous_runs, remove_partial_writes,
-                            run_reads, run_settings, skip_if_finished)
+from utils.run.once import (FINISHED_NAME, clear_the_way, previous_runs, remove_partial_writes, run_reads,
+                            run_settings, skip_if_finished)
 
 # flags taken from the command line on --resume (unless left unset, None: the run keeps its own); everything else
 # comes from the run's saved args. The precision is how this process computes, not what the run is.
@@ -64,12 +64,10 @@ def resume_args(args: argparse.Namespace, stage: str):
     run now lies in) and its last checkpoint; otherwise (args, None). With --once (and no --resume), the same for
     an interrupted run of these settings, and `NothingToDo` for a finished one. Touches nothing on disk but
     `latest` (moved back to a finished run that --once skips)."""
-    if getattr(args, "once", False) and not getattr(args, "resume", None):
-        previous = previous_runs(args, stage, resumable=True)
-        skip_if_finished(previous, stage)
-        if previous.interrupted:
-            print(f"{stage}: continuing {previous.interrupted}, interrupted with these settings (--once)", flush=True)
-            args = argparse.Namespace(**{**vars(args), "resume": previous.interrupted})
+    if not getattr(args, "resume", None):
+        interrupted = interrupted_run(args, stage)
+        if interrupted:
+            args = argparse.Namespace(**{**vars(args), "resume": interrupted})
     if not getattr(args, "resume", None):
         return args, None
     path = latest_run(args.out, stage) if args.resume == "latest" else args.resume
@@ -88,15 +86,15 @@ def skip_if_done(args, stage: str):
         skip_if_finished(previous_runs(args, stage, resumable=False), stage)
 
 
-def progress_to_continue(args, stage: str):
-    """With --once, for a stage that records its progress instead of a training checkpoint (evaluate.py): the
-    directory of an interrupted run of these settings that holds its progress (PROGRESS_NAME), to continue with
-    `Run.reopen`; None where there is none (or without --once); `NothingToDo` for a finished run."""
+def interrupted_run(args, stage: str, holding: str = CHECKPOINT_NAME):
+    """With --once: the directory of an interrupted run of these settings that holds `holding` (a training stage's
+    checkpoint, or an evaluation's PROGRESS_NAME, continued with `Run.reopen`), announced; None where there is none
+    (or without --once); `NothingToDo` for a finished one."""
     if not getattr(args, "once", False):
         return None
     previous = previous_runs(args, stage, resumable=True)
     skip_if_finished(previous, stage)
-    if previous.interrupted and os.path.isfile(os.path.join(previous.interrupted, PROGRESS_NAME)):
+    if previous.interrupted and os.path.isfile(os.path.join(previous.interrupted, holding)):
         print(f"{stage}: continuing {previous.interrupted}, interrupted with these settings (--once)", flush=True)
         return previous.interrupted
     return None
@@ -136,7 +134,7 @@ class Run:
 
     @classmethod
     def reopen(cls, args, stage: str, run_dir: str) -> "Run":
-        """The directory of an interrupted run that kept its progress (`progress_to_continue`), continued as it
+        """The directory of an interrupted run that kept its progress (`interrupted_run`), continued as it
         is: its files stay, the leftovers of writes cut short go."""
         for directory in (run_dir, os.path.dirname(run_dir)):
             remove_partial_writes(directory)
