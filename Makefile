@@ -69,9 +69,10 @@ pipeline: setup
 # The DP stage is route 1's, chosen from a converged compact model (recipe.md, "Route 1's DP stage from the converged
 # compact model"): 0.25 epochs of expected batch 64 at a tenth of the generator's rate (82.8 and 83.2 % published at
 # epsilon 10, its public-only start 82.9 and 83.1 %; at the default generator rate the same 195 steps cost 2 points),
-# not the seed's 20 epochs of batch 128 (7,800 DP steps at the default rate, about 1 h 49 min at 2 threads; its
-# accuracy not measured yet: docs/RESULTS.md, "make reproduce, measured"). In make reproduce this stage gave 84.7 %
-# from an 86.0 % start. The seed's DP stage stays one override away: FULL_PRIVATE="--epochs 20 --target-epsilon 10".
+# not the seed's 20 epochs of batch 128 (7,800 DP steps at the default rate). In make reproduce this stage gave 84.7 %
+# from an 86.0 % start in 2 min 39 s; the seed's gave 70.1 % (FD 7.67, recall 0.438) from the same start in about
+# 1 h 43 min at 2 threads (docs/RESULTS.md, "make reproduce, measured"). It stays one override away:
+# FULL_PRIVATE="--epochs 20 --target-epsilon 10".
 FULL_TEACHER ?= --max-steps 8000 --epochs 103 --batch-size 128
 FULL_DISTILL ?= --num-samples 200000
 FULL_STUDENT ?= --max-steps 4000 --epochs 2 --batch-size 64 --rho 0.01
