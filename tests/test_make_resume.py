@@ -209,8 +209,9 @@ def test_the_student_runs_its_curves_length_and_its_epochs_hold_every_step():
 def test_the_dp_stage_is_route_1s_chosen_preset_at_epsilon_10():
     """`make reproduce`'s DP stage is route 1's, chosen from a converged compact model (benchmarks/results/
     recipe.md, "Route 1's DP stage from the converged compact model": 0.25 epochs of expected batch 64 at lr-g 1e-5,
-    as good as its public-only start), at epsilon 10; not the seed's 20 epochs of batch 128 (7,800 DP steps, over the
-    6-hour budget alone on 2 cores), which stay one override away."""
+    as good as its public-only start), at epsilon 10; not the seed's 20 epochs of batch 128 (7,800 DP steps: 70.1 %
+    against the preset's 84.7 % from the same start, and about 1 h 43 min against 2 min 39 s on 2 cores; docs/
+    RESULTS.md, "make reproduce, measured"), which stay one override away."""
     import fine_tune
     from test_reproduce_dp import make_commands
     command = make_commands("reproduce")[4]
